@@ -1,0 +1,163 @@
+"""``create_app(settings) -> Litestar``: the lifespan builds the engine; routes are injected.
+
+The engine starts in the background, so ``/health`` answers at once and ``/ready`` turns
+200 only when the engine can serve. A watchdog notices a dead engine: ``/health`` and
+``/ready`` turn 503, in-flight requests fail with a clear error, and ``on_fatal`` is
+called so that ``retort serve`` exits non-zero and the orchestrator restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from litestar import Litestar, MediaType, Response, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from gateway.errors import ServiceUnavailableError, exception_handler
+from gateway.openai.chat import chat_completions
+from gateway.openai.completions import completions
+from gateway.openai.models import list_models
+from gateway.requestid import add_request_id_header
+from gateway.routing import Router
+from gateway.state import Gateway
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from gateway.engines.base import Engine
+    from gateway.settings import Settings
+
+__all__ = ["build_engine", "create_app"]
+
+log = logging.getLogger("retort.app")
+
+WATCHDOG_INTERVAL_S = 0.5
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Build the engine the settings ask for (blocking: provisions and loads the model)."""
+    eng = settings.engine
+    if eng.kind == "fake":
+        from gateway.engines.fake import FakeEngine
+
+        return FakeEngine(
+            model_name=settings.model.served_name or "fake-model",
+            max_model_len=eng.max_model_len or 2048,
+            token_delay_s=eng.fake_token_delay_s,
+        )
+    from gateway.engines.vllm import VLLMEngine
+    from gateway.models import resolve_model
+
+    model = resolve_model(settings.model.path, settings.home_path)
+    return VLLMEngine.start(eng, model, served_model_name(settings))
+
+
+def served_model_name(settings: Settings) -> str:
+    if settings.model.served_name:
+        return settings.model.served_name
+    if settings.model.path == "default":
+        from gateway.models import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    return settings.model.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def provide_gateway(state: State) -> Gateway:
+    gw: Gateway = state.gateway
+    if gw.router is None:
+        raise ServiceUnavailableError("The engine is still starting.")
+    return gw
+
+
+@get("/health", summary="Liveness", include_in_schema=True)
+async def health(state: State) -> Response[dict[str, str]]:
+    gw: Gateway = state.gateway
+    if gw.fatal:
+        return Response({"status": "dead", "reason": gw.fatal}, status_code=503)
+    return Response({"status": "ok"}, media_type=MediaType.JSON)
+
+
+@get("/ready", summary="Readiness")
+async def ready(state: State) -> Response[dict[str, str]]:
+    gw: Gateway = state.gateway
+    if gw.fatal:
+        return Response({"status": "dead", "reason": gw.fatal}, status_code=503)
+    if gw.draining:
+        return Response({"status": "draining"}, status_code=503)
+    if gw.router is None or not gw.router.engine.ready():
+        return Response({"status": "starting"}, status_code=503)
+    return Response({"status": "ready"})
+
+
+async def _watchdog(gw: Gateway, engine: Engine) -> None:
+    while True:
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+        if engine.dead() and not gw.draining:
+            gw.fatal = "the engine process died"
+            log.critical("engine died: marking the gateway dead and exiting")
+            if gw.on_fatal is not None:
+                gw.on_fatal(1)
+            return
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    on_fatal: Callable[[int], None] | None = None,
+) -> Litestar:
+    """The Litestar app. ``engine`` injects a ready engine (tests); otherwise it is built."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        gw = Gateway(settings=settings, router=None, on_fatal=on_fatal)
+        app.state.gateway = gw
+        tasks: list[asyncio.Task[None]] = []
+        holder: dict[str, Engine] = {}
+
+        async def boot() -> None:
+            eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+            holder["engine"] = eng
+            gw.router = Router(eng, aliases=(settings.model.path,))
+            log.info("engine ready: serving %s", eng.model_name)
+            tasks.append(asyncio.create_task(_watchdog(gw, eng)))
+
+        async def boot_or_die() -> None:
+            try:
+                await boot()
+            except Exception as exc:
+                log.critical("engine failed to start: %s", exc, exc_info=exc)
+                gw.fatal = f"the engine failed to start: {exc}"
+                if on_fatal is not None:
+                    on_fatal(1)
+
+        if engine is not None:
+            await boot()
+        else:
+            tasks.append(asyncio.create_task(boot_or_die()))
+        try:
+            yield
+        finally:
+            gw.draining = True
+            for t in tasks:
+                t.cancel()
+            eng = holder.get("engine")
+            if eng is not None and engine is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(eng.close(), timeout=30)
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, list_models, health, ready],
+        dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
+        exception_handlers={Exception: exception_handler},
+        before_send=[add_request_id_header],
+        lifespan=[lifespan],
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Retort", version="0.1.0", path="/schema"),
+        debug=False,
+    )

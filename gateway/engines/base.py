@@ -1,0 +1,129 @@
+"""The Engine protocol: the only thing routes know about a model runtime.
+
+vLLM (base + LoRA adapters) and onnxruntime-genai (students) implement it; routes never
+import vllm or onnxruntime. ``generate`` yields :class:`Chunk` deltas, one per engine step
+and choice, and the final chunk of each choice carries its ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Chunk",
+    "Engine",
+    "EngineDeadError",
+    "EngineError",
+    "EngineNotReadyError",
+    "GenerateRequest",
+    "PromptTooLongError",
+    "Sampling",
+    "TokenLogprob",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Engine-level sampling parameters, already validated by the protocol layer."""
+
+    n: int = 1
+    max_tokens: int | None = None
+    """Completion budget; ``None`` means up to the context length."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    """``None``: no logprobs; ``k``: the sampled token's logprob plus the top ``k``."""
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt: str | list[int] | None = None
+    """Raw completion prompt (text or token ids). Exactly one of prompt/messages is set."""
+    messages: list[dict[str, str]] | None = None
+    """Chat messages, rendered with the model's own chat template by the engine."""
+    sampling: Sampling = field(default_factory=Sampling)
+    adapter: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A delta for one choice. Token counts are cumulative for the whole request."""
+
+    index: int
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens generated so far for this choice."""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class EngineError(Exception):
+    """The engine failed while serving a request (HTTP 500)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine process died; the gateway cannot serve anymore."""
+
+
+class EngineNotReadyError(Exception):
+    """The engine is starting or draining (HTTP 503)."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus the requested budget) does not fit the context (HTTP 400)."""
+
+    def __init__(self, prompt_tokens: int, max_model_len: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens, "
+            f"but the prompt has {prompt_tokens} tokens."
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_model_len = max_model_len
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every model runtime offers the gateway."""
+
+    @property
+    def model_name(self) -> str:
+        """The base model's served name."""
+        ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Stream chunks. Closing the iterator early aborts the request in the engine."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def adapters(self) -> list[str]: ...
+
+    def ready(self) -> bool:
+        """True once the engine can serve and while it is healthy."""
+        ...
+
+    def dead(self) -> bool:
+        """True once the engine has failed for good (the process should exit)."""
+        ...
+
+    async def close(self) -> None: ...

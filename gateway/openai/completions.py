@@ -1,0 +1,113 @@
+"""``POST /v1/completions`` (legacy text completions)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from litestar import Response, post
+
+from gateway.state import Gateway  # noqa: TC001 - resolved at runtime by Litestar
+from gateway.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    encode,
+)
+from gateway.openai.serving import SSEStream, aggregate, sse, start, stream_events
+
+if TYPE_CHECKING:
+    from gateway.engines import base
+
+__all__ = ["completions"]
+
+
+def _logprobs(entries: list[base.TokenLogprob], offset: int) -> CompletionLogprobs:
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        tokens.append(e.token)
+        lps.append(e.logprob)
+        tops.append(dict(e.top))
+        offsets.append(offset)
+        offset += len(e.token)
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets
+    )
+
+
+@post("/v1/completions", status_code=200, summary="Create a completion")
+async def completions(data: CompletionRequest, gateway: Gateway) -> Response[bytes] | SSEStream:
+    """OpenAI ``CreateCompletion``: one prompt (text or token ids), ``n`` choices."""
+    sampling = data.to_sampling()
+    prompt = data.prompt_input()
+    started = await start(gateway, data.model, prompt=prompt, sampling=sampling, id_prefix="cmpl")
+    echo = prompt if data.echo and isinstance(prompt, str) else ""
+    want_logprobs = sampling.logprobs is not None
+
+    if not data.stream:
+        agg = await aggregate(started)
+        body = CompletionResponse(
+            id=started.id,
+            created=started.created,
+            model=data.model,
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=echo + agg.text(i),
+                    finish_reason=agg.finish[i],
+                    logprobs=_logprobs(agg.logprobs[i], len(echo)) if want_logprobs else None,
+                )
+                for i in range(sampling.n)
+            ],
+            usage=agg.usage,
+        )
+        return Response(encode(body), media_type="application/json")
+
+    offsets = [len(echo)] * sampling.n
+
+    def render(c: base.Chunk) -> bytes:
+        lp = None
+        if want_logprobs:
+            lp = _logprobs(c.logprobs or [], offsets[c.index])
+            offsets[c.index] += len(c.text)
+        return sse(
+            CompletionResponse(
+                id=started.id,
+                created=started.created,
+                model=data.model,
+                choices=[
+                    CompletionChoice(
+                        index=c.index, text=c.text, finish_reason=c.finish_reason, logprobs=lp
+                    )
+                ],
+            )
+        )
+
+    prologue = []
+    if echo:
+        prologue = [
+            sse(
+                CompletionResponse(
+                    id=started.id,
+                    created=started.created,
+                    model=data.model,
+                    choices=[CompletionChoice(index=i, text=echo, finish_reason=None)],
+                )
+            )
+            for i in range(sampling.n)
+        ]
+    events = stream_events(
+        started,
+        render,
+        prologue=prologue,
+        usage_event=(
+            lambda u: sse(
+                CompletionResponse(
+                    id=started.id, created=started.created, model=data.model, choices=[], usage=u
+                )
+            )
+        )
+        if data.include_usage()
+        else None,
+    )
+    return SSEStream(events)

@@ -1,0 +1,30 @@
+"""``GET /v1/models``: the base model first, then its loaded adapters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from litestar import Response, get
+
+from gateway.state import Gateway  # noqa: TC001 - resolved at runtime by Litestar
+from gateway.openai.protocol import ModelCard, ModelList, encode
+
+__all__ = ["list_models"]
+
+
+@get("/v1/models", summary="List models")
+async def list_models(gateway: Gateway) -> Response[bytes]:
+    created = gateway.started_at
+    max_len = gateway.router.engine.max_model_len
+    cards = [
+        ModelCard(
+            id=name,
+            created=created,
+            owned_by="retort",
+            parent=parent,
+            root=parent or name,
+            max_model_len=max_len,
+        )
+        for name, parent in gateway.router.model_ids()
+    ]
+    return Response(encode(ModelList(data=cards)), media_type="application/json")

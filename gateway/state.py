@@ -1,0 +1,34 @@
+"""The gateway's runtime state, built once in the lifespan and injected into handlers."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from gateway.routing import Router
+    from gateway.settings import Settings
+
+__all__ = ["Gateway"]
+
+
+class Gateway:
+    """A plain class (not a dataclass): Litestar passes it through DI without introspection."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router | None = None,
+        on_fatal: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.router = router
+        self.started_at = int(time.time())
+        self.draining = False
+        """Set on shutdown: /ready turns 503 and new requests get 503."""
+        self.fatal: str | None = None
+        """Why the gateway cannot serve anymore (the engine died); /health turns 503."""
+        self.on_fatal = on_fatal
+        """Called once with an exit code when the engine dies (``retort serve`` stops uvicorn)."""
