@@ -164,8 +164,8 @@ def exception_handler(request: Request[object, object, object], exc: Exception) 
                 message = str(first.get("message") or message)
                 key = first.get("key")
                 param = str(key) if key else _param_from_msgspec(message)
-                if param == "data":  # the body as a whole
-                    param = None
+                if param == "data":  # the body as a whole, or a missing field
+                    param = _param_from_msgspec(message)
                     if message == "'data'":
                         message = "The request body must be a JSON object."
             if "JSON is malformed" in message or "malformed" in message.lower():

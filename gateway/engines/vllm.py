@@ -74,6 +74,12 @@ def engine_args(settings: EngineSettings, model: str, served_name: str) -> dict[
     return args
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 class VLLMEngine:
     """An :class:`~gateway.engines.base.Engine` over vLLM's ``AsyncLLM``."""
 
@@ -97,7 +103,12 @@ class VLLMEngine:
         if settings.cpu_kv_cache_space_gb is not None:
             # Read by vLLM's CPU backend (and its engine-core child process).
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_space_gb)))
-        args = AsyncEngineArgs(**engine_args(settings, model, served_name))
+        kwargs = engine_args(settings, model, served_name)
+        if kwargs["dtype"] == "auto" and _on_cpu():
+            # vLLM-CPU's bf16 kernels gave wrong tokens for SmolLM2 here (AVX512-BF16 EPYC),
+            # while float32 matches transformers; it is also no slower at this size.
+            kwargs["dtype"] = "float32"
+        args = AsyncEngineArgs(**kwargs)
         llm = AsyncLLM.from_engine_args(args)
         return cls(llm, served_name)
 

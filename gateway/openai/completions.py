@@ -12,6 +12,8 @@ from gateway.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamChunk,
     encode,
 )
 from gateway.openai.serving import SSEStream, aggregate, sse, start, stream_events
@@ -71,12 +73,12 @@ async def completions(data: CompletionRequest, gateway: Gateway) -> Response[byt
             lp = _logprobs(c.logprobs or [], offsets[c.index])
             offsets[c.index] += len(c.text)
         return sse(
-            CompletionResponse(
+            CompletionStreamChunk(
                 id=started.id,
                 created=started.created,
                 model=data.model,
                 choices=[
-                    CompletionChoice(
+                    CompletionStreamChoice(
                         index=c.index, text=c.text, finish_reason=c.finish_reason, logprobs=lp
                     )
                 ],
@@ -87,11 +89,11 @@ async def completions(data: CompletionRequest, gateway: Gateway) -> Response[byt
     if echo:
         prologue = [
             sse(
-                CompletionResponse(
+                CompletionStreamChunk(
                     id=started.id,
                     created=started.created,
                     model=data.model,
-                    choices=[CompletionChoice(index=i, text=echo, finish_reason=None)],
+                    choices=[CompletionStreamChoice(index=i, text=echo, logprobs=None)],
                 )
             )
             for i in range(sampling.n)
@@ -102,7 +104,7 @@ async def completions(data: CompletionRequest, gateway: Gateway) -> Response[byt
         prologue=prologue,
         usage_event=(
             lambda u: sse(
-                CompletionResponse(
+                CompletionStreamChunk(
                     id=started.id, created=started.created, model=data.model, choices=[], usage=u
                 )
             )

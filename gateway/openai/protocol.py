@@ -28,6 +28,8 @@ __all__ = [
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
+    "CompletionStreamChoice",
+    "CompletionStreamChunk",
     "ContentPart",
     "DeltaMessage",
     "ErrorBody",
@@ -250,12 +252,32 @@ class CompletionChoice(Struct, kw_only=True):
 class CompletionResponse(
     Struct, kw_only=True, omit_defaults=True, tag_field="object", tag="text_completion"
 ):
-    """Used for both the whole response and each streamed chunk (as in OpenAI's API)."""
-
     id: str
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class CompletionStreamChoice(Struct, kw_only=True, omit_defaults=True):
+    """A streamed choice: ``finish_reason`` is left out until the last chunk, since the
+    spec's ``CreateCompletionResponse`` allows no null there."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None = None
+
+
+class CompletionStreamChunk(
+    Struct, kw_only=True, omit_defaults=True, tag_field="object", tag="text_completion"
+):
+    """A streamed chunk: the same shape as :class:`CompletionResponse` (as in OpenAI's API)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
     usage: Usage | None = None
 
 
