@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -13,6 +14,8 @@ import typer
 from gateway.settings import SettingsError, load_settings
 
 __all__ = ["app", "main"]
+
+FATAL_EXIT_DELAY_S = 2.0
 
 app = typer.Typer(help="Retort: serving and distillation gateway.", no_args_is_help=True)
 models_app = typer.Typer(help="Provision models.", no_args_is_help=True)
@@ -69,10 +72,16 @@ def serve(
     server: uvicorn.Server | None = None
 
     def on_fatal(code: int) -> None:
+        # Keep answering 503 for a moment, so probes see it and in-flight requests get
+        # their error, then stop; `retort serve` then exits with `code`.
         nonlocal exit_code
         exit_code = code
-        if server is not None:
-            server.should_exit = True
+
+        def stop() -> None:
+            if server is not None:
+                server.should_exit = True
+
+        asyncio.get_running_loop().call_later(FATAL_EXIT_DELAY_S, stop)
 
     application = create_app(settings, on_fatal=on_fatal)
     server = uvicorn.Server(

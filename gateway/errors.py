@@ -18,6 +18,7 @@ from gateway.engines.base import (
     EngineDeadError,
     EngineError,
     EngineNotReadyError,
+    InvalidInputError,
     PromptTooLongError,
 )
 from gateway.openai.protocol import ErrorBody, ErrorResponse, PromptError, encode
@@ -143,9 +144,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(f"The engine died: {exc}", code="engine_dead")
     if isinstance(exc, EngineError):
         return APIError(f"The engine failed: {exc}", code="engine_error")
-    if isinstance(exc, ValueError):
-        # The engine rejected the input (e.g. token ids outside the vocabulary).
-        return BadRequestError(str(exc))
+    if isinstance(exc, InvalidInputError):
+        return BadRequestError(str(exc), param=exc.param)
     return APIError("Internal server error.", code="internal_error")
 
 

@@ -86,16 +86,17 @@ def _convert(gguf: Path, out: Path) -> None:
             f"converting the default model needs the `cpu` (or `gpu`) extra: {exc}"
         ) from exc
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Dequantizing is fastest in float32; the folder is stored in bf16.
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
-    )
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).to(torch.bfloat16)
     # A GGUF-loaded model carries a quantization_config that vLLM would try to honour.
     # The weights are dequantized on load, so drop the quantizer too.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    model.config.torch_dtype = torch.bfloat16
+    model.config.dtype = torch.bfloat16
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
 
@@ -121,6 +122,7 @@ def pull_default(home: Path, *, force: bool = False) -> Path:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             if target.exists():
                 shutil.rmtree(target)
+            tmp.chmod(0o755)
             tmp.rename(target)
         finally:
             if tmp.exists():

@@ -18,6 +18,7 @@ __all__ = [
     "EngineError",
     "EngineNotReadyError",
     "GenerateRequest",
+    "InvalidInputError",
     "PromptTooLongError",
     "Sampling",
     "TokenLogprob",
@@ -82,6 +83,14 @@ class EngineDeadError(EngineError):
 
 class EngineNotReadyError(Exception):
     """The engine is starting or draining (HTTP 503)."""
+
+
+class InvalidInputError(ValueError):
+    """The engine rejects the request's input or parameters (HTTP 400)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLongError(ValueError):

