@@ -15,7 +15,7 @@ import pytest
 
 from gateway.settings import Settings
 
-from .conftest import CHART, NAMESPACE, RELEASE, VALUE_SETS, Rendered, render
+from ._chart import CHART, NAMESPACE, RELEASE, VALUE_SETS, Rendered, render
 
 KUBE_VERSION = "1.34.0"
 # Custom resources kubernetes-validate has no schema for; their fields are asserted by hand.
@@ -194,7 +194,11 @@ def test_gpu_node_selector_only_in_gpu_profile(render_set: Any) -> None:
 
 
 def test_too_few_gpus_for_tensor_parallel_fails() -> None:
-    values = {"profile": "gpu", "gpu": {"count": 1}, "config": {"engine": {"tensor_parallel_size": 4}}}
+    values = {
+        "profile": "gpu",
+        "gpu": {"count": 1},
+        "config": {"engine": {"tensor_parallel_size": 4}},
+    }
     with pytest.raises(helm.HelmError, match=r"gpu\.count"):
         render(values)
 
@@ -223,7 +227,9 @@ def test_explicit_grace_period_shorter_than_drain_fails() -> None:
 
 def test_runs_as_non_root_with_read_only_root(rendered: Rendered) -> None:
     pods = [rendered.pod_spec]
-    pods += [cj["spec"]["jobTemplate"]["spec"]["template"]["spec"] for cj in rendered.of_kind("CronJob")]
+    pods += [
+        cj["spec"]["jobTemplate"]["spec"]["template"]["spec"] for cj in rendered.of_kind("CronJob")
+    ]
     for pod in pods:
         psc = pod["securityContext"]
         assert psc["runAsNonRoot"] is True
@@ -299,6 +305,9 @@ def test_pdb_takes_one_of_min_or_max(render_set: Any) -> None:
     prod = render_set("production").one("PodDisruptionBudget")["spec"]
     assert prod["minAvailable"] == 1
     assert "maxUnavailable" not in prod
+    # 0 is a real setting (no voluntary evictions), not "unset".
+    zero = render({"podDisruptionBudget": {"maxUnavailable": 0}})
+    assert zero.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 0
     with pytest.raises(helm.HelmError, match="not both"):
         render({"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}})
 
@@ -312,7 +321,10 @@ def test_ingress_routes_to_the_service(render_set: Any) -> None:
     (rule,) = ing["spec"]["rules"]
     assert rule["host"] == "llm.example.com"
     backend = rule["http"]["paths"][0]["backend"]["service"]
-    assert backend == {"name": svc["metadata"]["name"], "port": {"number": svc["spec"]["ports"][0]["port"]}}
+    assert backend == {
+        "name": svc["metadata"]["name"],
+        "port": {"number": svc["spec"]["ports"][0]["port"]},
+    }
 
 
 def test_service_monitor_scrapes_metrics(render_set: Any) -> None:
@@ -447,7 +459,8 @@ def test_grafana_dashboard(render_set: Any) -> None:
     cm = render_set("default").one("ConfigMap", "-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     dash = json.loads(cm["data"]["retort.json"])
-    assert dash["uid"] and dash["title"]
+    assert dash["uid"] == "retort-gateway"
+    assert dash["title"]
     targets = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
     assert targets
     used: set[str] = set()
