@@ -18,7 +18,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
-from gateway.errors import ServiceUnavailableError, exception_handler
+from gateway.errors import exception_handler
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
 from gateway.openai.models import list_models
@@ -69,8 +69,7 @@ def served_model_name(settings: Settings) -> str:
 
 def provide_gateway(state: State) -> Gateway:
     gw: Gateway = state.gateway
-    if gw.router is None:
-        raise ServiceUnavailableError("The engine is still starting.")
+    gw.routes  # noqa: B018 - raises 503 while the engine is still starting
     return gw
 
 

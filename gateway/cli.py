@@ -93,7 +93,7 @@ def serve(
             access_log=settings.server.access_log,
             loop="uvloop",
             http="httptools",
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=max(1, round(settings.shutdown.drain_seconds)),
         )
     )
     server.run()

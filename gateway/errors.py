@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import MediaType, Response
@@ -136,8 +136,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, PromptError):
         return BadRequestError(str(exc), param="prompt")
     if isinstance(exc, PromptTooLongError):
-        err = BadRequestError(str(exc), param="messages", code="context_length_exceeded")
-        return err
+        return BadRequestError(str(exc), param=None, code="context_length_exceeded")
     if isinstance(exc, EngineNotReadyError):
         return ServiceUnavailableError(str(exc) or "The engine is not ready.")
     if isinstance(exc, EngineDeadError):
@@ -149,7 +148,7 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError("Internal server error.", code="internal_error")
 
 
-def exception_handler(request: Request[object, object, object], exc: Exception) -> Response[bytes]:
+def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """The single Litestar exception handler."""
     if isinstance(exc, HTTPException) and not isinstance(exc, APIError):
         status = exc.status_code

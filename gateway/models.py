@@ -89,7 +89,8 @@ def _convert(gguf: Path, out: Path) -> None:
     # Dequantizing is fastest in float32; the folder is stored in bf16.
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    ).to(torch.bfloat16)
+    )
+    model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     # A GGUF-loaded model carries a quantization_config that vLLM would try to honour.
     # The weights are dequantized on load, so drop the quantizer too.
     if hasattr(model.config, "quantization_config"):
@@ -115,9 +116,7 @@ def pull_default(home: Path, *, force: bool = False) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=models))
         try:
             _convert(gguf, tmp)
-            files = {
-                p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()
-            }
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {"source": gguf.name, "source_sha256": source_sha, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             if target.exists():

@@ -17,7 +17,7 @@ _SAFE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 def request_id(scope: Scope) -> str:
     """The request's id, taken from ``x-request-id`` when it is sane, else a new uuid4."""
-    state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    state = scope.setdefault("state", {})
     rid: str | None = state.get("request_id")
     if rid is None:
         for key, value in scope.get("headers", ()):

@@ -19,6 +19,7 @@ __all__ = [
     "EngineSettings",
     "ModelSettings",
     "ServerSettings",
+    "ShutdownSettings",
     "Settings",
     "SettingsError",
     "default_home",
@@ -81,6 +82,11 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Only for ``kind: fake``: seconds per generated token."""
 
 
+class ShutdownSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    drain_seconds: float = 30.0
+    """On SIGTERM, how long requests and streams in flight may take to finish."""
+
+
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     home: str = ""
     """State folder (models/, adapters/, students/, retort.db); ``$RETORT_HOME`` or
@@ -88,6 +94,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     model: ModelSettings = msgspec.field(default_factory=ModelSettings)
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
+    shutdown: ShutdownSettings = msgspec.field(default_factory=ShutdownSettings)
 
     @property
     def home_path(self) -> Path:
@@ -121,8 +128,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[k] = v
     return merged
-
-
 
 
 def load_settings(

@@ -32,3 +32,12 @@ class Gateway:
         """Why the gateway cannot serve anymore (the engine died); /health turns 503."""
         self.on_fatal = on_fatal
         """Called once with an exit code when the engine dies (``retort serve`` stops uvicorn)."""
+
+    @property
+    def routes(self) -> Router:
+        """The router; 503 while the engine is still starting."""
+        if self.router is None:
+            from gateway.errors import ServiceUnavailableError
+
+            raise ServiceUnavailableError("The engine is still starting.")
+        return self.router

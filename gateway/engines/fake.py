@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FakeEngine"]
 
-ANSWER = "The quick brown fox jumps over the lazy dog .".split()
+ANSWER = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."]
 
 
 class FakeEngine:

@@ -38,11 +38,11 @@ log = logging.getLogger("retort.engine.vllm")
 try:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.exceptions import VLLMClientError
     from vllm.inputs.engine import tokens_input
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
-    from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 except ImportError as _exc:  # pragma: no cover - depends on the install
     _IMPORT_ERROR: ImportError | None = _exc
@@ -104,7 +104,9 @@ class VLLMEngine:
             ) from _IMPORT_ERROR
         if settings.cpu_kv_cache_space_gb is not None:
             # Read by vLLM's CPU backend (and its engine-core child process).
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_space_gb)))
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(
+                max(1, round(settings.cpu_kv_cache_space_gb))
+            )
         kwargs = engine_args(settings, model, served_name)
         if kwargs["dtype"] == "auto" and _on_cpu():
             # vLLM-CPU's bf16 kernels gave wrong tokens for SmolLM2 here (AVX512-BF16 EPYC),

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 from litestar import Response, post
 
-from gateway.state import Gateway  # noqa: TC001 - resolved at runtime by Litestar
 from gateway.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -21,6 +20,7 @@ from gateway.openai.protocol import (
     encode,
 )
 from gateway.openai.serving import SSEStream, aggregate, sse, start, stream_events
+from gateway.state import Gateway
 
 if TYPE_CHECKING:
     from gateway.engines import base
@@ -48,7 +48,9 @@ def _chat_logprobs(entries: list[base.TokenLogprob] | None) -> ChatLogprobs | No
 
 
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion")
-async def chat_completions(data: ChatCompletionRequest, gateway: Gateway) -> Response[bytes] | SSEStream:
+async def chat_completions(
+    data: ChatCompletionRequest, gateway: Gateway
+) -> Response[bytes] | SSEStream:
     """OpenAI ``CreateChatCompletion``, rendered with the model's own chat template."""
     sampling = data.to_sampling()
     started = await start(

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 from litestar import Response, post
 
-from gateway.state import Gateway  # noqa: TC001 - resolved at runtime by Litestar
 from gateway.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -17,6 +16,7 @@ from gateway.openai.protocol import (
     encode,
 )
 from gateway.openai.serving import SSEStream, aggregate, sse, start, stream_events
+from gateway.state import Gateway
 
 if TYPE_CHECKING:
     from gateway.engines import base

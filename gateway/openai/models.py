@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from litestar import Response, get
 
-from gateway.state import Gateway  # noqa: TC001 - resolved at runtime by Litestar
 from gateway.openai.protocol import ModelCard, ModelList, encode
+from gateway.state import Gateway
 
 __all__ = ["list_models"]
 
@@ -15,7 +13,7 @@ __all__ = ["list_models"]
 @get("/v1/models", summary="List models")
 async def list_models(gateway: Gateway) -> Response[bytes]:
     created = gateway.started_at
-    max_len = gateway.router.engine.max_model_len
+    max_len = gateway.routes.engine.max_model_len
     cards = [
         ModelCard(
             id=name,
@@ -25,6 +23,6 @@ async def list_models(gateway: Gateway) -> Response[bytes]:
             root=parent or name,
             max_model_len=max_len,
         )
-        for name, parent in gateway.router.model_ids()
+        for name, parent in gateway.routes.model_ids()
     ]
     return Response(encode(ModelList(data=cards)), media_type="application/json")

@@ -15,9 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from litestar.response import Stream
+from litestar.response.base import ASGIResponse
+from litestar.response.streaming import ASGIStreamingResponse
 
-from gateway.engines.base import Chunk, EngineNotReadyError, GenerateRequest, Sampling
-from gateway.errors import ServiceUnavailableError, to_api_error
+from gateway.engines.base import (
+    Chunk,
+    EngineNotReadyError,
+    GenerateRequest,
+    PromptTooLongError,
+    Sampling,
+)
+from gateway.errors import BadRequestError, ServiceUnavailableError, to_api_error
 from gateway.openai.protocol import ErrorBody, ErrorResponse, Usage, encode
 
 if TYPE_CHECKING:
@@ -54,19 +62,8 @@ def sse_error(exc: BaseException) -> bytes:
     return sse(body)
 
 
-class SSEStream(Stream):
-    """A ``text/event-stream`` response that always closes its iterator.
-
-    Litestar cancels the send loop when the client disconnects; closing the iterator
-    (shielded from that cancellation) propagates to the engine, which aborts the request.
-    """
-
-    def __init__(self, iterator: AsyncIterator[bytes]) -> None:
-        super().__init__(
-            iterator,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+class _ClosingStreamingResponse(ASGIStreamingResponse):
+    __slots__ = ()
 
     async def _stream(self, send: Send) -> None:
         try:
@@ -76,6 +73,28 @@ class SSEStream(Stream):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
+
+
+class SSEStream(Stream):
+    """A ``text/event-stream`` response that always closes its iterator.
+
+    Litestar cancels the send loop when the client disconnects, which can leave the
+    generator suspended; closing it (shielded from that cancellation) propagates to the
+    engine at once, which aborts the request.
+    """
+
+    def __init__(self, iterator: AsyncIterator[bytes]) -> None:
+        super().__init__(
+            iterator,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
+        response = super().to_asgi_response(*args, **kwargs)
+        if type(response) is ASGIStreamingResponse:
+            response.__class__ = _ClosingStreamingResponse
+        return response
 
 
 @dataclass(slots=True)
@@ -114,7 +133,7 @@ async def start(
     """Resolve the model, submit to its engine and wait for the first chunk."""
     if gw.draining:
         raise ServiceUnavailableError("The server is shutting down.", code="draining")
-    route = gw.router.resolve(model)
+    route = gw.routes.resolve(model)
     if not route.engine.ready():
         raise ServiceUnavailableError("The engine is not ready.")
     engine_id = uuid.uuid4().hex
@@ -133,6 +152,9 @@ async def start(
         first = None
     except EngineNotReadyError as exc:
         raise ServiceUnavailableError(str(exc)) from exc
+    except PromptTooLongError as exc:
+        param = "messages" if messages is not None else "prompt"
+        raise BadRequestError(str(exc), param=param, code="context_length_exceeded") from exc
     except BaseException:
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
@@ -191,7 +213,9 @@ async def aggregate(started: Started) -> Aggregate:
 
 def usage_of(prompt_tokens: int, completion: list[int]) -> Usage:
     done = sum(completion)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done
+    )
 
 
 async def stream_events(
@@ -220,4 +244,3 @@ async def stream_events(
     finally:
         await started.aclose()
     yield DONE
-

@@ -42,12 +42,18 @@ def start_server(tmp: Path, model_dir: Path, *extra: str, name: str = "server") 
     port = free_port()
     log = tmp / f"{name}.log"
     env = {**os.environ, "RETORT_HOME": str(tmp / "home")}
-    proc = subprocess.Popen(  # noqa: S603
+    proc = subprocess.Popen(
         [
-            sys.executable, "-m", "gateway.cli", "serve",
-            "--model", str(model_dir),
-            "--served-model-name", DEFAULT_MODEL_NAME,
-            "--port", str(port),
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            DEFAULT_MODEL_NAME,
+            "--port",
+            str(port),
             *extra,
         ],
         stdout=log.open("wb"),

@@ -20,9 +20,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 
 
-def test_engine_death_fails_requests_and_exits_nonzero(
-    model_dir: Path, tmp_path: Path
-) -> None:
+def test_engine_death_fails_requests_and_exits_nonzero(model_dir: Path, tmp_path: Path) -> None:
     srv = start_server(tmp_path, model_dir, name="doomed")
     try:
         result: dict[str, object] = {}
@@ -30,9 +28,15 @@ def test_engine_death_fails_requests_and_exits_nonzero(
         def stream() -> None:
             try:
                 with httpx.stream(
-                    "POST", srv.url + "/v1/completions",
-                    json={"model": srv.model, "prompt": "Count slowly:", "max_tokens": 1500,
-                          "stream": True, "temperature": 0},
+                    "POST",
+                    srv.url + "/v1/completions",
+                    json={
+                        "model": srv.model,
+                        "prompt": "Count slowly:",
+                        "max_tokens": 1500,
+                        "stream": True,
+                        "temperature": 0,
+                    },
                     timeout=60,
                 ) as r:
                     result["status"] = r.status_code

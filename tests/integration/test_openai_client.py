@@ -51,9 +51,20 @@ def test_chat(client: openai.OpenAI, server: Server) -> None:
     assert r.usage is not None
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     raw = client.chat.completions.with_raw_response.create(
-        model=server.model, messages=QUESTION, max_tokens=4, temperature=0.7,
-        logprobs=True, top_logprobs=2, n=2, seed=7, user="u", metadata={"k": "v"},
-        presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9, stop=["\n\n"],
+        model=server.model,
+        messages=QUESTION,
+        max_tokens=4,
+        temperature=0.7,
+        logprobs=True,
+        top_logprobs=2,
+        n=2,
+        seed=7,
+        user="u",
+        metadata={"k": "v"},
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        top_p=0.9,
+        stop=["\n\n"],
     )
     body = json.loads(raw.text)
     assert_valid("CreateChatCompletionResponse", body)
@@ -64,7 +75,11 @@ def test_chat(client: openai.OpenAI, server: Server) -> None:
 
 def test_chat_stream_with_usage(client: openai.OpenAI, server: Server) -> None:
     stream = client.chat.completions.create(
-        model=server.model, messages=QUESTION, max_tokens=16, temperature=0, stream=True,
+        model=server.model,
+        messages=QUESTION,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -74,8 +89,15 @@ def test_chat_stream_with_usage(client: openai.OpenAI, server: Server) -> None:
     assert chunks[-1].usage.completion_tokens > 0
     raw = httpx.post(
         server.url + "/v1/chat/completions",
-        json={"model": server.model, "messages": QUESTION, "max_tokens": 5, "stream": True,
-              "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 1},
+        json={
+            "model": server.model,
+            "messages": QUESTION,
+            "max_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "logprobs": True,
+            "top_logprobs": 1,
+        },
         timeout=60,
     )
     assert raw.text.rstrip().endswith("data: [DONE]")
@@ -85,7 +107,10 @@ def test_chat_stream_with_usage(client: openai.OpenAI, server: Server) -> None:
 
 def test_completions(client: openai.OpenAI, server: Server) -> None:
     r = client.completions.create(
-        model=server.model, prompt="The capital of France is", max_tokens=8, temperature=0,
+        model=server.model,
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=0,
         logprobs=2,
     )
     assert r.choices[0].text
@@ -100,8 +125,12 @@ def test_completions(client: openai.OpenAI, server: Server) -> None:
 def test_completions_stream(client: openai.OpenAI, server: Server) -> None:
     chunks = list(
         client.completions.create(
-            model=server.model, prompt="Once upon a time", max_tokens=8, temperature=0,
-            stream=True, stream_options={"include_usage": True},
+            model=server.model,
+            prompt="Once upon a time",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices)
@@ -141,7 +170,9 @@ def test_errors_through_openai_client(client: openai.OpenAI, server: Server) -> 
     assert nf.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=server.model, messages=QUESTION, temperature=-1  # type: ignore[arg-type]
+            model=server.model,
+            messages=QUESTION,
+            temperature=-1,  # type: ignore[arg-type]
         )
     long_prompt = "hello " * 3000
     with pytest.raises(openai.BadRequestError) as too_long:
@@ -152,13 +183,19 @@ def test_errors_through_openai_client(client: openai.OpenAI, server: Server) -> 
 
 
 def test_malformed_and_oversized_bodies(server: Server) -> None:
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{nope",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=b"{nope",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
     assert_valid("ErrorResponse", r.json())
-    r = httpx.post(server.url + "/v1/completions",
-                   content=json.dumps({"model": server.model, "prompt": "x" * 5_000_000}),
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=json.dumps({"model": server.model, "prompt": "x" * 5_000_000}),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 413
     assert_valid("ErrorResponse", r.json())
 
@@ -173,6 +210,7 @@ def test_request_id(server: Server) -> None:
 def test_no_crosstalk_between_concurrent_requests(server: Server) -> None:
     async def run() -> list[str]:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x") as c:
+
             async def one() -> str:
                 r = await c.chat.completions.create(
                     model=server.model, messages=QUESTION, max_tokens=24, temperature=0
@@ -188,9 +226,15 @@ def test_no_crosstalk_between_concurrent_requests(server: Server) -> None:
 
 def test_client_disconnect_aborts_engine_request(server: Server) -> None:
     with httpx.stream(
-        "POST", server.url + "/v1/completions",
-        json={"model": server.model, "prompt": "Count to one thousand:", "max_tokens": 1500,
-              "stream": True, "temperature": 0},
+        "POST",
+        server.url + "/v1/completions",
+        json={
+            "model": server.model,
+            "prompt": "Count to one thousand:",
+            "max_tokens": 1500,
+            "stream": True,
+            "temperature": 0,
+        },
         timeout=60,
     ) as r:
         for i, _ in enumerate(r.iter_lines()):
@@ -198,8 +242,11 @@ def test_client_disconnect_aborts_engine_request(server: Server) -> None:
                 break
     # The engine logs the abort; the server stays healthy and serves the next request.
     t0 = time.monotonic()
-    ok = httpx.post(server.url + "/v1/completions",
-                    json={"model": server.model, "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    ok = httpx.post(
+        server.url + "/v1/completions",
+        json={"model": server.model, "prompt": "Hi", "max_tokens": 2},
+        timeout=60,
+    )
     assert ok.status_code == 200
     found = False
     end = time.monotonic() + 10

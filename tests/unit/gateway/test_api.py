@@ -100,7 +100,9 @@ def test_completions(client: TestClient) -> None:
 
 
 def test_completions_token_prompt_and_echo(client: TestClient) -> None:
-    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": [1, 2], "max_tokens": 1})
+    r = client.post(
+        "/v1/completions", json={"model": "fake-model", "prompt": [1, 2], "max_tokens": 1}
+    )
     assert r.json()["usage"]["prompt_tokens"] == 2
     r = client.post(
         "/v1/completions",
@@ -147,15 +149,25 @@ def test_models(client: TestClient) -> None:
 def test_unknown_fields_are_ignored(client: TestClient) -> None:
     r = client.post(
         "/v1/chat/completions",
-        json={**CHAT, "max_tokens": 1, "frobnicate": {"x": 1}, "tools": [], "user": "u1",
-              "metadata": {"team": "a"}, "seed": 3, "top_p": 0.5, "presence_penalty": 1},
+        json={
+            **CHAT,
+            "max_tokens": 1,
+            "frobnicate": {"x": 1},
+            "tools": [],
+            "user": "u1",
+            "metadata": {"team": "a"},
+            "seed": 3,
+            "top_p": 0.5,
+            "presence_penalty": 1,
+        },
     )
     assert r.status_code == 200
 
 
 def test_request_id_reused_and_generated(client: TestClient) -> None:
-    r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1},
-                    headers={"x-request-id": "req-123"})
+    r = client.post(
+        "/v1/chat/completions", json={**CHAT, "max_tokens": 1}, headers={"x-request-id": "req-123"}
+    )
     assert r.headers["x-request-id"] == "req-123"
     r = client.get("/v1/models")
     assert len(r.headers["x-request-id"]) == 32
@@ -228,8 +240,10 @@ def test_prompt_too_long_is_400(client: TestClient) -> None:
     r = client.post("/v1/completions", json={"model": "fake-model", "prompt": long})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
-    r = client.post("/v1/chat/completions",
-                    json={**CHAT, "messages": [{"role": "user", "content": long}], "stream": True})
+    r = client.post(
+        "/v1/chat/completions",
+        json={**CHAT, "messages": [{"role": "user", "content": long}], "stream": True},
+    )
     assert r.status_code == 400
 
 
@@ -251,7 +265,9 @@ def test_engine_dead_is_503_and_500(client: TestClient, engine: FakeEngine) -> N
     assert client.get("/ready").status_code == 503
 
 
-def test_engine_failure_mid_stream_sends_error_event(client: TestClient, engine: FakeEngine) -> None:
+def test_engine_failure_mid_stream_sends_error_event(
+    client: TestClient, engine: FakeEngine
+) -> None:
     original = engine.generate
 
     async def failing(request):  # type: ignore[no-untyped-def]
