@@ -35,11 +35,8 @@ def test_converts_once(tmp_path: Path, fake_convert: list[int]) -> None:
     assert first == second == home / "models" / models.DEFAULT_MODEL_NAME
     assert fake_convert == [1]
     assert models.verify_manifest(first)
-    assert not [
-        p
-        for p in (home / "models").iterdir()
-        if p.name.startswith(f".{models.DEFAULT_MODEL_NAME}.")
-    ]
+    leftovers = [p.name for p in (home / "models").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == [models.DEFAULT_MODEL_NAME]
 
 
 def test_concurrent_callers_convert_once(tmp_path: Path, fake_convert: list[int]) -> None:
