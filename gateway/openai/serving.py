@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from litestar.types import Send
 
+    from gateway.routing import Route
     from gateway.state import Gateway
 
 __all__ = [
@@ -108,6 +109,7 @@ class Started:
     sampling: Sampling
     t_start: float
     t_first: float
+    route: Route
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         if self.first is not None:
@@ -116,9 +118,12 @@ class Started:
             yield c
 
     async def aclose(self) -> None:
-        aclose = getattr(self.rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        try:
+            aclose = getattr(self.rest, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self.route.lease.release()
 
 
 async def start(
@@ -133,8 +138,9 @@ async def start(
     """Resolve the model, submit to its engine and wait for the first chunk."""
     if gw.draining:
         raise ServiceUnavailableError("The server is shutting down.", code="draining")
-    route = gw.routes.resolve(model)
+    route = await gw.routes.resolve(model)
     if not route.engine.ready():
+        route.lease.release()
         raise ServiceUnavailableError("The engine is not ready.")
     engine_id = uuid.uuid4().hex
     req = GenerateRequest(
@@ -147,15 +153,17 @@ async def start(
     t0 = time.perf_counter()
     it = route.engine.generate(req).__aiter__()
     try:
-        first: Chunk | None = await it.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except EngineNotReadyError as exc:
-        raise ServiceUnavailableError(str(exc)) from exc
-    except PromptTooLongError as exc:
-        param = "messages" if messages is not None else "prompt"
-        raise BadRequestError(str(exc), param=param, code="context_length_exceeded") from exc
+        try:
+            first: Chunk | None = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except EngineNotReadyError as exc:
+            raise ServiceUnavailableError(str(exc)) from exc
+        except PromptTooLongError as exc:
+            param = "messages" if messages is not None else "prompt"
+            raise BadRequestError(str(exc), param=param, code="context_length_exceeded") from exc
     except BaseException:
+        route.lease.release()
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -168,6 +176,7 @@ async def start(
         sampling=sampling,
         t_start=t0,
         t_first=time.perf_counter(),
+        route=route,
     )
 
 

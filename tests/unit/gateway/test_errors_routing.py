@@ -48,17 +48,15 @@ def test_sse_framing() -> None:
     assert framed.endswith(b"\n\n")
 
 
-def test_routing() -> None:
+async def test_routing() -> None:
     eng = FakeEngine(model_name="base")
     router = Router(eng, aliases=("/models/base",))
-    assert router.resolve("base").adapter is None
-    assert router.resolve("/models/base").engine is eng
+    assert (await router.resolve("base")).adapter is None
+    assert (await router.resolve("/models/base")).engine is eng
     with pytest.raises(ModelNotFoundError):
-        router.resolve("sql-lora")
-    import asyncio
-
-    asyncio.run(eng.load_adapter("sql-lora", "/adapters/sql"))
-    assert router.resolve("sql-lora").adapter == "sql-lora"
+        await router.resolve("sql-lora")
+    await eng.load_adapter("sql-lora", "/adapters/sql")
+    assert (await router.resolve("sql-lora")).adapter == "sql-lora"
     assert router.model_ids() == [("base", None), ("sql-lora", "base")]
 
 
