@@ -159,7 +159,9 @@ class AdapterManager:
         except AdapterValidationError as exc:
             raise BadRequestError(f"Invalid adapter path: {exc}", param="lora_path") from exc
 
-    async def load(self, name: str, path: str | None = None, *, pinned: bool = False) -> LoadedAdapter:
+    async def load(
+        self, name: str, path: str | None = None, *, pinned: bool = False
+    ) -> LoadedAdapter:
         """Validate then load ``name`` (from ``path`` or its registry folder).
 
         Loading the same weights again is a no-op; other weights under a loaded name is 409.

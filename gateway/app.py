@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from litestar import Litestar, MediaType, Response, get
@@ -18,6 +19,8 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
+from gateway.adapters import AdapterManager
+from gateway.admin import ADMIN_HANDLERS
 from gateway.errors import exception_handler
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
@@ -55,6 +58,27 @@ def build_engine(settings: Settings) -> Engine:
 
     model = resolve_model(settings.model.path, settings.home_path)
     return VLLMEngine.start(eng, model, served_model_name(settings))
+
+
+def build_adapter_manager(settings: Settings, engine: Engine) -> AdapterManager:
+    """The registry over ``adapters.dir`` and the runtime manager over ``engine``."""
+    from adapters.registry import AdapterRegistry
+
+    base_path = None
+    if settings.engine.kind != "fake":
+        from gateway.models import resolve_model
+
+        candidate = Path(resolve_model(settings.model.path, settings.home_path))
+        base_path = candidate if candidate.is_dir() else None
+    root = settings.adapters_path
+    root.mkdir(parents=True, exist_ok=True)
+    registry = AdapterRegistry(
+        root,
+        base_model_name=engine.model_name,
+        base_model_path=base_path,
+        max_lora_rank=settings.engine.max_lora_rank,
+    )
+    return AdapterManager(engine, registry, max_loaded=settings.adapters.max_loaded)
 
 
 def served_model_name(settings: Settings) -> str:
@@ -122,7 +146,14 @@ def create_app(
         async def boot() -> None:
             eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
             holder["engine"] = eng
-            gw.router = Router(eng, aliases=(settings.model.path,))
+            manager = None
+            if settings.engine.enable_lora:
+                manager = await asyncio.to_thread(build_adapter_manager, settings, eng)
+                for name in settings.adapters.pinned:
+                    await manager.load(name, pinned=True)
+                for name in settings.adapters.preload:
+                    await manager.load(name)
+            gw.router = Router(eng, aliases=(settings.model.path,), adapters=manager)
             log.info("engine ready: serving %s", eng.model_name)
             tasks.append(asyncio.create_task(_watchdog(gw, eng)))
 
@@ -151,7 +182,7 @@ def create_app(
                     await asyncio.wait_for(eng.close(), timeout=30)
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, health, ready],
+        route_handlers=[chat_completions, completions, list_models, health, ready, *ADMIN_HANDLERS],
         dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers={Exception: exception_handler},
         before_send=[add_request_id_header],

@@ -16,12 +16,13 @@ import msgspec
 import yaml
 
 __all__ = [
+    "AdaptersSettings",
     "EngineSettings",
     "ModelSettings",
     "ServerSettings",
-    "ShutdownSettings",
     "Settings",
     "SettingsError",
+    "ShutdownSettings",
     "default_home",
     "load_settings",
 ]
@@ -82,6 +83,18 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Only for ``kind: fake``: seconds per generated token."""
 
 
+class AdaptersSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    dir: str = ""
+    """Registry root; ``$RETORT_HOME/adapters`` when empty."""
+    max_loaded: int = 8
+    """Adapters loaded in the engine at once; past it the least recently used unpinned one
+    is unloaded. Keep ``engine.max_cpu_loras`` (vLLM) at least this large."""
+    preload: list[str] = msgspec.field(default_factory=list)
+    """Registry names loaded at start-up, before /ready turns 200."""
+    pinned: list[str] = msgspec.field(default_factory=list)
+    """Registry names loaded at start-up and never evicted."""
+
+
 class ShutdownSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     drain_seconds: float = 30.0
     """On SIGTERM, how long requests and streams in flight may take to finish."""
@@ -94,7 +107,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     model: ModelSettings = msgspec.field(default_factory=ModelSettings)
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
+    adapters: AdaptersSettings = msgspec.field(default_factory=AdaptersSettings)
     shutdown: ShutdownSettings = msgspec.field(default_factory=ShutdownSettings)
+
+    @property
+    def adapters_path(self) -> Path:
+        return (
+            Path(self.adapters.dir).expanduser()
+            if self.adapters.dir
+            else self.home_path / "adapters"
+        )
 
     @property
     def home_path(self) -> Path:

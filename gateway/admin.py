@@ -1,0 +1,156 @@
+"""Adapter administration: ``/admin/adapters[...]`` and vLLM's ``/v1/(un)load_lora_adapter``.
+
+Guarded: with admin keys configured, an admin key is required (any other key gets 403);
+without them, only loopback clients are accepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from gateway.adapters import AdapterManager
+from gateway.errors import APIError, NotFoundError, ServiceUnavailableError
+from gateway.state import Gateway
+
+__all__ = ["ADMIN_HANDLERS", "admin_guard"]
+
+
+class PermissionDeniedError(APIError):
+    status_code = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class LoadAdapter(msgspec.Struct, kw_only=True):
+    name: str
+    path: str | None = None
+    pinned: bool = False
+
+
+class PinAdapter(msgspec.Struct, kw_only=True):
+    pinned: bool = True
+
+
+class LoadLoraRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``LoadLoRAAdapterRequest``."""
+
+    lora_name: str
+    lora_path: str | None = None
+
+
+class UnloadLoraRequest(msgspec.Struct, kw_only=True):
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host in ("localhost", "testclient", "testserver"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    gw: Gateway = connection.app.state.gateway
+    auth = getattr(gw, "auth", None)
+    if auth is not None and auth.has_admin_keys():
+        auth.require_admin(connection.headers.get("authorization"))
+        return
+    client = connection.client.host if connection.client else None
+    if not _is_loopback(client):
+        raise PermissionDeniedError(
+            "Admin calls are accepted only from loopback while no admin key is configured."
+        )
+
+
+def _manager(gw: Gateway) -> AdapterManager:
+    adapters = gw.routes.adapters
+    if adapters is None:
+        raise ServiceUnavailableError(
+            "LoRA is not enabled: set engine.enable_lora: true.", code="lora_disabled"
+        )
+    return adapters
+
+
+def _json(obj: Any, status: int = 200) -> Response[bytes]:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+@get("/admin/adapters", guards=[admin_guard], summary="List loaded and available adapters")
+async def list_adapters(gateway: Gateway) -> Response[bytes]:
+    return _json({"object": "list", "data": _manager(gateway).available()})
+
+
+@post("/admin/adapters", guards=[admin_guard], status_code=200, summary="Load an adapter")
+async def load_adapter(data: LoadAdapter, gateway: Gateway) -> Response[bytes]:
+    adapter = await _manager(gateway).load(data.name, data.path, pinned=data.pinned)
+    return _json(adapter.to_json())
+
+
+@delete(
+    "/admin/adapters/{name:str}",
+    guards=[admin_guard],
+    status_code=200,
+    summary="Unload an adapter (in-flight requests finish first)",
+)
+async def unload_adapter(name: str, gateway: Gateway) -> Response[bytes]:
+    await _manager(gateway).unload(name)
+    return _json({"name": name, "loaded": False})
+
+
+@post(
+    "/admin/adapters/{name:str}/pin",
+    guards=[admin_guard],
+    status_code=200,
+    summary="Pin (or unpin) a loaded adapter",
+)
+async def pin_adapter(
+    name: str, request: Request[Any, Any, Any], gateway: Gateway
+) -> Response[bytes]:
+    body = await request.body()
+    pinned = msgspec.json.decode(body, type=PinAdapter).pinned if body.strip() else True
+    return _json(_manager(gateway).pin(name, pinned).to_json())
+
+
+@post(
+    "/v1/load_lora_adapter",
+    guards=[admin_guard],
+    status_code=200,
+    summary="vLLM-compatible adapter load",
+)
+async def vllm_load(data: LoadLoraRequest, gateway: Gateway) -> Response[str]:
+    await _manager(gateway).load(data.lora_name, data.lora_path)
+    return Response(
+        f"Success: LoRA adapter '{data.lora_name}' added successfully.", media_type="text/plain"
+    )
+
+
+@post(
+    "/v1/unload_lora_adapter",
+    guards=[admin_guard],
+    status_code=200,
+    summary="vLLM-compatible adapter unload",
+)
+async def vllm_unload(data: UnloadLoraRequest, gateway: Gateway) -> Response[str]:
+    manager = _manager(gateway)
+    if manager.get(data.lora_name) is None:
+        raise NotFoundError(
+            f"The lora adapter '{data.lora_name}' cannot be found.", param="lora_name"
+        )
+    await manager.unload(data.lora_name)
+    return Response(
+        f"Success: LoRA adapter '{data.lora_name}' removed successfully.", media_type="text/plain"
+    )
+
+
+ADMIN_HANDLERS = [list_adapters, load_adapter, unload_adapter, pin_adapter, vllm_load, vllm_unload]
