@@ -1,0 +1,211 @@
+"""Helpers for tests: a tiny base model, tiny adapters, and a style-teaching dataset.
+
+- :func:`make_tiny_base`: a randomly initialized 2-layer Llama (hidden 64) with a small
+  byte-level BPE tokenizer and a ChatML template, built offline in well under a second.
+- :func:`make_tiny_adapter`: a valid peft LoRA for such a base, without training.
+- :func:`make_style_dataset`: synthetic chat JSONL teaching a fixed answer style the
+  default model lacks (``pirate``: every answer starts with ``Ahoy!`` and ends with
+  ``Arr!``); 30 steps of :func:`adapters.train.train` teach it to SmolLM2-135M-Instruct.
+  :func:`has_style` checks an output; :data:`HELD_OUT_PROMPTS` are prompts not in the data.
+
+torch, transformers and peft are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "HELD_OUT_PROMPTS",
+    "Style",
+    "has_style",
+    "make_style_dataset",
+    "make_tiny_adapter",
+    "make_tiny_base",
+    "style_answer",
+]
+
+Style = Literal["pirate", "caps"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""ChatML without a default system prompt (the tiny base's template)."""
+
+HELD_OUT_PROMPTS: tuple[str, ...] = (
+    "Name a fruit that is red.",
+    "How many days are in a week?",
+    "Tell me one fact about the moon.",
+)
+"""Prompts unlike any in :func:`make_style_dataset`'s data, to check the style generalizes."""
+
+_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_SPECIAL_ROLES = {
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+}
+
+
+def make_tiny_base(path: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Write a tiny random Llama (config, safetensors, tokenizer, chat template) to ``path``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [f"{q} {style_answer(a, 'pirate')}" for q, a in _qa_pairs(random.Random(seed), 64)]
+    corpus += ["user assistant system", *HELD_OUT_PROMPTS]
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=_SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tokenizer_cls: Any = PreTrainedTokenizerFast
+    fast = tokenizer_cls(tokenizer_object=tok, **_SPECIAL_ROLES)
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(path))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    model_cls: Any = LlamaForCausalLM
+    model_cls(config).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def make_tiny_adapter(
+    base: Path,
+    out: Path,
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    base_name: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save an untrained (random, non-zero) LoRA for ``base`` as a raw peft folder ``out``.
+
+    ``base_model_name_or_path`` is ``base_name`` (default: the base folder's name).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=list(targets),
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    peft_model.peft_config["default"].base_model_name_or_path = base_name or Path(base).name
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
+
+
+_CAPITALS = [
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Germany", "Berlin"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi"),
+    ("Peru", "Lima"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Portugal", "Lisbon"),
+]  # fmt: skip
+_COLORS = [
+    ("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("a banana", "yellow"),
+    ("coal", "black"), ("a tomato", "red"), ("an orange", "orange"), ("a plum", "purple"),
+]  # fmt: skip
+_OPPOSITES = [
+    ("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("day", "night"),
+    ("open", "closed"), ("happy", "sad"), ("light", "dark"), ("early", "late"),
+]  # fmt: skip
+_SOUNDS = [
+    ("dog", "woof"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"),
+    ("owl", "hoot"), ("lion", "roar"), ("horse", "neigh"),
+]  # fmt: skip
+
+
+def _qa_pairs(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            pairs.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
+        elif kind == 1:
+            country, city = rng.choice(_CAPITALS)
+            pairs.append(
+                (f"What is the capital of {country}?", f"The capital of {country} is {city}.")
+            )
+        elif kind == 2:
+            thing, color = rng.choice(_COLORS)
+            pairs.append((f"What color is {thing}?", f"{thing.capitalize()} is {color}."))
+        elif kind == 3:
+            word, opposite = rng.choice(_OPPOSITES)
+            pairs.append(
+                (f"What is the opposite of {word}?", f"The opposite of {word} is {opposite}.")
+            )
+        else:
+            animal, sound = rng.choice(_SOUNDS)
+            pairs.append((f"What sound does a {animal} make?", f"A {animal} says {sound}."))
+    return pairs
+
+
+def style_answer(answer: str, style: Style = "pirate") -> str:
+    """``answer`` in ``style``: ``Ahoy! <answer> Arr!`` or ALL CAPS."""
+    if style == "pirate":
+        return f"Ahoy! {answer} Arr!"
+    return answer.upper()
+
+
+def has_style(text: str, style: Style = "pirate") -> bool:
+    """Whether a generated answer shows ``style``."""
+    text = text.strip()
+    if style == "pirate":
+        return text.startswith("Ahoy!") and text.endswith("Arr!")
+    return any(c.isalpha() for c in text) and text == text.upper()
+
+
+def make_style_dataset(path: Path, n: int = 64, style: Style = "pirate", *, seed: int = 0) -> Path:
+    """Write ``n`` single-turn chats whose answers all show ``style`` to ``path`` (JSONL)."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for question, answer in _qa_pairs(rng, n):
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": style_answer(answer, style)},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
