@@ -8,6 +8,7 @@ of ``adapter_model.safetensors`` (checked before every load), when and how it wa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "Manifest",
     "atomic_write_bytes",
     "read_manifest",
+    "set_adapter_base",
     "write_manifest",
 ]
 
@@ -101,3 +103,15 @@ def read_manifest(folder: Path) -> Manifest | None:
         return msgspec.json.decode(data, type=Manifest)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise AdapterValidationError(f"{MANIFEST_FILE} is malformed: {exc}") from exc
+
+
+def set_adapter_base(folder: Path, base_model: str) -> None:
+    """Rewrite ``base_model_name_or_path`` in ``folder/adapter_config.json`` (atomically).
+
+    Adapters are saved with the base's local path (so peft never looks it up on a hub),
+    then given the portable name the registry checks: the base's served or folder name.
+    """
+    path = folder / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_model
+    atomic_write_bytes(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

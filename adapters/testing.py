@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from adapters.manifest import set_adapter_base
+
 __all__ = [
     "CHATML_TEMPLATE",
     "HELD_OUT_PROMPTS",
@@ -131,8 +133,8 @@ def make_tiny_adapter(
             task_type="CAUSAL_LM",
         ),
     )
-    peft_model.peft_config["default"].base_model_name_or_path = base_name or Path(base).name
     peft_model.save_pretrained(str(out), safe_serialization=True)
+    set_adapter_base(Path(out), base_name or Path(base).name)
     return Path(out)
 
 

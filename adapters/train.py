@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.data import IGNORE_INDEX, DataError, Example, encode_chat, read_chat_jsonl
 from adapters.errors import AdapterExistsError
+from adapters.manifest import set_adapter_base
 from adapters.registry import AdapterRegistry, check_name
 
 if TYPE_CHECKING:
@@ -279,9 +280,9 @@ def train_result(config: TrainConfig, progress: bool = True) -> TrainResult:
         "steps": float(total),
         "train_seconds": round(seconds, 3),
     }
-    model.peft_config["default"].base_model_name_or_path = base_name
     with registry.staging(config.name) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        set_adapter_base(tmp, base_name)
         (tmp / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
         _plot(losses, tmp / "loss.png", f"{config.name} on {base_name}")
         registry.install(
