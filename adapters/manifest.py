@@ -62,9 +62,11 @@ class Manifest(msgspec.Struct, kw_only=True):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file beside it, fsync, rename."""
+    """Write ``data`` to ``path`` atomically (mode 0644): a temporary file beside it, fsync,
+    rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from a gateway run as another user
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

