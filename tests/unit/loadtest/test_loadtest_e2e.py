@@ -74,9 +74,12 @@ async def test_adapter_mix_and_errors_are_reported(gateway_url: str) -> None:
         progress=False,
     )
     (lv,) = (await run_loadtest(cfg)).levels
-    assert set(lv.requests_per_model) == {ADAPTER, "missing-adapter"}
-    assert lv.errors == lv.requests_per_model["missing-adapter"] > 0
-    assert lv.completed == lv.requests_per_model[ADAPTER]
+    per_model = lv.requests_per_model
+    assert set(per_model) == {ADAPTER, "missing-adapter", "fake-model"}
+    assert per_model["fake-model"] == lv.crosstalk_copies == 4  # the probes
+    assert lv.errors == per_model["missing-adapter"] > 0
+    assert lv.completed == per_model[ADAPTER] + 4
+    assert lv.num_requests == 20
     assert lv.error_messages
     assert lv.error_messages[0].startswith("HTTP 404")
     assert lv.crosstalk_ok is True  # probes go to the base model

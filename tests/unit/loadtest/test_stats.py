@@ -60,22 +60,25 @@ def test_compute_level_throughput_goodput_and_errors() -> None:
         _ok(0.3, 1.2, 10, model="a"),  # TTFT 300 ms: misses the TTFT SLO
         _ok(0.1, 2.0, 10),  # TPOT 211 ms: misses the TPOT SLO
         RequestResult(model="a", error="HTTP 404: nope", e2e_s=0.01),
-        RequestResult(model="m", ok=True, ttft_s=0.1, e2e_s=0.5, text="x", probe=True),
+        RequestResult(
+            model="m", ok=True, ttft_s=0.1, e2e_s=0.55, output_tokens=10, text="x", probe=True
+        ),
     ]
     lv = compute_level("t", 4, results, duration_s=2.0, slo_ttft_ms=200, slo_tpot_ms=150)
-    assert lv.num_requests == 4  # the probe is not load
-    assert lv.completed == 3
+    assert lv.num_requests == 5  # the probe is load too
+    assert lv.completed == 4
     assert lv.errors == 1
     assert lv.error_messages == ["HTTP 404: nope"]
-    assert lv.request_throughput == pytest.approx(1.5)
-    assert lv.output_throughput == pytest.approx(15.0)
-    assert lv.goodput == pytest.approx(0.5)
-    assert lv.total_output_tokens == 30
+    assert lv.request_throughput == pytest.approx(2.0)
+    assert lv.output_throughput == pytest.approx(20.0)
+    assert lv.goodput == pytest.approx(1.0)
+    assert lv.total_output_tokens == 40
     assert lv.mean_output_tokens == pytest.approx(10.0)
     assert lv.ttft_ms.p50 == pytest.approx(100.0)
-    assert lv.e2e_ms.mean == pytest.approx(1400.0)
+    assert lv.e2e_ms.mean == pytest.approx(1187.5)
+    assert lv.tpot_ms.count == 4
     assert lv.itl_ms.count == 9
-    assert lv.requests_per_model == {"m": 2, "a": 2}
+    assert lv.requests_per_model == {"m": 3, "a": 2}
     assert lv.crosstalk_ok is True
     assert lv.crosstalk_copies == 1
 
@@ -102,7 +105,7 @@ def test_ratios_and_json_round_trip() -> None:
     assert r["ttft_ms.p50"] == pytest.approx(0.5)
     assert r["e2e_ms.p99"] == pytest.approx(0.5)
     assert r["request_throughput"] == pytest.approx(2.0)
-    assert math.isnan(r["goodput"]) is False
+    assert r["goodput"] == pytest.approx(2.0)
     empty = compute_level("x", 1, [], duration_s=1.0)
     assert math.isnan(ratios(fast, empty)["ttft_ms.p50"])
     back = LevelMetrics.from_dict(json.loads(json.dumps(json_safe(empty.to_dict()))))
