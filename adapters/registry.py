@@ -134,9 +134,7 @@ class AdapterRegistry:
         root = self._real_root
         real = Path(os.path.realpath(given if given.is_absolute() else root / given))
         if real == root or not real.is_relative_to(root):
-            raise AdapterPathError(
-                f"{name_or_path!r} resolves to {real}, outside the adapter root {root}"
-            )
+            raise AdapterPathError(f"{name_or_path!r} resolves outside the adapter root")
         if any(part.startswith(".") for part in real.relative_to(root).parts):
             raise AdapterPathError(f"{name_or_path!r}: hidden folders are not adapters")
         return real

@@ -166,9 +166,7 @@ def _scan(folder: Path) -> list[Path]:
             if p.is_symlink():
                 target = os.path.realpath(p)
                 if os.path.commonpath([real_root, target]) != real_root:
-                    raise AdapterValidationError(
-                        f"{rel} is a symlink to {target}, outside the adapter folder"
-                    )
+                    raise AdapterValidationError(f"{rel} is a symlink outside the adapter folder")
             if name in filenames:
                 if p.suffix.lower() in FORBIDDEN_SUFFIXES:
                     raise AdapterValidationError(
@@ -330,13 +328,13 @@ def validate_adapter(
         AdapterValidationError: the first check that fails, with a human reason.
     """
     if not folder.exists():
-        raise AdapterValidationError(f"adapter folder {folder} does not exist")
+        raise AdapterValidationError(f"adapter folder {folder.name!r} does not exist")
     if not folder.is_dir():
-        raise AdapterValidationError(f"{folder} is not a folder")
+        raise AdapterValidationError(f"{folder.name!r} is not a folder")
     _scan(folder)
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / f).is_file()]
     if missing:
-        raise AdapterValidationError(f"missing {' and '.join(missing)} in {folder}")
+        raise AdapterValidationError(f"missing {' and '.join(missing)} in {folder.name!r}")
     config = _read_config(folder)
     rank, alpha, targets = _check_config(config, max_lora_rank)
     declared_base = adapter_base_name(config)
