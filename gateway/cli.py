@@ -22,6 +22,17 @@ models_app = typer.Typer(help="Provision models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
+def _register_subcommands() -> None:
+    from adapters.cli import adapters_app
+    from loadtest.cli import loadtest
+
+    app.add_typer(adapters_app, name="adapters")
+    app.command("loadtest", help="Load-test an OpenAI-compatible server.")(loadtest)
+
+
+_register_subcommands()
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
