@@ -1,0 +1,661 @@
+"""API keys, admin keys and per-key limits (requests/min, tokens/min, concurrent requests).
+
+Keys are configured as sha256 hex digests (``retort keys hash`` makes one, see
+:func:`hash_key`) and sent as ``Authorization: Bearer <key>``. The gateway only ever
+handles the key's *id*: logs and metrics carry the id, never the key.
+
+Limits are counted per key over a sliding one-minute window of ``limits.bucket_s`` buckets
+(the window spans the last ``60 / bucket_s`` buckets). By default they are counted in
+memory, per process; with ``limits.redis_url`` set, every replica shares them through Redis
+(one atomic Lua script per acquire; concurrent leases are a sorted set whose entries expire
+after ``limits.lease_ttl_s``, so a crashed replica cannot hold a slot forever).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import yaml
+
+from gateway.errors import APIError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import TracebackType
+
+__all__ = [
+    "APIKey",
+    "AuthSettings",
+    "AuthenticationError",
+    "Authenticator",
+    "KeyInfo",
+    "KeyLimits",
+    "Lease",
+    "LimitsSettings",
+    "MemoryRateLimiter",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "RateLimiter",
+    "RedisRateLimiter",
+    "build_rate_limiter",
+    "generate_key",
+    "hash_key",
+    "is_loopback",
+]
+
+log = logging.getLogger("retort.auth")
+
+KEY_PREFIX = "sk-retort-"
+_HEX = frozenset("0123456789abcdef")
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class AuthenticationError(APIError):
+    """401: no key, or a key that matches none configured."""
+
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Incorrect or missing API key.") -> None:
+        super().__init__(message)
+        self.headers: dict[str, str] = {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDeniedError(APIError):
+    """403: a valid key without the right (admin) permission."""
+
+    status_code = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+    def __init__(self, message: str = "This API key may not call this endpoint.") -> None:
+        super().__init__(message)
+        self.headers: dict[str, str] = {}
+
+
+class RateLimitedError(APIError):
+    """429: over the key's requests/min, tokens/min or concurrency limit.
+
+    ``headers`` holds ``Retry-After`` (whole seconds, rounded up, at least 1).
+    """
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, retry_after_s: float, limit: str = "rpm", message: str | None = None):
+        what = {
+            "rpm": "requests per minute",
+            "tpm": "tokens per minute",
+            "tpm_too_large": "tokens per minute",
+            "concurrency": "concurrent requests",
+        }.get(limit, limit)
+        if message is None:
+            if limit == "tpm_too_large":
+                message = (
+                    "Request too large: its estimated tokens exceed this key's "
+                    "tokens-per-minute limit."
+                )
+            else:
+                message = f"Rate limit reached for {what}. Retry after {retry_after_s:.1f}s."
+        super().__init__(message)
+        self.retry_after_s = max(0.0, retry_after_s)
+        self.limit = limit
+        self.headers: dict[str, str] = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+class APIKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    """The key's name in logs and metrics (never the key itself)."""
+    sha256: str
+    """Hex sha256 of the key (``retort keys hash``)."""
+    rpm: int | None = None
+    """Requests per minute; ``limits.default_rpm`` when unset, unlimited when both are."""
+    tpm: int | None = None
+    """Tokens (prompt + max completion, estimated at admission) per minute."""
+    max_concurrent: int | None = None
+    """Requests in flight at once."""
+    admin: bool = False
+    """May call ``/admin`` and adapter load/unload."""
+
+
+class AuthSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    api_keys: list[APIKey] = msgspec.field(default_factory=list)
+    """Accepted keys. When there are none (and no ``api_keys_file``), auth is off."""
+    api_keys_file: str | None = None
+    """A YAML/JSON file holding more keys in the same shape (a mounted Kubernetes secret)."""
+
+
+class LimitsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    redis_url: str | None = None
+    """Share limits across replicas through this Redis (``redis://host:6379/0``); in memory,
+    per process, when unset."""
+    key_prefix: str = "retort:limits"
+    """Redis key prefix."""
+    default_rpm: int | None = None
+    """Requests per minute for keys without their own ``rpm``."""
+    default_tpm: int | None = None
+    """Tokens per minute for keys without their own ``tpm``."""
+    default_max_concurrent: int | None = None
+    """Concurrent requests for keys without their own ``max_concurrent``."""
+    bucket_s: float = 5.0
+    """Granularity of the one-minute sliding window (it divides 60)."""
+    lease_ttl_s: float = 900.0
+    """Redis: a concurrency slot not released after this long is freed (crashed replica)."""
+    fail_open: bool = True
+    """Redis unreachable: admit the request (logged) rather than fail it."""
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def hash_key(key: str) -> str:
+    """The hex sha256 of an API key, as ``auth.api_keys[].sha256`` wants it."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def generate_key() -> tuple[str, str]:
+    """A new random key (``sk-retort-...``) and its hash."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hash_key(key)
+
+
+class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    admin: bool = False
+
+
+class KeyLimits(msgspec.Struct, frozen=True, kw_only=True):
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rpm is None and self.tpm is None and self.max_concurrent is None
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a client address is loopback (``127.0.0.0/8``, ``::1``, v4-mapped)."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+def _load_keys(settings: AuthSettings) -> list[APIKey]:
+    keys = list(settings.api_keys)
+    if settings.api_keys_file:
+        path = Path(settings.api_keys_file).expanduser()
+        try:
+            data = yaml.safe_load(path.read_text()) or []
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read auth.api_keys_file {path}: {exc}") from exc
+        if isinstance(data, dict):
+            data = data.get("api_keys", [])
+        try:
+            keys += msgspec.convert(data, list[APIKey], strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid auth.api_keys_file {path}: {exc}") from exc
+    seen: set[str] = set()
+    for k in keys:
+        digest = k.sha256.lower()
+        if len(digest) != 64 or not set(digest) <= _HEX:
+            raise ValueError(f"auth key {k.id!r}: sha256 must be 64 hex digits")
+        if k.id in seen:
+            raise ValueError(f"auth key id {k.id!r} is configured twice")
+        seen.add(k.id)
+    return keys
+
+
+class Authenticator:
+    """Checks ``Authorization`` headers against the configured key hashes.
+
+    Every configured hash is compared (``hmac.compare_digest``, no early exit), so the time
+    taken does not depend on which key, if any, matched.
+    """
+
+    def __init__(self, settings: AuthSettings | None = None) -> None:
+        keys = _load_keys(settings or AuthSettings())
+        self._keys: list[tuple[bytes, KeyInfo]] = [
+            (bytes.fromhex(k.sha256), KeyInfo(id=k.id, admin=k.admin)) for k in keys
+        ]
+        self.limits: dict[str, KeyLimits] = {
+            k.id: KeyLimits(rpm=k.rpm, tpm=k.tpm, max_concurrent=k.max_concurrent) for k in keys
+        }
+        """Each key's own limits (unset ones fall back to ``limits.default_*``)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any key is configured (requests then need one)."""
+        return bool(self._keys)
+
+    @property
+    def has_admin(self) -> bool:
+        return any(info.admin for _, info in self._keys)
+
+    def check(self, authorization: str | None) -> KeyInfo | None:
+        """The key an ``Authorization: Bearer <key>`` header holds, or ``None``."""
+        if not authorization:
+            return None
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        found: KeyInfo | None = None
+        for stored, info in self._keys:
+            if hmac.compare_digest(stored, digest):
+                found = info
+        return found
+
+    def authenticate(self, authorization: str | None) -> KeyInfo | None:
+        """For API routes: ``None`` when auth is off, the key when valid, else 401."""
+        if not self._keys:
+            return None
+        key = self.check(authorization)
+        if key is None:
+            raise AuthenticationError()
+        return key
+
+    def authorize_admin(self, authorization: str | None, client_host: str | None) -> KeyInfo | None:
+        """For ``/admin`` and adapter load/unload.
+
+        With an admin key configured: an admin key passes; no/invalid key is 401; any other
+        valid key is 403. Without one: only loopback clients pass (403 otherwise).
+        """
+        if self.has_admin:
+            key = self.check(authorization)
+            if key is None:
+                raise AuthenticationError()
+            if not key.admin:
+                raise PermissionDeniedError("This endpoint needs an admin API key.")
+            return key
+        if not is_loopback(client_host):
+            raise PermissionDeniedError(
+                "Admin endpoints are only served to loopback clients while no admin key "
+                "is configured."
+            )
+        return self.check(authorization)
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+class Lease:
+    """An admitted request's hold on its key's budget; :meth:`release` it when done.
+
+    Releasing returns the concurrency slot and corrects the token count from the estimate
+    to ``actual_tokens``. Idempotent; also an async context manager.
+    """
+
+    __slots__ = ("_limiter", "_released", "bucket", "est_tokens", "key_id", "lease_id")
+
+    def __init__(
+        self,
+        limiter: RateLimiter | None,
+        key_id: str | None,
+        est_tokens: int,
+        bucket: int,
+        lease_id: str = "",
+    ) -> None:
+        self._limiter = limiter
+        self._released = False
+        self.key_id = key_id
+        self.est_tokens = est_tokens
+        self.bucket = bucket
+        self.lease_id = lease_id
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    async def release(self, actual_tokens: int | None = None) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._limiter is not None:
+            await self._limiter._release(self, actual_tokens)
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.release()
+
+
+class RateLimiter:
+    """Per-key limits; the base class admits everything (limits off)."""
+
+    def __init__(
+        self,
+        settings: LimitsSettings | None = None,
+        key_limits: Mapping[str, KeyLimits] | None = None,
+    ) -> None:
+        self.settings = s = settings or LimitsSettings()
+        if s.bucket_s <= 0 or 60.0 / s.bucket_s != round(60.0 / s.bucket_s):
+            raise ValueError("limits.bucket_s must divide 60")
+        self.n_buckets = round(60.0 / s.bucket_s)
+        self._key_limits = dict(key_limits or {})
+        self._defaults = KeyLimits(
+            rpm=s.default_rpm, tpm=s.default_tpm, max_concurrent=s.default_max_concurrent
+        )
+        self._resolved: dict[str, KeyLimits] = {}
+
+    def limits_for(self, key_id: str) -> KeyLimits:
+        got = self._resolved.get(key_id)
+        if got is None:
+            own = self._key_limits.get(key_id, KeyLimits())
+            d = self._defaults
+            got = KeyLimits(
+                rpm=own.rpm if own.rpm is not None else d.rpm,
+                tpm=own.tpm if own.tpm is not None else d.tpm,
+                max_concurrent=(
+                    own.max_concurrent if own.max_concurrent is not None else d.max_concurrent
+                ),
+            )
+            self._resolved[key_id] = got
+        return got
+
+    async def acquire(self, key_id: str | None, est_tokens: int = 0) -> Lease:
+        """Admit one request of ``key_id`` costing ``est_tokens`` (prompt + max completion),
+        or raise :class:`RateLimitedError`. ``None`` (auth off) is never limited."""
+        if key_id is None:
+            return Lease(None, None, est_tokens, 0)
+        limits = self.limits_for(key_id)
+        if limits.unlimited:
+            return Lease(None, key_id, est_tokens, 0)
+        return await self._acquire(key_id, limits, max(0, int(est_tokens)))
+
+    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> Lease:
+        return Lease(None, key_id, est_tokens, 0)
+
+    async def _release(self, lease: Lease, actual_tokens: int | None) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _retry_after_s(
+    buckets: list[tuple[int, int]],
+    total: int,
+    need: int,
+    limit: int,
+    n: int,
+    bucket_s: float,
+    now: float,
+) -> float:
+    """Seconds until enough of the oldest buckets leave the window to admit ``need``."""
+    acc = 0
+    for bucket, value in buckets:
+        acc += value
+        if total - acc + need <= limit:
+            return max(0.0, (bucket + n) * bucket_s - now)
+    return n * bucket_s
+
+
+class _KeyWindow:
+    __slots__ = ("concurrent", "requests", "tokens")
+
+    def __init__(self) -> None:
+        self.requests: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}
+        self.concurrent = 0
+
+
+class MemoryRateLimiter(RateLimiter):
+    """Limits counted in this process (per replica, per worker)."""
+
+    def __init__(
+        self,
+        settings: LimitsSettings | None = None,
+        key_limits: Mapping[str, KeyLimits] | None = None,
+    ) -> None:
+        super().__init__(settings, key_limits)
+        self._windows: dict[str, _KeyWindow] = {}
+
+    def _check(self, key_id: str, limits: KeyLimits, est: int, now: float) -> Lease:
+        w = self._windows.get(key_id)
+        if w is None:
+            w = self._windows[key_id] = _KeyWindow()
+        n, bs = self.n_buckets, self.settings.bucket_s
+        b = math.floor(now / bs)
+        oldest = b - n + 1
+        for counts in (w.requests, w.tokens):
+            for stale in [k for k in counts if k < oldest]:
+                del counts[stale]
+        if limits.rpm is not None:
+            total = sum(w.requests.values())
+            if total + 1 > limits.rpm:
+                retry = _retry_after_s(sorted(w.requests.items()), total, 1, limits.rpm, n, bs, now)
+                raise RateLimitedError(retry, "rpm")
+        if limits.tpm is not None:
+            if est > limits.tpm:
+                raise RateLimitedError(n * bs, "tpm_too_large")
+            total = sum(w.tokens.values())
+            if total + est > limits.tpm:
+                retry = _retry_after_s(sorted(w.tokens.items()), total, est, limits.tpm, n, bs, now)
+                raise RateLimitedError(retry, "tpm")
+        if limits.max_concurrent is not None and w.concurrent >= limits.max_concurrent:
+            raise RateLimitedError(1.0, "concurrency")
+        if limits.rpm is not None:
+            w.requests[b] = w.requests.get(b, 0) + 1
+        if limits.tpm is not None:
+            w.tokens[b] = w.tokens.get(b, 0) + est
+        if limits.max_concurrent is not None:
+            w.concurrent += 1
+        return Lease(self, key_id, est, b)
+
+    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> Lease:
+        return self._check(key_id, limits, est_tokens, time.time())
+
+    async def _release(self, lease: Lease, actual_tokens: int | None) -> None:
+        assert lease.key_id is not None
+        w = self._windows.get(lease.key_id)
+        if w is None:
+            return
+        limits = self.limits_for(lease.key_id)
+        if limits.max_concurrent is not None and w.concurrent > 0:
+            w.concurrent -= 1
+        if actual_tokens is not None and limits.tpm is not None and lease.bucket in w.tokens:
+            w.tokens[lease.bucket] = max(
+                0, w.tokens[lease.bucket] + int(actual_tokens) - lease.est_tokens
+            )
+
+
+# KEYS: requests hash, tokens hash, concurrency zset.
+# ARGV: rpm, tpm, max_concurrent (0 = unlimited), est_tokens, bucket_ms, n_buckets,
+#       lease_ttl_ms, lease_id. Returns {admitted, bucket | retry_after_ms, reason}.
+_ACQUIRE_LUA = """
+local rkey, tkey, ckey = KEYS[1], KEYS[2], KEYS[3]
+local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local est, bucket_ms, nb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ttl_ms, lease = tonumber(ARGV[7]), ARGV[8]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local b = math.floor(now / bucket_ms)
+local oldest = b - nb + 1
+local function window(key)
+  local flat = redis.call('HGETALL', key)
+  local buckets, total = {}, 0
+  for i = 1, #flat, 2 do
+    local bk, v = tonumber(flat[i]), tonumber(flat[i + 1])
+    if bk < oldest then
+      redis.call('HDEL', key, flat[i])
+    else
+      buckets[#buckets + 1] = {bk, v}
+      total = total + v
+    end
+  end
+  table.sort(buckets, function(x, y) return x[1] < y[1] end)
+  return buckets, total
+end
+local function retry(buckets, total, need, limit)
+  local acc = 0
+  for _, e in ipairs(buckets) do
+    acc = acc + e[2]
+    if total - acc + need <= limit then
+      return math.max(0, (e[1] + nb) * bucket_ms - now)
+    end
+  end
+  return nb * bucket_ms
+end
+if rpm > 0 then
+  local rb, rt = window(rkey)
+  if rt + 1 > rpm then return {0, retry(rb, rt, 1, rpm), 'rpm'} end
+end
+if tpm > 0 then
+  if est > tpm then return {0, nb * bucket_ms, 'tpm_too_large'} end
+  local tb, tt = window(tkey)
+  if tt + est > tpm then return {0, retry(tb, tt, est, tpm), 'tpm'} end
+end
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', ckey, '-inf', now)
+  if redis.call('ZCARD', ckey) >= maxc then return {0, 1000, 'concurrency'} end
+  redis.call('ZADD', ckey, now + ttl_ms, lease)
+  redis.call('PEXPIRE', ckey, ttl_ms)
+end
+local keep_ms = (nb + 1) * bucket_ms
+if rpm > 0 then
+  redis.call('HINCRBY', rkey, b, 1)
+  redis.call('PEXPIRE', rkey, keep_ms)
+end
+if tpm > 0 then
+  redis.call('HINCRBY', tkey, b, est)
+  redis.call('PEXPIRE', tkey, keep_ms)
+end
+return {1, b, 'ok'}
+"""
+
+# KEYS: tokens hash, concurrency zset. ARGV: lease_id, bucket, token delta.
+_RELEASE_LUA = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+local delta = tonumber(ARGV[3])
+if delta ~= 0 and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
+  if redis.call('HINCRBY', KEYS[1], ARGV[2], delta) < 0 then
+    redis.call('HSET', KEYS[1], ARGV[2], 0)
+  end
+end
+return 1
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    """Limits shared by every replica through Redis (``limits.redis_url``)."""
+
+    def __init__(
+        self,
+        settings: LimitsSettings,
+        key_limits: Mapping[str, KeyLimits] | None = None,
+        *,
+        client: Any = None,
+    ) -> None:
+        super().__init__(settings, key_limits)
+        if client is None:
+            if not settings.redis_url:
+                raise ValueError("RedisRateLimiter needs limits.redis_url")
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(
+                settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+            )
+        self._redis = client
+        self._acquire_script = client.register_script(_ACQUIRE_LUA)
+        self._release_script = client.register_script(_RELEASE_LUA)
+        self._last_error_log = 0.0
+
+    def _keys(self, key_id: str) -> tuple[str, str, str]:
+        # One hash tag per key id: a key's three Redis keys live on one cluster slot.
+        base = f"{self.settings.key_prefix}:{{{key_id}}}"
+        return f"{base}:req", f"{base}:tok", f"{base}:conc"
+
+    def _redis_failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log > 10.0:
+            self._last_error_log = now
+            log.warning("rate limiter: Redis unavailable (%s); fail_open=%s", exc,
+                        self.settings.fail_open)  # fmt: skip
+
+    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> Lease:
+        from redis.exceptions import RedisError
+
+        lease_id = uuid.uuid4().hex
+        s = self.settings
+        try:
+            admitted, value, reason = await self._acquire_script(
+                keys=list(self._keys(key_id)),
+                args=[
+                    limits.rpm or 0,
+                    limits.tpm or 0,
+                    limits.max_concurrent or 0,
+                    est_tokens,
+                    round(s.bucket_s * 1000),
+                    self.n_buckets,
+                    round(s.lease_ttl_s * 1000),
+                    lease_id,
+                ],
+            )
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            if s.fail_open:
+                return Lease(None, key_id, est_tokens, 0)
+            raise RateLimitedError(1.0, "unavailable", "Rate limiter unavailable.") from exc
+        if int(admitted) != 1:
+            why = reason.decode() if isinstance(reason, bytes) else str(reason)
+            raise RateLimitedError(int(value) / 1000.0, why)
+        return Lease(self, key_id, est_tokens, int(value), lease_id)
+
+    async def _release(self, lease: Lease, actual_tokens: int | None) -> None:
+        from redis.exceptions import RedisError
+
+        assert lease.key_id is not None
+        _, tok, conc = self._keys(lease.key_id)
+        delta = 0 if actual_tokens is None else int(actual_tokens) - lease.est_tokens
+        try:
+            await self._release_script(keys=[tok, conc], args=[lease.lease_id, lease.bucket, delta])
+        except (TimeoutError, RedisError, OSError) as exc:
+            # The slot expires after lease_ttl_s anyway.
+            self._redis_failed(exc)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def build_rate_limiter(
+    settings: LimitsSettings | None, authenticator: Authenticator | None = None
+) -> RateLimiter:
+    """The limiter the settings ask for: Redis when ``redis_url`` is set, else in memory."""
+    settings = settings or LimitsSettings()
+    key_limits = authenticator.limits if authenticator is not None else {}
+    if settings.redis_url:
+        return RedisRateLimiter(settings, key_limits)
+    return MemoryRateLimiter(settings, key_limits)

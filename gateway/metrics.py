@@ -1,0 +1,389 @@
+"""Every Prometheus metric of the gateway, in one place (namespace ``retort_``).
+
+Labels stay bounded: ``model``, ``adapter`` (``"none"`` for the base model), ``status``,
+``reason`` and, only when enabled, ``key_id`` (ids come from the configuration, so the set
+is finite). Never a prompt, a user or any request text.
+
+Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty folder before the
+workers start (before ``prometheus_client`` is imported); :func:`render` then aggregates
+every process's values with a ``MultiProcessCollector``. Gauges declare how they aggregate
+(``livesum``, ``livemax``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, NamedTuple
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "ADAPTER_LOAD_BUCKETS",
+    "CONTENT_TYPE_LATEST",
+    "DROP_REASONS",
+    "NO_ADAPTER",
+    "REQUEST_DURATION_BUCKETS",
+    "TIME_PER_OUTPUT_TOKEN_BUCKETS",
+    "TTFT_BUCKETS",
+    "EngineStats",
+    "Metrics",
+    "adapter_label",
+    "mark_process_dead",
+    "render",
+]
+
+log = logging.getLogger("retort.metrics")
+
+NAMESPACE = "retort"
+NO_ADAPTER = "none"
+"""The ``adapter`` label of requests served by the base model (or a student)."""
+NO_KEY = "none"
+"""The ``key_id`` label of requests without an API key (auth off)."""
+
+REQUEST_DURATION_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
+    20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+)  # fmt: skip
+TTFT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0,
+)  # fmt: skip
+TIME_PER_OUTPUT_TOKEN_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+ADAPTER_LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+DROP_REASONS = ("queue_full", "db_error", "shutdown", "error")
+"""Why prompt-log records get dropped; each is exported from the start (at 0)."""
+
+
+def adapter_label(adapter: str | None) -> str:
+    """The ``adapter`` label value: the adapter's name, or ``"none"`` for the base model."""
+    return adapter or NO_ADAPTER
+
+
+class EngineStats(NamedTuple):
+    """What the engine-stats callback returns (read from vLLM's scheduler stats)."""
+
+    running: int
+    """Requests the engine is running now."""
+    waiting: int
+    """Requests queued in the engine."""
+    kv_cache_usage: float
+    """KV-cache usage, 0..1."""
+
+
+class _RequestChildren(NamedTuple):
+    requests: Counter
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    cost: Counter
+    duration: Histogram
+    ttft: Histogram
+    tpot: Histogram
+
+
+class Metrics:
+    """Every metric, registered in ``registry`` (a fresh one per test; the default otherwise).
+
+    ``key_label`` adds a ``key_id`` label to the request, token and cost counters (never to
+    histograms). The hot path, :meth:`observe_request`, caches the labelled children per
+    label tuple, so a request costs a few lock-protected additions.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        key_label: bool = False,
+        engine_stats: Callable[[], EngineStats | None] | None = None,
+    ) -> None:
+        from prometheus_client import REGISTRY
+
+        self.registry: CollectorRegistry = registry if registry is not None else REGISTRY
+        self.key_label = key_label
+        self.engine_stats = engine_stats
+        """Called by :meth:`refresh_engine` (each scrape and each poll) to set the engine
+        gauges; return ``None`` when the engine has nothing to report."""
+        r = self.registry
+        by_key = ("key_id",) if key_label else ()
+        self.requests_total = Counter(
+            "requests",
+            "Completed requests by model, adapter and status (ok, error, ...).",
+            ("model", "adapter", "status", *by_key),
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.request_duration_seconds = Histogram(
+            "request_duration_seconds",
+            "Request latency from arrival to the last byte.",
+            ("model", "adapter"),
+            namespace=NAMESPACE,
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            ("model", "adapter"),
+            namespace=NAMESPACE,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token_seconds = Histogram(
+            "time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            ("model", "adapter"),
+            namespace=NAMESPACE,
+            buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens_total = Counter(
+            "prompt_tokens",
+            "Prompt tokens processed.",
+            ("model", "adapter", *by_key),
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.completion_tokens_total = Counter(
+            "completion_tokens",
+            "Completion tokens generated.",
+            ("model", "adapter", *by_key),
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.cost_usd_total = Counter(
+            "cost_usd",
+            "Cost of the requests served, in US dollars.",
+            ("model", "adapter", *by_key),
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.inflight_requests = Gauge(
+            "inflight_requests",
+            "Requests being served now.",
+            ("model",),
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.adapter_load_seconds = Histogram(
+            "adapter_load_seconds",
+            "Time to load a LoRA adapter into the engine.",
+            ("adapter",),
+            namespace=NAMESPACE,
+            buckets=ADAPTER_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapters_loaded = Gauge(
+            "adapters_loaded",
+            "LoRA adapters loaded in the engine now.",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.promptlog_queue_depth = Gauge(
+            "promptlog_queue_depth",
+            "Prompt-log records queued or being written.",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.promptlog_written_total = Counter(
+            "promptlog_written",
+            "Prompt-log records written to the database.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.promptlog_dropped_total = Counter(
+            "promptlog_dropped",
+            "Prompt-log records dropped, by reason (queue_full, db_error, shutdown, error).",
+            ("reason",),
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.engine_running_requests = Gauge(
+            "engine_running_requests",
+            "Requests the engine is running (from vLLM).",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.engine_waiting_requests = Gauge(
+            "engine_waiting_requests",
+            "Requests waiting in the engine's queue (from vLLM).",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.engine_kv_cache_usage_ratio = Gauge(
+            "engine_kv_cache_usage_ratio",
+            "KV-cache usage of the engine, 0..1 (from vLLM).",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._dropped = {
+            reason: self.promptlog_dropped_total.labels(reason) for reason in DROP_REASONS
+        }
+        self._children: dict[tuple[str, str, str, str | None], _RequestChildren] = {}
+        self._inflight: dict[str, Gauge] = {}
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _request_children(
+        self, model: str, adapter: str, status: str, key_id: str | None
+    ) -> _RequestChildren:
+        cache_key = (model, adapter, status, key_id)
+        children = self._children.get(cache_key)
+        if children is None:
+            keyed: tuple[str, ...] = (key_id or NO_KEY,) if self.key_label else ()
+            children = _RequestChildren(
+                requests=self.requests_total.labels(model, adapter, status, *keyed),
+                prompt_tokens=self.prompt_tokens_total.labels(model, adapter, *keyed),
+                completion_tokens=self.completion_tokens_total.labels(model, adapter, *keyed),
+                cost=self.cost_usd_total.labels(model, adapter, *keyed),
+                duration=self.request_duration_seconds.labels(model, adapter),
+                ttft=self.time_to_first_token_seconds.labels(model, adapter),
+                tpot=self.time_per_output_token_seconds.labels(model, adapter),
+            )
+            self._children[cache_key] = children
+        return children
+
+    def observe_request(
+        self,
+        model: str,
+        adapter: str | None,
+        status: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft_s: float | None,
+        latency_s: float,
+        cost_usd: float,
+        key_id: str | None = None,
+    ) -> None:
+        """Record one finished request (call once, after its last byte).
+
+        ``status`` is bounded by the caller: ``ok``, ``error`` or an error type. TTFT is
+        skipped when ``None`` (nothing generated); the time per output token is
+        ``(latency - ttft) / (completion_tokens - 1)`` when there are two tokens or more.
+        """
+        c = self._request_children(model, adapter or NO_ADAPTER, status, key_id)
+        c.requests.inc()
+        c.duration.observe(latency_s)
+        if prompt_tokens:
+            c.prompt_tokens.inc(prompt_tokens)
+        if completion_tokens:
+            c.completion_tokens.inc(completion_tokens)
+        if cost_usd > 0:
+            c.cost.inc(cost_usd)
+        if ttft_s is not None:
+            c.ttft.observe(ttft_s)
+            if completion_tokens > 1 and latency_s >= ttft_s:
+                c.tpot.observe((latency_s - ttft_s) / (completion_tokens - 1))
+
+    def request_started(self, model: str) -> None:
+        """``retort_inflight_requests{model}`` + 1; pair with :meth:`request_finished`."""
+        gauge = self._inflight.get(model)
+        if gauge is None:
+            gauge = self._inflight[model] = self.inflight_requests.labels(model)
+        gauge.inc()
+
+    def request_finished(self, model: str) -> None:
+        gauge = self._inflight.get(model)
+        if gauge is None:
+            gauge = self._inflight[model] = self.inflight_requests.labels(model)
+        gauge.dec()
+
+    # -- adapters -------------------------------------------------------------------------
+
+    def observe_adapter_load(self, adapter: str, seconds: float) -> None:
+        self.adapter_load_seconds.labels(adapter).observe(seconds)
+
+    def set_adapters_loaded(self, count: int) -> None:
+        self.adapters_loaded.set(count)
+
+    # -- prompt log (used by gateway.promptlog.writer) -------------------------------------
+
+    def promptlog_written(self, count: int) -> None:
+        self.promptlog_written_total.inc(count)
+
+    def promptlog_dropped(self, reason: str, count: int = 1) -> None:
+        child = self._dropped.get(reason)
+        if child is None:
+            child = self._dropped[reason] = self.promptlog_dropped_total.labels(reason)
+        child.inc(count)
+
+    def set_promptlog_queue_depth(self, depth: int) -> None:
+        self.promptlog_queue_depth.set(depth)
+
+    # -- engine ---------------------------------------------------------------------------
+
+    def set_engine_stats(self, stats: EngineStats) -> None:
+        self.engine_running_requests.set(stats.running)
+        self.engine_waiting_requests.set(stats.waiting)
+        self.engine_kv_cache_usage_ratio.set(stats.kv_cache_usage)
+
+    def refresh_engine(self) -> None:
+        """Read :attr:`engine_stats` (if set) into the engine gauges; never raises."""
+        if self.engine_stats is None:
+            return
+        try:
+            stats = self.engine_stats()
+        except Exception:  # a scrape must not fail because the engine is busy or gone
+            log.debug("engine stats callback failed", exc_info=True)
+            return
+        if stats is not None:
+            self.set_engine_stats(stats)
+
+    async def poll_engine(self, interval_s: float = 1.0) -> None:
+        """Refresh the engine gauges every ``interval_s`` until cancelled (a lifespan task).
+
+        Needed with several worker processes, where one process answers the scrape;
+        in a single process :meth:`render` refreshes them at scrape time anyway.
+        """
+        while True:
+            self.refresh_engine()
+            await asyncio.sleep(interval_s)
+
+    def render(self) -> bytes:
+        """The ``/metrics`` body: refresh the engine gauges, then :func:`render`."""
+        self.refresh_engine()
+        return render(self.registry)
+
+
+def render(registry: CollectorRegistry | None = None) -> bytes:
+    """Prometheus text exposition (content type :data:`CONTENT_TYPE_LATEST`).
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set, every worker process's values are aggregated
+    from that folder; otherwise ``registry`` (the default registry when ``None``) is used.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+    if registry is None:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    return generate_latest(registry)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Multi-process mode: drop a dead worker's live gauges (call from the process manager)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

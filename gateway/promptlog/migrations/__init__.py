@@ -1,0 +1,1 @@
+"""Alembic migrations of the prompt log (run by :func:`gateway.promptlog.migrate.upgrade`)."""

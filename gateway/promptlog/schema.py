@@ -1,0 +1,56 @@
+"""The prompt log's tables (SQLAlchemy Core). Alembic migrations create and upgrade them;
+a change here needs a new revision in ``migrations/versions``."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+__all__ = ["feedback", "metadata", "requests"]
+
+metadata = sa.MetaData()
+
+_JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+requests = sa.Table(
+    "requests",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("created", sa.Double(), nullable=False),
+    sa.Column("key_id", sa.String(128)),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("adapter", sa.String(256)),
+    sa.Column("served_by", sa.String(16), nullable=False),
+    sa.Column("endpoint", sa.String(16), nullable=False),
+    sa.Column("messages", _JSON),
+    sa.Column("prompt", sa.Text()),
+    sa.Column("params", _JSON, nullable=False),
+    sa.Column("completion", sa.Text(), nullable=False),
+    sa.Column("finish_reason", sa.String(32)),
+    sa.Column("prompt_tokens", sa.Integer(), nullable=False),
+    sa.Column("completion_tokens", sa.Integer(), nullable=False),
+    sa.Column("ttft_s", sa.Double()),
+    sa.Column("latency_s", sa.Double(), nullable=False),
+    sa.Column("cost_usd", sa.Double(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text()),
+    sa.Column("tags", _JSON, nullable=False),
+    sa.Column("user", sa.String(256)),
+    sa.Index("ix_requests_request_id", "request_id"),
+    sa.Index("ix_requests_created", "created"),
+    sa.Index("ix_requests_model", "model"),
+    sa.Index("ix_requests_adapter", "adapter"),
+)
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("score", sa.Double(), nullable=False),
+    sa.Column("comment", sa.Text()),
+    sa.Column("created", sa.Double(), nullable=False),
+    sa.Index("ix_feedback_request_id", "request_id"),
+)

@@ -1,0 +1,121 @@
+"""``PromptLog``: store, writer, capture policy, redaction and retention, put together.
+
+Built once in the lifespan (``await PromptLog.open(settings.promptlog, settings.home_path,
+metrics)``) and closed after the requests in flight have drained (``await log.close()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from gateway.promptlog.policy import CapturePolicy, run_retention
+from gateway.promptlog.redact import Redactor
+from gateway.promptlog.settings import PromptLogSettings, default_url
+from gateway.promptlog.store import PromptStore
+from gateway.promptlog.writer import BatchWriter
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from gateway.metrics import Metrics
+    from gateway.promptlog.record import LogRecord
+
+__all__ = ["PromptLog"]
+
+log = logging.getLogger("retort.promptlog")
+
+
+class PromptLog:
+    """The gateway's prompt log. With ``enabled: false`` nothing is opened or recorded
+    (and feedback finds no request)."""
+
+    def __init__(
+        self,
+        settings: PromptLogSettings,
+        *,
+        store: PromptStore | None = None,
+        writer: BatchWriter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.writer = writer
+        self.policy = CapturePolicy.from_settings(settings)
+        self._retention: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        settings: PromptLogSettings | None,
+        home: Path,
+        metrics: Metrics | None = None,
+    ) -> PromptLog:
+        """Open the store (migrating it), start the writer and the retention purge."""
+        settings = settings or PromptLogSettings()
+        if not settings.enabled:
+            return cls(settings)
+        redactor = Redactor(settings.redact_patterns) if settings.redact else None
+        store = await PromptStore(settings.url or default_url(home)).open()
+
+        def prepare(records: list[LogRecord]) -> list[LogRecord]:
+            assert redactor is not None
+            return [redactor.redact_record(r) for r in records]
+
+        writer = BatchWriter(
+            store,
+            max_queue_bytes=settings.queue_max_bytes,
+            batch_size=settings.batch_size,
+            flush_interval_s=settings.flush_interval_s,
+            retries=settings.retries,
+            retry_backoff_s=settings.retry_backoff_s,
+            close_timeout_s=settings.close_timeout_s,
+            metrics=metrics,
+            prepare=prepare if redactor is not None else None,
+        )
+        writer.start()
+        self = cls(settings, store=store, writer=writer)
+        if settings.retention_days:
+            self._retention = asyncio.create_task(
+                run_retention(store, settings.retention_days, interval_s=settings.purge_interval_s),
+                name="promptlog-retention",
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def should_capture(
+        self, request_id: str, key_id: str | None = None, header: str | None = None
+    ) -> bool:
+        """Whether to build a record for this request (``header``: ``x-retort-log``)."""
+        return self.writer is not None and self.policy.should_capture(request_id, key_id, header)
+
+    def submit(self, record: LogRecord) -> bool:
+        """Queue a record (O(1), never awaits); redaction happens off the request path."""
+        if self.writer is None:
+            return False
+        return self.writer.submit(record)
+
+    async def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> bool:
+        """Store feedback; ``False`` (404) when no request has that id. A request whose
+        record is still queued is flushed first, so feedback right after a response works."""
+        if self.store is None:
+            return False
+        if self.writer is not None and self.writer.pending(request_id):
+            await self.writer.flush()
+        return await self.store.add_feedback(request_id, score, comment)
+
+    async def close(self) -> None:
+        """Flush the queue (bounded by ``close_timeout_s``), stop the purge, close the store."""
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
+            self._retention = None
+        if self.writer is not None:
+            await self.writer.close()
+        if self.store is not None:
+            await self.store.close()

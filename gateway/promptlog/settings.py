@@ -1,0 +1,49 @@
+"""The prompt log's settings section (``promptlog:``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+__all__ = ["DEFAULT_DB_NAME", "PromptLogSettings", "default_url"]
+
+DEFAULT_DB_NAME = "retort.db"
+
+
+class PromptLogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    """Record requests at all."""
+    url: str | None = None
+    """SQLAlchemy URL: ``postgresql+asyncpg://user:pw@host/db`` or ``sqlite+aiosqlite:///path``;
+    ``sqlite+aiosqlite:///$RETORT_HOME/retort.db`` when unset."""
+    queue_max_bytes: int = 64 * 1024 * 1024
+    """Bound on the memory of records waiting to be written; past it records are dropped
+    (counted in ``retort_promptlog_dropped_total{reason="queue_full"}``)."""
+    batch_size: int = 256
+    """Records per insert."""
+    flush_interval_s: float = 0.5
+    """A partial batch is written after at most this long."""
+    retries: int = 3
+    """Retries of a failed insert (exponential backoff) before its batch is dropped."""
+    retry_backoff_s: float = 0.2
+    """First retry delay; doubles each retry."""
+    close_timeout_s: float = 10.0
+    """On shutdown, how long flushing the queue may take; what is left is counted dropped."""
+    sample_rate: float = 1.0
+    """Fraction of requests recorded, decided by a hash of the request id (deterministic)."""
+    redact: bool = True
+    """Redact emails, phone and card numbers and API-key-like strings before storage."""
+    redact_patterns: list[str] = msgspec.field(default_factory=list)
+    """More regexes to redact (replaced by ``[REDACTED:CUSTOM]``)."""
+    retention_days: float | None = None
+    """Delete records (and their feedback) older than this; kept forever when unset."""
+    purge_interval_s: float = 3600.0
+    """How often the retention purge runs."""
+    disabled_keys: list[str] = msgspec.field(default_factory=list)
+    """API key ids whose requests are never recorded."""
+
+
+def default_url(home: Path) -> str:
+    """The default store: SQLite in the state folder."""
+    return f"sqlite+aiosqlite:///{(Path(home).expanduser() / DEFAULT_DB_NAME).as_posix()}"
