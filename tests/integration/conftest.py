@@ -33,6 +33,11 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
     model: str
+    home: Path
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -41,7 +46,15 @@ class Server:
 def start_server(tmp: Path, model_dir: Path, *extra: str, name: str = "server") -> Server:
     port = free_port()
     log = tmp / f"{name}.log"
-    env = {**os.environ, "RETORT_HOME": str(tmp / "home")}
+    env = {
+        **os.environ,
+        "RETORT_HOME": str(tmp / "home"),
+        # LoRA on, as users run it: adapters tests share this server.
+        "RETORT_ENGINE__ENABLE_LORA": "true",
+        "RETORT_ENGINE__MAX_LORAS": "4",
+        "RETORT_ENGINE__MAX_LORA_RANK": "16",
+        "RETORT_ADAPTERS__MAX_LOADED": "4",
+    }
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -61,7 +74,7 @@ def start_server(tmp: Path, model_dir: Path, *extra: str, name: str = "server") 
         env=env,
         start_new_session=True,
     )
-    server = Server(f"http://127.0.0.1:{port}", proc, log, DEFAULT_MODEL_NAME)
+    server = Server(f"http://127.0.0.1:{port}", proc, log, DEFAULT_MODEL_NAME, tmp / "home")
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
