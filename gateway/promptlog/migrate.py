@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from filelock import FileLock
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -54,18 +56,41 @@ async def upgrade(target: str | AsyncEngine, revision: str = "head") -> None:
             return
         import asyncio
 
-        from filelock import FileLock
-
-        lock = FileLock(str(lock_path))
-        await asyncio.to_thread(lock.acquire)
+        locks = await asyncio.to_thread(_lock_file, str(lock_path))
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(_upgrade, revision)
         finally:
-            lock.release()
+            _unlock_file(*locks)
     finally:
         if isinstance(target, str):
             await engine.dispose()
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_file(path: str) -> tuple[threading.Lock, FileLock]:
+    """Lock ``path`` against other processes (file lock) and other tasks of this process
+    (a lock per path), so that the file lock is held by one instance at a time."""
+    with _THREAD_LOCKS_GUARD:
+        local = _THREAD_LOCKS.setdefault(path, threading.Lock())
+    local.acquire()
+    try:
+        flock = FileLock(path, thread_local=False)
+        flock.acquire()
+    except BaseException:
+        local.release()
+        raise
+    return local, flock
+
+
+def _unlock_file(local: threading.Lock, flock: FileLock) -> None:
+    try:
+        flock.release()
+    finally:
+        local.release()
 
 
 def _sqlite_lock_path(engine: AsyncEngine) -> Path | None:

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.promptlog.record import LogRecord
+from gateway.promptlog.store import PromptStore
+from tests.unit.gateway.promptlog.servers import Postgres, postgres_server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    with postgres_server() as pg:
+        yield pg
+
+
+async def _create_database(pg: Postgres) -> str:
+    import asyncpg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return pg.db_url(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each backend."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'retort.db'}"
+    pg: Postgres = request.getfixturevalue("postgres")
+    return await _create_database(pg)
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[PromptStore]:
+    s = await PromptStore(store_url).open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def make_record(i: int = 0, **fields: Any) -> LogRecord:
+    base: dict[str, Any] = {
+        "request_id": f"req-{i}",
+        "created": time.time(),
+        "model": "base-model",
+        "endpoint": "chat",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Question {i}?"},
+        ],
+        "params": {"temperature": 0.7, "max_tokens": 16, "stop": ["\n"]},
+        "completion": f"Answer {i}.",
+        "finish_reason": "stop",
+        "prompt_tokens": 12,
+        "completion_tokens": 4,
+        "ttft_s": 0.01,
+        "latency_s": 0.05,
+        "cost_usd": 1e-6,
+    }
+    base.update(fields)
+    return LogRecord(**base)
