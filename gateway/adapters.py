@@ -199,7 +199,8 @@ class AdapterManager:
             self._loaded[name] = adapter
             log.info("adapter %s loaded in %.1f ms", name, dt * 1000)
             if self.metrics is not None:
-                self.metrics.adapter_loaded(name, dt, len(self._loaded))
+                self.metrics.observe_adapter_load(name, dt)
+                self.metrics.set_adapters_loaded(len(self._loaded))
             return adapter
 
     async def ensure_loaded(self, name: str) -> LoadedAdapter:
@@ -244,7 +245,7 @@ class AdapterManager:
             await self.engine.unload_adapter(name)
         log.info("adapter %s unloaded", name)
         if self.metrics is not None:
-            self.metrics.adapter_unloaded(name, len(self._loaded))
+            self.metrics.set_adapters_loaded(len(self._loaded))
 
     def pin(self, name: str, pinned: bool = True) -> LoadedAdapter:
         adapter = self._loaded.get(name)

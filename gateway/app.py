@@ -18,10 +18,12 @@ from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from prometheus_client import CollectorRegistry
 
 from gateway.adapters import AdapterManager
 from gateway.admin import ADMIN_HANDLERS
 from gateway.errors import exception_handler
+from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
 from gateway.openai.models import list_models
@@ -105,6 +107,13 @@ async def health(state: State) -> Response[dict[str, str]]:
     return Response({"status": "ok"}, media_type=MediaType.JSON)
 
 
+@get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(state: State) -> Response[bytes]:
+    gw: Gateway = state.gateway
+    body = gw.metrics.render() if gw.metrics is not None else b""
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 @get("/ready", summary="Readiness")
 async def ready(state: State) -> Response[dict[str, str]]:
     gw: Gateway = state.gateway
@@ -136,9 +145,12 @@ def create_app(
 ) -> Litestar:
     """The Litestar app. ``engine`` injects a ready engine (tests); otherwise it is built."""
 
+    # A registry per app: several apps (tests) never collide; /metrics renders this one.
+    app_metrics = Metrics(CollectorRegistry())
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        gw = Gateway(settings=settings, router=None, on_fatal=on_fatal)
+        gw = Gateway(settings=settings, router=None, on_fatal=on_fatal, metrics=app_metrics)
         app.state.gateway = gw
         tasks: list[asyncio.Task[None]] = []
         holder: dict[str, Engine] = {}
@@ -149,6 +161,7 @@ def create_app(
             manager = None
             if settings.engine.enable_lora:
                 manager = await asyncio.to_thread(build_adapter_manager, settings, eng)
+                manager.metrics = app_metrics
                 for name in settings.adapters.pinned:
                     await manager.load(name, pinned=True)
                 for name in settings.adapters.preload:
@@ -182,7 +195,15 @@ def create_app(
                     await asyncio.wait_for(eng.close(), timeout=30)
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, health, ready, *ADMIN_HANDLERS],
+        route_handlers=[
+            chat_completions,
+            completions,
+            list_models,
+            health,
+            ready,
+            metrics,
+            *ADMIN_HANDLERS,
+        ],
         dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers={Exception: exception_handler},
         before_send=[add_request_id_header],

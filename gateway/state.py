@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from gateway.metrics import Metrics
     from gateway.routing import Router
     from gateway.settings import Settings
 
@@ -22,7 +23,10 @@ class Gateway:
         settings: Settings,
         router: Router | None = None,
         on_fatal: Callable[[int], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
+        """Prometheus metrics (``gateway.metrics``); observed when each request ends."""
         self.settings = settings
         self.router = router
         self.started_at = int(time.time())

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from litestar.types import Send
 
+    from gateway.metrics import Metrics
     from gateway.routing import Route
     from gateway.state import Gateway
 
@@ -110,20 +111,51 @@ class Started:
     t_start: float
     t_first: float
     route: Route
+    model: str = ""
+    metrics: Metrics | None = None
+    prompt_tokens: int = 0
+    completion: dict[int, int] = field(default_factory=dict)
+    failed: bool = False
+    _closed: bool = False
 
     async def chunks(self) -> AsyncIterator[Chunk]:
-        if self.first is not None:
-            yield self.first
-        async for c in self.rest:
-            yield c
+        try:
+            if self.first is not None:
+                self._count(self.first)
+                yield self.first
+            async for c in self.rest:
+                self._count(c)
+                yield c
+        except Exception:
+            self.failed = True
+            raise
+
+    def _count(self, c: Chunk) -> None:
+        self.prompt_tokens = c.prompt_tokens
+        self.completion[c.index] = c.completion_tokens
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             aclose = getattr(self.rest, "aclose", None)
             if aclose is not None:
                 await aclose()
         finally:
             self.route.lease.release()
+            if self.metrics is not None:
+                self.metrics.request_finished(self.model)
+                self.metrics.observe_request(
+                    self.model,
+                    self.route.adapter,
+                    "error" if self.failed else "ok",
+                    self.prompt_tokens,
+                    sum(self.completion.values()),
+                    self.t_first - self.t_start if self.first is not None else None,
+                    time.perf_counter() - self.t_start,
+                    0.0,
+                )
 
 
 async def start(
@@ -151,6 +183,7 @@ async def start(
         adapter=route.adapter,
     )
     t0 = time.perf_counter()
+    base = route.engine.model_name
     it = route.engine.generate(req).__aiter__()
     try:
         try:
@@ -168,6 +201,8 @@ async def start(
         if aclose is not None:
             await aclose()
         raise
+    if gw.metrics is not None:
+        gw.metrics.request_started(base)
     return Started(
         id=f"{id_prefix}-{engine_id}",
         created=int(time.time()),
@@ -177,6 +212,8 @@ async def start(
         t_start=t0,
         t_first=time.perf_counter(),
         route=route,
+        model=base,
+        metrics=gw.metrics,
     )
 
 
@@ -249,6 +286,7 @@ async def stream_events(
     except (anyio.get_cancelled_exc_class(), GeneratorExit):
         raise
     except Exception as exc:
+        started.failed = True
         yield sse_error(exc)
     finally:
         await started.aclose()

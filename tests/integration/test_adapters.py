@@ -98,6 +98,13 @@ def test_trained_adapter_changes_output_then_unloads(server: Server, pirate: str
             plain = chat(server, server.model, prompt, max_tokens=48)
             assert has_style(styled), styled
             assert not has_style(plain), plain
+        metrics = c.get("/metrics").text
+        assert (
+            f'retort_requests_total{{adapter="{pirate}",model="{server.model}",status="ok"}}'
+            in metrics
+        )
+        assert f'retort_adapter_load_seconds_count{{adapter="{pirate}"}}' in metrics
+        assert "retort_adapters_loaded" in metrics
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": pirate}).status_code == 200
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": pirate}).status_code == 404
         ids = [m["id"] for m in c.get("/v1/models").json()["data"]]

@@ -300,3 +300,18 @@ def test_openapi_schema_served(client: TestClient) -> None:
     schema = client.get("/schema/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"]
     assert "/v1/completions" in schema["paths"]
+
+
+def test_metrics_per_model_and_adapter(client: TestClient, engine: FakeEngine) -> None:
+    import asyncio
+
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3})
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "stream": True})
+    asyncio.run(engine.load_adapter("sql", "/x"))
+    client.post("/v1/chat/completions", json={**CHAT, "model": "sql", "max_tokens": 4})
+    text = client.get("/metrics").text
+    assert 'retort_requests_total{adapter="none",model="fake-model",status="ok"} 2.0' in text
+    assert 'retort_completion_tokens_total{adapter="none",model="fake-model"} 5.0' in text
+    assert 'retort_requests_total{adapter="sql",model="fake-model",status="ok"} 1.0' in text
+    assert "retort_time_to_first_token_seconds_bucket" in text
+    assert 'retort_inflight_requests{model="fake-model"} 0.0' in text
