@@ -1,0 +1,256 @@
+"""The batch writer: nothing accepted is lost, nothing dropped is silent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.metrics import Metrics
+from gateway.promptlog.record import LogRecord
+from gateway.promptlog.store import PromptStore
+from gateway.promptlog.writer import BatchWriter
+from tests.unit.gateway.promptlog.conftest import make_record
+from tests.unit.gateway.promptlog.servers import postgres_server
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+class BadRowError(Exception):
+    pass
+
+
+class Sink:
+    """A fake store: optionally gated, slow, failing, or rejecting a poison record."""
+
+    def __init__(
+        self,
+        *,
+        fail_times: int = 0,
+        gate: asyncio.Event | None = None,
+        delay_s: float = 0.0,
+        poison: str | None = None,
+    ) -> None:
+        self.fail_times = fail_times
+        self.gate = gate
+        self.delay_s = delay_s
+        self.poison = poison
+        self.calls = 0
+        self.batches: list[int] = []
+        self.records: list[LogRecord] = []
+
+    async def insert_many(self, records: Sequence[LogRecord]) -> int:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_times != 0:
+            self.fail_times -= 1
+            raise ConnectionRefusedError("database down")
+        if self.poison is not None and any(r.request_id == self.poison for r in records):
+            raise BadRowError("bad row")
+        self.batches.append(len(records))
+        self.records.extend(records)
+        return len(records)
+
+    @staticmethod
+    def is_data_error(error: BaseException) -> bool:
+        return isinstance(error, BadRowError)
+
+
+def metric(m: Metrics, name: str, **labels: str) -> float:
+    value = m.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+async def test_many_records_all_reach_sqlite(tmp_path: Path, metrics: Metrics) -> None:
+    async with PromptStore(f"sqlite+aiosqlite:///{tmp_path}/retort.db") as store:
+        writer = BatchWriter(store, batch_size=128, metrics=metrics)
+        writer.start()
+        n = 3000
+        for i in range(n):
+            assert writer.submit(make_record(i))
+            if i % 500 == 0:
+                await asyncio.sleep(0)  # let the writer interleave, as requests would
+        await writer.close()
+        assert await store.count() == n
+        ids = {r["request_id"] async for r in store.iter_rows()}
+    assert ids == {f"req-{i}" for i in range(n)}
+    assert writer.written == n
+    assert not writer.dropped
+    assert writer.depth == 0
+    assert writer.queued_bytes == 0
+    assert metric(metrics, "retort_promptlog_written_total") == n
+    assert metric(metrics, "retort_promptlog_queue_depth") == 0
+
+
+async def test_batches_by_size_and_by_interval() -> None:
+    sink = Sink()
+    writer = BatchWriter(sink, batch_size=10, flush_interval_s=0.05)
+    writer.start()
+    for i in range(3):
+        writer.submit(make_record(i))
+    await asyncio.sleep(0.3)  # below batch_size: written when the interval passes
+    assert len(sink.records) == 3
+    for i in range(3, 38):
+        writer.submit(make_record(i))
+    await writer.close()
+    assert len(sink.records) == 38
+    assert max(sink.batches) <= 10
+    assert [r.request_id for r in sink.records] == [f"req-{i}" for i in range(38)]
+
+
+async def test_submit_never_awaits_and_flush_waits(metrics: Metrics) -> None:
+    gate = asyncio.Event()
+    sink = Sink(gate=gate)
+    writer = BatchWriter(sink, batch_size=4, flush_interval_s=10, metrics=metrics)
+    writer.start()
+    for i in range(6):
+        assert writer.submit(make_record(i))
+    assert writer.pending("req-5")
+    assert metric(metrics, "retort_promptlog_queue_depth") == 6
+    flushing = asyncio.create_task(writer.flush())
+    await asyncio.sleep(0.05)
+    assert not flushing.done()  # the store is stuck: flush waits
+    gate.set()
+    await asyncio.wait_for(flushing, 5)
+    assert len(sink.records) == 6
+    assert not writer.pending("req-5")
+    await writer.close()
+
+
+async def test_queue_full_is_counted_and_bounded(metrics: Metrics) -> None:
+    gate = asyncio.Event()
+    sink = Sink(gate=gate)
+    size = make_record(0).approx_bytes()
+    bound = size * 10 + size // 2
+    writer = BatchWriter(sink, max_queue_bytes=bound, batch_size=4, metrics=metrics)
+    writer.start()
+    accepted = 0
+    for i in range(50):
+        accepted += writer.submit(make_record(i))
+        assert writer.queued_bytes <= bound
+        await asyncio.sleep(0)
+    assert accepted == 10
+    assert writer.dropped["queue_full"] == 40
+    assert metric(metrics, "retort_promptlog_dropped_total", reason="queue_full") == 40
+    gate.set()
+    await writer.close()
+    assert len(sink.records) == accepted
+    assert writer.written + sum(writer.dropped.values()) == 50
+
+
+async def test_transient_failures_are_retried() -> None:
+    sink = Sink(fail_times=2)
+    writer = BatchWriter(sink, retries=3, retry_backoff_s=0.01)
+    writer.start()
+    for i in range(5):
+        writer.submit(make_record(i))
+    await writer.close()
+    assert len(sink.records) == 5
+    assert not writer.dropped
+
+
+async def test_database_down_drops_after_retries_and_counts(metrics: Metrics) -> None:
+    sink = Sink(fail_times=-1)  # always down
+    writer = BatchWriter(sink, retries=2, retry_backoff_s=0.01, metrics=metrics)
+    writer.start()
+    for i in range(7):
+        writer.submit(make_record(i))
+    await writer.flush()
+    assert sink.calls == 3  # one try and two retries
+    assert writer.dropped["db_error"] == 7
+    assert metric(metrics, "retort_promptlog_dropped_total", reason="db_error") == 7
+    assert writer.depth == 0
+    await writer.close()
+
+
+async def test_a_bad_record_drops_alone(metrics: Metrics) -> None:
+    sink = Sink(poison="req-3")
+    writer = BatchWriter(sink, metrics=metrics)
+    writer.start()
+    for i in range(6):
+        writer.submit(make_record(i))
+    await writer.close()
+    assert sorted(r.request_id for r in sink.records) == [f"req-{i}" for i in (0, 1, 2, 4, 5)]
+    assert writer.dropped == {"error": 1}
+    assert metric(metrics, "retort_promptlog_dropped_total", reason="error") == 1
+
+
+async def test_close_flushes_everything_from_a_slow_store() -> None:
+    sink = Sink(delay_s=0.02)
+    writer = BatchWriter(sink, batch_size=16, flush_interval_s=5)
+    writer.start()
+    for i in range(200):
+        writer.submit(make_record(i))
+    await writer.close()
+    assert len(sink.records) == 200
+    assert not writer.dropped
+
+
+async def test_close_timeout_counts_what_is_left(metrics: Metrics) -> None:
+    sink = Sink(gate=asyncio.Event())  # never opens
+    writer = BatchWriter(sink, batch_size=4, metrics=metrics)
+    writer.start()
+    for i in range(10):
+        writer.submit(make_record(i))
+    await writer.close(timeout_s=0.1)
+    assert writer.dropped["shutdown"] == 10
+    assert not writer.submit(make_record(99))  # after close: counted, not queued
+    assert writer.dropped["shutdown"] == 11
+    assert metric(metrics, "retort_promptlog_dropped_total", reason="shutdown") == 11
+    assert writer.queued_bytes == 0
+
+
+async def test_prepare_runs_before_insert_and_its_failure_is_counted() -> None:
+    sink = Sink()
+
+    def upper(records: list[LogRecord]) -> list[LogRecord]:
+        if any(r.request_id == "boom" for r in records):
+            raise RuntimeError("prepare failed")
+        return [make_record(0, request_id=r.request_id, completion=r.completion.upper())
+                for r in records]  # fmt: skip
+
+    writer = BatchWriter(sink, prepare=upper)
+    writer.start()
+    writer.submit(make_record(1, completion="quiet"))
+    await writer.flush()
+    writer.submit(make_record(2, request_id="boom"))
+    await writer.close()
+    assert [r.completion for r in sink.records] == ["QUIET"]
+    assert writer.dropped == {"error": 1}
+
+
+async def test_postgres_down_then_back(metrics: Metrics) -> None:
+    """A real Postgres stops: batches are retried, then counted dropped; when it is back,
+    records are written again."""
+    with postgres_server() as pg:
+        async with PromptStore(pg.url) as store:
+            writer = BatchWriter(store, retries=1, retry_backoff_s=0.05, metrics=metrics)
+            writer.start()
+            writer.submit(make_record(0))
+            await writer.flush()
+            assert writer.written == 1
+            pg.stop()
+            for i in range(1, 6):
+                writer.submit(make_record(i))
+            await writer.flush()
+            assert writer.dropped["db_error"] == 5
+            assert metric(metrics, "retort_promptlog_dropped_total", reason="db_error") == 5
+            pg.start()
+            for i in range(6, 9):
+                writer.submit(make_record(i))
+            await writer.close()
+            assert writer.written == 4
+            assert [r["request_id"] for r in await store.query()] == [
+                "req-0", "req-6", "req-7", "req-8"
+            ]  # fmt: skip
