@@ -42,5 +42,6 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	@$(PY) -m loadtest.bench
+	@$(PY) -m loadtest.adapter_bench
 
 .PHONY: help install serve test lint bench
