@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from sys import getsizeof
 from typing import Any, Literal
 
 import msgspec
 
 __all__ = ["LogRecord"]
 
-_RECORD_OVERHEAD = 1024
+_RECORD_OVERHEAD = 1000
 """Bytes charged per record on top of its text (the Struct, dicts, small strings)."""
-_MESSAGE_OVERHEAD = 128
+_MESSAGE_OVERHEAD = 100
 
 
 class LogRecord(msgspec.Struct, kw_only=True):
@@ -51,19 +52,20 @@ class LogRecord(msgspec.Struct, kw_only=True):
     """The request's ``user`` field."""
 
     def approx_bytes(self) -> int:
-        """A cheap estimate of the record's memory (its text plus a fixed overhead)."""
-        size = _RECORD_OVERHEAD + len(self.completion)
+        """A cheap estimate of the record's memory: its text (``sys.getsizeof``, so wide
+        characters count at their real width) plus a fixed overhead per record and message."""
+        size = _RECORD_OVERHEAD + getsizeof(self.completion)
         if self.prompt is not None:
-            size += len(self.prompt)
+            size += getsizeof(self.prompt)
         if self.messages:
             for m in self.messages:
                 content = m.get("content")
                 if isinstance(content, str):
-                    size += _MESSAGE_OVERHEAD + len(content)
+                    size += _MESSAGE_OVERHEAD + getsizeof(content)
                 elif content is not None:
-                    size += _MESSAGE_OVERHEAD + len(msgspec.json.encode(content))
+                    size += _MESSAGE_OVERHEAD + 2 * len(msgspec.json.encode(content))
                 else:
                     size += _MESSAGE_OVERHEAD
         if self.error is not None:
-            size += len(self.error)
+            size += getsizeof(self.error)
         return size
