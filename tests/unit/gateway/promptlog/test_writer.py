@@ -254,3 +254,15 @@ async def test_postgres_down_then_back(metrics: Metrics) -> None:
             assert [r["request_id"] for r in await store.query()] == [
                 "req-0", "req-6", "req-7", "req-8"
             ]  # fmt: skip
+
+
+async def test_queue_memory_stays_within_the_bound() -> None:
+    from gateway.promptlog.bench import queue_memory
+
+    for text_chars in (0, 3000):
+        got = await queue_memory(bound_bytes=4 * 1024 * 1024, text_chars=text_chars)
+        assert got.accepted > 0
+        assert got.estimated_bytes <= got.bound_bytes
+        # The estimate tracks the real memory of the queued records.
+        assert got.traced_bytes <= got.bound_bytes * 1.1
+        assert got.traced_bytes >= got.bound_bytes * 0.8
