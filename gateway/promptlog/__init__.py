@@ -8,7 +8,13 @@
 """
 
 from gateway.promptlog.migrate import upgrade
-from gateway.promptlog.policy import LOG_HEADER, CapturePolicy, run_retention
+from gateway.promptlog.policy import (
+    LOG_HEADER,
+    TAGS_HEADER,
+    CapturePolicy,
+    parse_tags,
+    run_retention,
+)
 from gateway.promptlog.record import LogRecord
 from gateway.promptlog.redact import Redactor
 from gateway.promptlog.service import PromptLog
@@ -18,6 +24,7 @@ from gateway.promptlog.writer import BatchWriter
 
 __all__ = [
     "LOG_HEADER",
+    "TAGS_HEADER",
     "BatchWriter",
     "CapturePolicy",
     "LogRecord",
@@ -27,6 +34,7 @@ __all__ = [
     "Redactor",
     "StoreError",
     "default_url",
+    "parse_tags",
     "run_retention",
     "upgrade",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -13,12 +13,17 @@ if TYPE_CHECKING:
     from gateway.promptlog.settings import PromptLogSettings
     from gateway.promptlog.store import PromptStore
 
-__all__ = ["LOG_HEADER", "CapturePolicy", "run_retention", "sample"]
+__all__ = ["LOG_HEADER", "TAGS_HEADER", "CapturePolicy", "parse_tags", "run_retention", "sample"]
 
 log = logging.getLogger("retort.promptlog")
 
 LOG_HEADER = "x-retort-log"
 """Request header: ``off`` (or ``false``, ``0``, ``no``) keeps the request out of the log."""
+TAGS_HEADER = "x-retort-tags"
+"""Request header: ``key=value`` pairs separated by commas, stored as the record's tags."""
+MAX_TAGS = 32
+MAX_TAG_KEY = 64
+MAX_TAG_VALUE = 256
 _OFF = frozenset({"off", "false", "0", "no", "none", "disabled"})
 _SCALE = float(1 << 64)
 
@@ -31,6 +36,26 @@ def sample(request_id: str, rate: float) -> bool:
         return False
     digest = hashlib.blake2b(request_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / _SCALE < rate
+
+
+def parse_tags(header: str | None = None, metadata: Any = None) -> dict[str, str]:
+    """A record's tags: the request's ``metadata`` (string values) and then the
+    ``x-retort-tags`` header (``team=search,env=prod``), which wins on conflicts. Bounded:
+    at most 32 tags, keys cut to 64 characters and values to 256; malformed parts skipped."""
+    tags: dict[str, str] = {}
+    if isinstance(metadata, dict):
+        for key, value in metadata.items():
+            if isinstance(key, str) and key and isinstance(value, str | int | float | bool):
+                tags[key[:MAX_TAG_KEY]] = str(value)[:MAX_TAG_VALUE]
+    if header:
+        for part in header.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if sep and key:
+                tags[key[:MAX_TAG_KEY]] = value.strip()[:MAX_TAG_VALUE]
+    if len(tags) > MAX_TAGS:
+        tags = dict(list(tags.items())[:MAX_TAGS])
+    return tags
 
 
 class CapturePolicy:

@@ -54,3 +54,18 @@ async def test_retention_loop_purges_periodically_and_survives_errors() -> None:
         await task
     assert len(store.calls) >= 3
     assert set(store.calls) == {30}
+
+
+async def test_parse_tags() -> None:
+    from gateway.promptlog.policy import parse_tags
+
+    assert parse_tags() == {}
+    assert parse_tags(" team = search , env=prod,bad,=x,") == {"team": "search", "env": "prod"}
+    assert parse_tags("env=prod", {"env": "dev", "app": "a", "n": 3, "nested": {"x": 1}}) == {
+        "env": "prod",
+        "app": "a",
+        "n": "3",
+    }
+    many = ",".join(f"k{i}=v" for i in range(100))
+    assert len(parse_tags(many)) == 32
+    assert parse_tags("k=" + "v" * 1000)["k"] == "v" * 256
