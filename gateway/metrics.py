@@ -17,6 +17,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
+import msgspec
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -40,6 +41,7 @@ __all__ = [
     "TTFT_BUCKETS",
     "EngineStats",
     "Metrics",
+    "MetricsSettings",
     "adapter_label",
     "mark_process_dead",
     "render",
@@ -69,6 +71,14 @@ ADAPTER_LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 
 DROP_REASONS = ("queue_full", "db_error", "shutdown", "error")
 """Why prompt-log records get dropped; each is exported from the start (at 0)."""
+
+
+class MetricsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    key_label: bool = False
+    """Add a ``key_id`` label to the request, token and cost counters (bounded: ids come
+    from the configured keys)."""
+    engine_poll_interval_s: float = 1.0
+    """How often :meth:`Metrics.poll_engine` reads the engine gauges."""
 
 
 def adapter_label(adapter: str | None) -> str:

@@ -167,3 +167,11 @@ def test_multiprocess_mode_aggregates_workers(tmp_path: Path) -> None:
     assert samples[("retort_promptlog_dropped_total", (("reason", "queue_full"),))] == 4
     assert samples[("retort_inflight_requests", (("model", "m"),))] == 2
     assert samples[("retort_prompt_tokens_total", (("adapter", "none"), ("model", "m")))] == 20
+
+
+def test_settings_are_documented() -> None:
+    from gateway.metrics import MetricsSettings
+    from tests.unit.gateway.promptlog.docs import undocumented_fields
+
+    assert undocumented_fields(MetricsSettings) == []
+    assert not MetricsSettings().key_label
