@@ -15,16 +15,11 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from gateway.adapters import AdapterManager
-from gateway.errors import APIError, NotFoundError, ServiceUnavailableError
+from gateway.auth import PermissionDeniedError
+from gateway.errors import NotFoundError, ServiceUnavailableError
 from gateway.state import Gateway
 
 __all__ = ["ADMIN_HANDLERS", "admin_guard"]
-
-
-class PermissionDeniedError(APIError):
-    status_code = 403
-    type = "permission_error"
-    code = "forbidden"
 
 
 class LoadAdapter(msgspec.Struct, kw_only=True):
