@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["feedback", "metadata", "requests"]
+__all__ = ["distill_runs", "feedback", "metadata", "requests"]
 
 metadata = sa.MetaData()
 
@@ -53,4 +53,28 @@ feedback = sa.Table(
     sa.Column("comment", sa.Text()),
     sa.Column("created", sa.Double(), nullable=False),
     sa.Index("ix_feedback_request_id", "request_id"),
+)
+
+# One row per `retort distill run`: its key (model/adapter and filters), the watermark of
+# the log it saw (latest `created` and row count), its status and outcome.
+distill_runs = sa.Table(
+    "distill_runs",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("key", sa.String(512), nullable=False),
+    sa.Column("adapter", sa.String(256)),
+    sa.Column("model", sa.String(256)),
+    sa.Column("watermark_created", sa.Double()),
+    sa.Column("watermark_count", sa.Integer(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("started", sa.Double(), nullable=False),
+    sa.Column("finished", sa.Double()),
+    sa.Column("out_dir", sa.Text()),
+    sa.Column("student_model", sa.String(256)),
+    sa.Column("gate_passed", sa.Boolean()),
+    sa.Column("published", sa.Boolean()),
+    sa.Column("summary", _JSON),
+    sa.Column("error", sa.Text()),
+    sa.Index("ix_distill_runs_key", "key"),
 )

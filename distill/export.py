@@ -1,0 +1,158 @@
+"""Stage 5, export: the trained student to ONNX with a KV cache (onnxruntime-genai builder).
+
+The builder runs in a subprocess (``python -m onnxruntime_genai.models.builder``): it
+prints a lot, keeps its caches in its own folder, and its memory goes when it exits. The
+result is checked against the torch student: greedy tokens of both on sample prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distill.config import ExportConfig
+from distill.stages import stage_done, write_stage
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["ExportError", "build_onnx", "export_stage", "greedy_onnx", "greedy_torch", "parity"]
+
+
+class ExportError(RuntimeError):
+    """The builder failed."""
+
+
+def build_onnx(model_dir: Path, out: Path, precision: str = "int4", *, log: Path | None = None) -> Path:
+    """Export a HF Llama folder to an onnxruntime-genai folder ``out`` (replaced atomically)."""
+    if precision not in ("fp32", "int8", "int4"):
+        raise ValueError(f"precision must be fp32, int8 or int4 (got {precision!r})")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    cache = out.with_name(f".{out.name}.cache")
+    for p in (tmp, cache):
+        shutil.rmtree(p, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(model_dir), "-o", str(tmp), "-p", precision, "-e", "cpu", "-c", str(cache),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if log is not None:
+            log.write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
+        if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
+            raise ExportError(f"onnxruntime-genai builder failed: {proc.stderr[-2000:]}")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def greedy_torch(model_dir: Path, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy continuations by the torch model (token ids, eos excluded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    eos = model.config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos_ids),
+                           pad_token_id=next(iter(eos_ids)))  # fmt: skip
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gen)
+            toks = [int(t) for t in y[0, len(ids) :]]
+            outs.append([t for t in toks if t not in eos_ids])
+    return outs
+
+
+def greedy_onnx(onnx_dir: Path, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy continuations by the ONNX model (token ids, eos excluded)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_dir))
+    cfg = json.loads((Path(onnx_dir) / "genai_config.json").read_text())
+    eos = cfg["model"].get("eos_token_id", [])
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    outs = []
+    for ids in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
+        g = og.Generator(model, params)
+        g.append_tokens(np.asarray(ids, dtype=np.int32))
+        toks: list[int] = []
+        while not g.is_done() and len(toks) < max_new:
+            g.generate_next_token()
+            t = int(g.get_next_tokens()[0])
+            if t in eos_ids:
+                break
+            toks.append(t)
+        outs.append(toks)
+    return outs
+
+
+def parity(torch_out: list[list[int]], onnx_out: list[list[int]]) -> dict[str, float]:
+    """Share of prompts whose greedy tokens match exactly, and mean matching-prefix share."""
+    exact = sum(a == b for a, b in zip(torch_out, onnx_out, strict=True))
+    prefix = []
+    for a, b in zip(torch_out, onnx_out, strict=True):
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        prefix.append(n / max(1, max(len(a), len(b))))
+    k = max(1, len(torch_out))
+    return {"exact": exact / k, "prefix": sum(prefix) / k}
+
+
+def export_stage(
+    model_dir: Path, run_dir: Path, config: ExportConfig, prompts: Sequence[list[dict[str, str]]]
+) -> dict[str, Any]:
+    """Export ``model_dir`` into ``run_dir/export/onnx`` and check greedy parity."""
+    stage = run_dir / "export"
+    inputs = {"model": str(model_dir), "config": config}
+    done = stage_done(stage, inputs)
+    if done is not None:
+        return done
+    stage.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    onnx_dir = build_onnx(model_dir, stage / "onnx", config.precision, log=stage / "builder.log")
+    build_s = time.perf_counter() - t0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    sample = [_chat_ids(tokenizer, m) for m in prompts[: config.parity_prompts]]
+    torch_out = greedy_torch(model_dir, sample, config.parity_tokens)
+    onnx_out = greedy_onnx(onnx_dir, sample, config.parity_tokens)
+    result = {
+        "onnx": str(onnx_dir),
+        "precision": config.precision,
+        "build_seconds": round(build_s, 2),
+        "size_bytes": sum(p.stat().st_size for p in onnx_dir.rglob("*") if p.is_file()),
+        "parity": parity(torch_out, onnx_out),
+        "parity_samples": [
+            {"torch": tokenizer.decode(a), "onnx": tokenizer.decode(b)}
+            for a, b in zip(torch_out[:3], onnx_out[:3], strict=False)
+        ],
+    }
+    write_stage(stage, inputs, result)
+    return result
