@@ -1,0 +1,127 @@
+"""Stage 3, student init: a smaller model sharing the teacher's tokenizer.
+
+By default the student is the teacher with only some of its layers: ``layers`` of them,
+evenly spaced, the first and last always included (e.g. 10 of SmolLM2's 30: every third).
+Embeddings, final norm and head are copied. Alternatively any model folder is taken as
+given, once its vocabulary is checked against the teacher's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.config import StudentConfig
+from distill.stages import stage_done, write_stage
+
+__all__ = ["StudentInitError", "count_params", "init_student", "layer_indices", "student_stage"]
+
+
+class StudentInitError(ValueError):
+    """The student cannot be built from this teacher or source."""
+
+
+def layer_indices(n_teacher: int, n_student: int) -> list[int]:
+    """``n_student`` evenly spaced layer indices of ``n_teacher``, first and last included."""
+    if not 1 <= n_student <= n_teacher:
+        raise StudentInitError(f"student layers must be in 1..{n_teacher} (got {n_student})")
+    if n_student == 1:
+        return [0]
+    step = (n_teacher - 1) / (n_student - 1)
+    return sorted({round(i * step) for i in range(n_student)})
+
+
+def count_params(model_dir: Path) -> int:
+    """Parameters in a safetensors model folder (tied weights counted once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                n = 1
+                for d in st.get_slice(name).get_shape():
+                    n *= int(d)
+                total += n
+    return total
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt"):  # fmt: skip
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def init_student(teacher_dir: Path, out: Path, layers: int) -> dict[str, Any]:
+    """Write a ``layers``-layer student taken from ``teacher_dir`` to ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(teacher_dir))
+    n_teacher = int(config.num_hidden_layers)
+    keep = layer_indices(n_teacher, layers)
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    state = teacher.state_dict()
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.dtype = "float32"
+    remapped: dict[str, Any] = {}
+    prefix = "model.layers."
+    for name, tensor in state.items():
+        if name.startswith(prefix):
+            idx, rest = name[len(prefix) :].split(".", 1)
+            if int(idx) not in keep:
+                continue
+            name = f"{prefix}{keep.index(int(idx))}.{rest}"
+        remapped[name] = tensor
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = student.load_state_dict(remapped, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise StudentInitError(f"layer copy mismatch: missing {missing}, unexpected {unexpected}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(str(tmp), safe_serialization=True)
+    _copy_tokenizer(teacher_dir, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"layers": keep, "teacher_layers": n_teacher}
+
+
+def _vocab(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+
+
+def student_stage(teacher_dir: Path, run_dir: Path, config: StudentConfig) -> dict[str, Any]:
+    """Build ``run_dir/student/init`` (or take ``config.source``); returns the stage result."""
+    stage = run_dir / "student"
+    inputs = {"teacher": str(teacher_dir), "config": config}
+    done = stage_done(stage, inputs)
+    if done is not None:
+        return done
+    stage.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if config.source:
+        src = Path(config.source).expanduser()
+        if _vocab(src) != _vocab(teacher_dir):
+            raise StudentInitError(
+                f"{src} has vocabulary {_vocab(src)}, the teacher {_vocab(teacher_dir)}"
+            )
+        path, info = src, {"source": str(src)}
+    else:
+        path = stage / "init"
+        info = init_student(teacher_dir, path, config.layers)
+    result = {
+        "path": str(path),
+        **info,
+        "student_params": count_params(path),
+        "teacher_params": count_params(teacher_dir),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_stage(stage, inputs, result)
+    return result
