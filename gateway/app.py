@@ -22,11 +22,15 @@ from prometheus_client import CollectorRegistry
 
 from gateway.adapters import AdapterManager
 from gateway.admin import ADMIN_HANDLERS
+from gateway.auth import Authenticator, build_rate_limiter
 from gateway.errors import exception_handler
+from gateway.feedback import feedback
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
 from gateway.openai.models import list_models
+from gateway.pricing import Pricer
+from gateway.promptlog import PromptLog
 from gateway.requestid import add_request_id_header
 from gateway.routing import Router
 from gateway.state import Gateway
@@ -42,6 +46,8 @@ __all__ = ["build_engine", "create_app"]
 log = logging.getLogger("retort.app")
 
 WATCHDOG_INTERVAL_S = 0.5
+PROMPTLOG_OPEN_WAIT_S = 10.0
+"""How long start-up waits for the prompt log's store before serving without it (for now)."""
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -126,6 +132,20 @@ async def ready(state: State) -> Response[dict[str, str]]:
     return Response({"status": "ready"})
 
 
+async def _open_promptlog(gw: Gateway, settings: Settings, metrics: Metrics) -> None:
+    """Open the prompt log; while its database is unreachable, retry (requests are served
+    meanwhile, and their records counted in ``retort_promptlog_dropped_total``)."""
+    delay = 1.0
+    while True:
+        try:
+            gw.promptlog = await PromptLog.open(settings.promptlog, settings.home_path, metrics)
+            return
+        except Exception as exc:
+            log.error("prompt log: cannot open the store (retrying in %.0fs): %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
 async def _watchdog(gw: Gateway, engine: Engine) -> None:
     while True:
         await asyncio.sleep(WATCHDOG_INTERVAL_S)
@@ -146,18 +166,36 @@ def create_app(
     """The Litestar app. ``engine`` injects a ready engine (tests); otherwise it is built."""
 
     # A registry per app: several apps (tests) never collide; /metrics renders this one.
-    app_metrics = Metrics(CollectorRegistry())
+    app_metrics = Metrics(CollectorRegistry(), key_label=settings.metrics.key_label)
+    # Bad keys or limits are configuration errors: fail here, before serving anything.
+    auth = Authenticator(settings.auth)
+    pricer = Pricer(settings.pricing)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        gw = Gateway(settings=settings, router=None, on_fatal=on_fatal, metrics=app_metrics)
+        limiter = build_rate_limiter(settings.limits, auth)
+        gw = Gateway(
+            settings=settings,
+            router=None,
+            on_fatal=on_fatal,
+            metrics=app_metrics,
+            auth=auth,
+            limiter=limiter,
+            pricer=pricer,
+        )
         app.state.gateway = gw
         tasks: list[asyncio.Task[None]] = []
         holder: dict[str, Engine] = {}
+        if settings.promptlog.enabled:
+            tasks.append(asyncio.create_task(_open_promptlog(gw, settings, app_metrics)))
+            await asyncio.wait([tasks[-1]], timeout=PROMPTLOG_OPEN_WAIT_S)
 
         async def boot() -> None:
             eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
             holder["engine"] = eng
+            stats = getattr(eng, "stats", None)
+            if callable(stats):
+                app_metrics.engine_stats = stats
             manager = None
             if settings.engine.enable_lora:
                 manager = await asyncio.to_thread(build_adapter_manager, settings, eng)
@@ -186,9 +224,20 @@ def create_app(
         try:
             yield
         finally:
-            gw.draining = True
+            # Requests still in flight (uvicorn has waited for its connections) finish
+            # first; then the log is flushed, and only then does the engine go.
+            finished = await gw.drain(settings.shutdown.drain_seconds)
+            if not finished:
+                log.warning("shutdown: %d requests still in flight after the drain", gw.inflight)
             for t in tasks:
                 t.cancel()
+            if gw.promptlog is not None:
+                try:
+                    await gw.promptlog.close()
+                except Exception:
+                    log.exception("shutdown: closing the prompt log failed")
+            with contextlib.suppress(Exception):
+                await limiter.close()
             eng = holder.get("engine")
             if eng is not None and engine is None:
                 with contextlib.suppress(Exception):
@@ -199,6 +248,7 @@ def create_app(
             chat_completions,
             completions,
             list_models,
+            feedback,
             health,
             ready,
             metrics,

@@ -22,11 +22,17 @@ models_app = typer.Typer(help="Provision models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
+keys_app = typer.Typer(help="API keys (stored as sha256 hashes in auth.api_keys).")
+app.add_typer(keys_app, name="keys")
+
+
 def _register_subcommands() -> None:
     from adapters.cli import adapters_app
+    from gateway.promptlog.export import logs_app
     from loadtest.cli import loadtest
 
     app.add_typer(adapters_app, name="adapters")
+    app.add_typer(logs_app, name="logs")
     app.command("loadtest", help="Load-test an OpenAI-compatible server.")(loadtest)
 
 
@@ -94,8 +100,12 @@ def serve(
 
         asyncio.get_running_loop().call_later(FATAL_EXIT_DELAY_S, stop)
 
-    application = create_app(settings, on_fatal=on_fatal)
-    server = uvicorn.Server(
+    try:
+        application = create_app(settings, on_fatal=on_fatal)
+    except ValueError as exc:  # bad keys, limits or prices
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    server = _make_draining_server()(
         uvicorn.Config(
             application,
             host=settings.server.host,
@@ -104,13 +114,62 @@ def serve(
             access_log=settings.server.access_log,
             loop="uvloop",
             http="httptools",
-            timeout_graceful_shutdown=max(1, round(settings.shutdown.drain_seconds)),
-        )
+            # After the drain below, connections left open get only a moment.
+            timeout_graceful_shutdown=5,
+        ),
+        drain_seconds=settings.shutdown.drain_seconds,
     )
     server.run()
     if exit_code:
         logging.getLogger("retort").critical("exiting with status %d", exit_code)
     raise typer.Exit(exit_code)
+
+
+def _make_draining_server() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, with a graceful drain on the first SIGTERM (or Ctrl-C).
+
+        The gateway stops admitting requests (``/ready`` and new requests get 503, while
+        the socket stays open so that clients see why), requests and streams in flight
+        finish for up to ``shutdown.drain_seconds``, and only then does uvicorn shut down
+        (the lifespan then flushes the prompt log and stops the engine). A second signal
+        stops at once.
+        """
+
+        def __init__(self, config: uvicorn.Config, *, drain_seconds: float) -> None:
+            super().__init__(config)
+            self.drain_seconds = drain_seconds
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self._draining = False
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app: Any = self.config.app
+            gw = getattr(app.state, "gateway", None)
+            if self._draining or self.should_exit or gw is None or self._loop is None:
+                super().handle_exit(sig, frame)
+                return
+            self._draining = True
+            log = logging.getLogger("retort")
+            log.info("signal %d: draining (up to %.0fs)", sig, self.drain_seconds)
+            loop = self._loop
+
+            async def drain_then_exit() -> None:
+                done = await gw.drain(self.drain_seconds)
+                if not done:
+                    log.warning("drain: %d requests still in flight, stopping", gw.inflight)
+                else:
+                    log.info("drain: every request finished")
+                uvicorn.Server.handle_exit(self, sig, frame)
+
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_exit()))
+
+    return DrainingServer
 
 
 @models_app.command("pull-default")
@@ -127,6 +186,37 @@ def pull_default_cmd(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(str(path))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    key_id: Annotated[str, typer.Option("--id", help="The key's name in logs and metrics.")],
+    admin: Annotated[bool, typer.Option(help="May call /admin and load adapters.")] = False,
+) -> None:
+    """Make a new random key; print it once, with the config entry that accepts it."""
+    from gateway.auth import generate_key
+
+    key, digest = generate_key()
+    typer.echo(f"key: {key}")
+    typer.echo("config (auth.api_keys):")
+    typer.echo(f"  - id: {key_id}\n    sha256: {digest}" + ("\n    admin: true" if admin else ""))
+
+
+@keys_app.command("hash")
+def keys_hash(
+    key: Annotated[
+        str | None, typer.Argument(help="The key; read from stdin when omitted.")
+    ] = None,
+) -> None:
+    """Print the sha256 that ``auth.api_keys[].sha256`` wants for KEY."""
+    from gateway.auth import hash_key
+
+    if key is None:
+        key = sys.stdin.readline().strip()
+    if not key:
+        typer.echo("error: empty key", err=True)
+        raise typer.Exit(2)
+    typer.echo(hash_key(key))
 
 
 def main() -> None:

@@ -176,6 +176,9 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
         headers = dict(exc.headers or {})
         return error_response(status, message, type_, param, code, headers or None)
     err = to_api_error(exc)
-    if err.status_code >= 500:
+    if err.status_code >= 500 and err.status_code != 503:
         log.error("request %s failed", request.url.path, exc_info=exc)
-    return error_response(err.status_code, err.message, err.type, err.param, err.code)
+    err_headers: dict[str, str] | None = getattr(err, "headers", None)
+    return error_response(
+        err.status_code, err.message, err.type, err.param, err.code, err_headers or None
+    )

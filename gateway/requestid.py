@@ -16,7 +16,8 @@ _SAFE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 def request_id(scope: Scope) -> str:
-    """The request's id, taken from ``x-request-id`` when it is sane, else a new uuid4."""
+    """The request's id, taken from ``x-request-id`` when it is sane, else a new uuid4
+    (then ``scope["state"]["request_id_generated"]`` is true: the id is unique)."""
     state = scope.setdefault("state", {})
     rid: str | None = state.get("request_id")
     if rid is None:
@@ -28,6 +29,7 @@ def request_id(scope: Scope) -> str:
                 break
         if rid is None:
             rid = uuid.uuid4().hex
+            state["request_id_generated"] = True
         state["request_id"] = rid
     return rid
 

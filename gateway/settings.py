@@ -15,6 +15,11 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from gateway.auth import AuthSettings, LimitsSettings
+from gateway.metrics import MetricsSettings
+from gateway.pricing import PricingSettings
+from gateway.promptlog.settings import PromptLogSettings
+
 __all__ = [
     "AdaptersSettings",
     "EngineSettings",
@@ -109,6 +114,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
     adapters: AdaptersSettings = msgspec.field(default_factory=AdaptersSettings)
     shutdown: ShutdownSettings = msgspec.field(default_factory=ShutdownSettings)
+    promptlog: PromptLogSettings = msgspec.field(default_factory=PromptLogSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
 
     @property
     def adapters_path(self) -> Path:

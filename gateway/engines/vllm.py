@@ -25,6 +25,7 @@ from gateway.engines.base import (
     Sampling,
     TokenLogprob,
 )
+from gateway.metrics import EngineStats
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -44,10 +45,34 @@ try:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+    from vllm.v1.metrics.loggers import StatLoggerBase
 except ImportError as _exc:  # pragma: no cover - depends on the install
     _IMPORT_ERROR: ImportError | None = _exc
 else:
     _IMPORT_ERROR = None
+
+    class _LatestStats(StatLoggerBase):
+        """A vLLM stat logger that keeps the scheduler's latest numbers for /metrics."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.latest: EngineStats | None = None
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                self.latest = EngineStats(
+                    running=int(scheduler_stats.num_running_reqs),
+                    waiting=int(scheduler_stats.num_waiting_reqs),
+                    kv_cache_usage=float(scheduler_stats.kv_cache_usage),
+                )
+
+        def log_engine_initialized(self) -> None:
+            return None
 
 
 def engine_args(settings: EngineSettings, model: str, served_name: str) -> dict[str, Any]:
@@ -85,8 +110,9 @@ def _on_cpu() -> bool:
 class VLLMEngine:
     """An :class:`~gateway.engines.base.Engine` over vLLM's ``AsyncLLM``."""
 
-    def __init__(self, llm: Any, served_name: str) -> None:
+    def __init__(self, llm: Any, served_name: str, stats: Any = None) -> None:
         self._llm = llm
+        self._stats = stats
         self._name = served_name
         self._tokenizer = llm.get_tokenizer()
         self._max_len: int = llm.model_config.max_model_len
@@ -113,8 +139,15 @@ class VLLMEngine:
             # while float32 matches transformers; it is also no slower at this size.
             kwargs["dtype"] = "float32"
         args = AsyncEngineArgs(**kwargs)
-        llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, served_name)
+        holder: list[Any] = []
+
+        def stat_logger(vllm_config: Any, engine_index: int = 0) -> Any:
+            logger = _LatestStats(vllm_config, engine_index)
+            holder.append(logger)
+            return logger
+
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
+        return cls(llm, served_name, holder[0] if holder else None)
 
     @property
     def model_name(self) -> str:
@@ -258,6 +291,10 @@ class VLLMEngine:
             return bool(self._llm.errored)
         except Exception:  # pragma: no cover - defensive: a broken client is a dead engine
             return True
+
+    def stats(self) -> EngineStats | None:
+        """The scheduler's latest running/waiting requests and KV-cache usage."""
+        return self._stats.latest if self._stats is not None else None
 
     def engine_pids(self) -> list[int]:
         """PIDs of the engine-core child processes (for tests and memory reports)."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from litestar import Response, post
+from litestar import Request, Response, post
 
+from gateway.openai.guard import api_guard
 from gateway.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -19,7 +20,14 @@ from gateway.openai.protocol import (
     TopLogprob,
     encode,
 )
-from gateway.openai.serving import SSEStream, aggregate, sse, start, stream_events
+from gateway.openai.serving import (
+    SSEStream,
+    aggregate,
+    request_info,
+    sse,
+    start,
+    stream_events,
+)
 from gateway.state import Gateway
 
 if TYPE_CHECKING:
@@ -47,15 +55,16 @@ def _chat_logprobs(entries: list[base.TokenLogprob] | None) -> ChatLogprobs | No
     )
 
 
-@post("/v1/chat/completions", status_code=200, summary="Create a chat completion")
+@post(
+    "/v1/chat/completions", status_code=200, guards=[api_guard], summary="Create a chat completion"
+)
 async def chat_completions(
-    data: ChatCompletionRequest, gateway: Gateway
+    data: ChatCompletionRequest, gateway: Gateway, request: Request[Any, Any, Any]
 ) -> Response[bytes] | SSEStream:
     """OpenAI ``CreateChatCompletion``, rendered with the model's own chat template."""
     sampling = data.to_sampling()
-    started = await start(
-        gateway, data.model, messages=data.chat_messages(), sampling=sampling, id_prefix="chatcmpl"
-    )
+    info = request_info(gateway, request, "chat", data, messages=data.chat_messages())
+    started = await start(gateway, info, data.model, sampling=sampling, id_prefix="chatcmpl")
     want_logprobs = sampling.logprobs is not None
 
     if not data.stream:
@@ -75,7 +84,7 @@ async def chat_completions(
             ],
             usage=agg.usage,
         )
-        return Response(encode(body), media_type="application/json")
+        return Response(encode(body), media_type="application/json", headers=started.cost_headers())
 
     def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
         return sse(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from litestar import Response, post
+from litestar import Request, Response, post
 
+from gateway.openai.guard import api_guard
 from gateway.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -15,7 +16,14 @@ from gateway.openai.protocol import (
     CompletionStreamChunk,
     encode,
 )
-from gateway.openai.serving import SSEStream, aggregate, sse, start, stream_events
+from gateway.openai.serving import (
+    SSEStream,
+    aggregate,
+    request_info,
+    sse,
+    start,
+    stream_events,
+)
 from gateway.state import Gateway
 
 if TYPE_CHECKING:
@@ -37,12 +45,15 @@ def _logprobs(entries: list[base.TokenLogprob], offset: int) -> CompletionLogpro
     )
 
 
-@post("/v1/completions", status_code=200, summary="Create a completion")
-async def completions(data: CompletionRequest, gateway: Gateway) -> Response[bytes] | SSEStream:
+@post("/v1/completions", status_code=200, guards=[api_guard], summary="Create a completion")
+async def completions(
+    data: CompletionRequest, gateway: Gateway, request: Request[Any, Any, Any]
+) -> Response[bytes] | SSEStream:
     """OpenAI ``CreateCompletion``: one prompt (text or token ids), ``n`` choices."""
     sampling = data.to_sampling()
     prompt = data.prompt_input()
-    started = await start(gateway, data.model, prompt=prompt, sampling=sampling, id_prefix="cmpl")
+    info = request_info(gateway, request, "completions", data, prompt=prompt)
+    started = await start(gateway, info, data.model, sampling=sampling, id_prefix="cmpl")
     echo = prompt if data.echo and isinstance(prompt, str) else ""
     want_logprobs = sampling.logprobs is not None
 
@@ -63,7 +74,7 @@ async def completions(data: CompletionRequest, gateway: Gateway) -> Response[byt
             ],
             usage=agg.usage,
         )
-        return Response(encode(body), media_type="application/json")
+        return Response(encode(body), media_type="application/json", headers=started.cost_headers())
 
     offsets = [len(echo)] * sampling.n
 
