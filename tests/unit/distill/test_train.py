@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapters.testing import make_style_dataset, make_tiny_base
+from distill.config import DatasetConfig, StudentConfig, TrainConfig
+from distill.dataset import build_dataset
+from distill.student import student_stage
+from distill.train import train_kd, train_stage
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("kd")
+    teacher = make_tiny_base(root / "teacher", layers=4)
+    data = make_style_dataset(root / "style.jsonl", n=40)
+    rows = []
+    for i, line in enumerate(data.read_text().splitlines()):
+        msgs = json.loads(line)["messages"]
+        rows.append({"request_id": f"r{i}", "created": float(i), "model": "teacher",
+                     "adapter": None, "served_by": "engine", "endpoint": "chat",
+                     "messages": msgs[:1], "prompt": None, "params": {}, "tags": {},
+                     "completion": msgs[1]["content"]})  # fmt: skip
+    run = root / "run"
+    build_dataset(rows, run, DatasetConfig(eval_fraction=0.2, near_dup_threshold=1.01))
+    student = Path(student_stage(teacher, run, StudentConfig(layers=2))["path"])
+    return {"teacher": teacher, "student": student, "data": run / "dataset", "run": run}
+
+
+def test_train_lowers_loss_and_saves(setup: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig(max_steps=12, batch_size=4, grad_accum=2, lr=3e-3)
+    result = train_stage(setup["teacher"], setup["student"], setup["data"], tmp_path, cfg,
+                         progress=False)  # fmt: skip
+    assert result["final_loss"] < result["initial_loss"]
+    assert result["global_batch"] == 4
+    final = tmp_path / "train" / "final"
+    assert AutoModelForCausalLM.from_pretrained(str(final)).config.num_hidden_layers == 2
+    assert (tmp_path / "train" / "loss.png").stat().st_size > 0
+    log = json.loads((tmp_path / "train" / "train_log.json").read_text())
+    assert len(log["log"]) == 12
+    # Done: a rerun with the same inputs is skipped.
+    assert train_stage(setup["teacher"], setup["student"], setup["data"], tmp_path, cfg,
+                       progress=False) == result  # fmt: skip
+
+
+def test_resume_from_checkpoint(setup: dict[str, Path], tmp_path: Path) -> None:
+    spec = {"teacher": str(setup["teacher"]), "student": str(setup["student"]),
+            "data": str(setup["data"]), "out": str(tmp_path),
+            "config": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 1, "loss": "jsd"}}  # fmt: skip
+    first = train_kd(spec, progress=False)
+    assert first["resumed_from"] == 0
+    assert (tmp_path / "checkpoints" / "step-2" / "done").is_file()
+    spec["config"]["max_steps"] = 4  # type: ignore[index]
+    second = train_kd(spec, progress=False)
+    assert second["resumed_from"] == 2
+    log = json.loads((tmp_path / "train_log.json").read_text())["log"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+@pytest.mark.timeout(600)
+def test_accelerate_launch_two_cpu_processes(setup: dict[str, Path], tmp_path: Path) -> None:
+    """The same script under `accelerate launch` with 2 processes on the CPU (DDP on gloo).
+
+    accelerate 1.x runs ``--cpu --num_processes 2`` as one process (its multi-CPU path needs
+    an MPI hostfile); ``--multi_gpu`` launches through torchrun, and the script's
+    ``Accelerator(cpu=True)`` (no CUDA) makes the group a gloo one on the CPU.
+    """
+    if shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists():
+        pytest.skip("accelerate CLI missing")
+    spec = {"teacher": str(setup["teacher"]), "student": str(setup["student"]),
+            "data": str(setup["data"]), "out": str(tmp_path),
+            "config": {"max_steps": 3, "batch_size": 4, "lr": 1e-3}}  # fmt: skip
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "distill.train", str(spec_path)],
+        capture_output=True, text=True, timeout=550, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["processes"] == 2
+    assert log["global_batch"] == 4
+    assert len(log["log"]) == 3
+    assert (tmp_path / "final" / "model.safetensors").is_file()
