@@ -6,7 +6,8 @@ without them, only loopback clients are accepted.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -16,6 +17,7 @@ from litestar.handlers.base import BaseRouteHandler
 from gateway.adapters import AdapterManager
 from gateway.errors import NotFoundError, ServiceUnavailableError
 from gateway.state import Gateway
+from gateway.studentpool import StudentPool
 
 __all__ = ["ADMIN_HANDLERS", "admin_guard"]
 
@@ -134,4 +136,81 @@ async def vllm_unload(data: UnloadLoraRequest, gateway: Gateway) -> Response[str
     )
 
 
-ADMIN_HANDLERS = [list_adapters, load_adapter, unload_adapter, pin_adapter, vllm_load, vllm_unload]
+# -- students ---------------------------------------------------------------------------
+
+
+class LoadStudent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    """A student in the registry (``$RETORT_HOME/students/<name>``)."""
+
+
+def _pool(gw: Gateway) -> StudentPool:
+    pool = gw.routes.students
+    if pool is None:
+        raise ServiceUnavailableError("Students are not enabled.", code="students_disabled")
+    return pool
+
+
+def _student_json(pool: StudentPool, name: str) -> dict[str, Any]:
+    engine = pool.get(name)
+    out: dict[str, Any] = {"name": name, "loaded": engine is not None}
+    if engine is not None:
+        out["max_model_len"] = engine.max_model_len
+    return out
+
+
+@get("/admin/students", guards=[admin_guard], summary="List loaded and registered students")
+async def list_students(gateway: Gateway) -> Response[bytes]:
+    pool = _pool(gateway)
+    entries = await asyncio.to_thread(pool.registry.list)
+    registered = [
+        {
+            "name": e.name,
+            "teacher_model": e.manifest.teacher_model,
+            "adapter": e.manifest.adapter,
+            "precision": e.manifest.precision,
+            "loaded": pool.get(e.name) is not None,
+            "report": e.manifest.report,
+        }
+        for e in entries
+    ]
+    return _json({"loaded": sorted(pool.loaded()), "registered": registered})
+
+
+@post(
+    "/admin/students",
+    guards=[admin_guard],
+    status_code=200,
+    summary="Load (hot) a registered student; it is then served under its name",
+)
+async def load_student(data: LoadStudent, gateway: Gateway) -> Response[bytes]:
+    pool = _pool(gateway)
+    taken = {n for n, _, _ in gateway.routes.model_ids() if pool.get(n) is None}
+    pool.check_not_taken(data.name, taken)
+    await pool.load(data.name)
+    return _json(_student_json(pool, data.name))
+
+
+@delete(
+    "/admin/students/{name:str}",
+    guards=[admin_guard],
+    status_code=200,
+    summary="Unload a student (in-flight requests finish first)",
+)
+async def unload_student(name: str, gateway: Gateway) -> Response[bytes]:
+    pool = _pool(gateway)
+    await pool.unload(name)
+    return _json({"name": name, "loaded": False})
+
+
+ADMIN_HANDLERS = [
+    list_adapters,
+    load_adapter,
+    unload_adapter,
+    pin_adapter,
+    vllm_load,
+    vllm_unload,
+    list_students,
+    load_student,
+    unload_student,
+]

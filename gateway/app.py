@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
@@ -34,6 +34,7 @@ from gateway.promptlog import PromptLog
 from gateway.requestid import add_request_id_header
 from gateway.routing import Router
 from gateway.state import Gateway
+from gateway.studentpool import StudentPool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -87,6 +88,13 @@ def build_adapter_manager(settings: Settings, engine: Engine) -> AdapterManager:
         max_lora_rank=settings.engine.max_lora_rank,
     )
     return AdapterManager(engine, registry, max_loaded=settings.adapters.max_loaded)
+
+
+def build_student_pool(settings: Settings) -> StudentPool:
+    """The students under ``students.dir`` (``$RETORT_HOME/students``)."""
+    from gateway.students import StudentRegistry
+
+    return StudentPool(StudentRegistry(settings.students_path), settings.students)
 
 
 def served_model_name(settings: Settings) -> str:
@@ -170,6 +178,7 @@ def create_app(
     # Bad keys or limits are configuration errors: fail here, before serving anything.
     auth = Authenticator(settings.auth)
     pricer = Pricer(settings.pricing)
+    students = build_student_pool(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -185,7 +194,7 @@ def create_app(
         )
         app.state.gateway = gw
         tasks: list[asyncio.Task[None]] = []
-        holder: dict[str, Engine] = {}
+        holder: dict[str, Any] = {}
         if settings.promptlog.enabled:
             tasks.append(asyncio.create_task(_open_promptlog(gw, settings, app_metrics)))
             await asyncio.wait([tasks[-1]], timeout=PROMPTLOG_OPEN_WAIT_S)
@@ -204,7 +213,14 @@ def create_app(
                     await manager.load(name, pinned=True)
                 for name in settings.adapters.preload:
                     await manager.load(name)
-            gw.router = Router(eng, aliases=(settings.model.path,), adapters=manager)
+            holder["students"] = students
+            if settings.students.autoload:
+                loaded = await students.load_all()
+                if loaded:
+                    log.info("students loaded: %s", ", ".join(loaded))
+            gw.router = Router(
+                eng, aliases=(settings.model.path,), adapters=manager, students=students
+            )
             log.info("engine ready: serving %s", eng.model_name)
             tasks.append(asyncio.create_task(_watchdog(gw, eng)))
 
@@ -238,6 +254,10 @@ def create_app(
                     log.exception("shutdown: closing the prompt log failed")
             with contextlib.suppress(Exception):
                 await limiter.close()
+            pool = holder.get("students")
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    await pool.close()
             eng = holder.get("engine")
             if eng is not None and engine is None:
                 with contextlib.suppress(Exception):

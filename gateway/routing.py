@@ -11,6 +11,7 @@ from gateway.errors import ModelNotFoundError
 if TYPE_CHECKING:
     from gateway.adapters import AdapterManager
     from gateway.engines.base import Engine
+    from gateway.studentpool import StudentPool
 
 __all__ = ["Route", "Router"]
 
@@ -37,9 +38,11 @@ class Router:
         engine: Engine,
         aliases: tuple[str, ...] = (),
         adapters: AdapterManager | None = None,
+        students: StudentPool | None = None,
     ) -> None:
         self.engine = engine
         self.adapters = adapters
+        self.students = students
         self._base_names = {engine.model_name, *aliases}
 
     @property
@@ -47,21 +50,41 @@ class Router:
         return self.engine.model_name
 
     async def resolve(self, model: str) -> Route:
+        students = self.students
         if model in self._base_names:
+            if students is not None and (student := students.split_for(model)) is not None:
+                return Route(student, served_by="student")
             return Route(self.engine)
+        if students is not None and (student := students.get(model)) is not None:
+            return Route(student, served_by="student")
         if self.adapters is not None:
-            lease = await self.adapters.acquire(model)
-            return Route(self.engine, adapter=model, lease=lease)
-        if model in self.engine.adapters():
+            if students is not None and (student := students.split_for(model)) is not None:
+                return Route(student, served_by="student")
+            try:
+                lease = await self.adapters.acquire(model)
+            except ModelNotFoundError:
+                if students is None or not students.registered(model):
+                    raise
+            else:
+                return Route(self.engine, adapter=model, lease=lease)
+        elif model in self.engine.adapters():
             return Route(self.engine, adapter=model)
+        if students is not None and students.registered(model):
+            return Route(await students.load(model), served_by="student")
         raise ModelNotFoundError(model)
 
-    def model_ids(self) -> list[tuple[str, str | None]]:
-        """``(id, parent)`` pairs: the base model first, then its loaded adapters."""
+    def model_ids(self) -> list[tuple[str, str | None, int]]:
+        """``(id, parent, max_model_len)``: the base model, its loaded adapters, then the
+        loaded students."""
         base = self.engine.model_name
         names = (
             [a.name for a in self.adapters.loaded()]
             if self.adapters is not None
             else self.engine.adapters()
         )
-        return [(base, None)] + [(a, base) for a in names]
+        max_len = self.engine.max_model_len
+        out: list[tuple[str, str | None, int]] = [(base, None, max_len)]
+        out += [(a, base, max_len) for a in names]
+        if self.students is not None:
+            out += [(n, None, e.max_model_len) for n, e in self.students.loaded().items()]
+        return out

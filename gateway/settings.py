@@ -19,6 +19,7 @@ from gateway.auth import AuthSettings, LimitsSettings
 from gateway.metrics import MetricsSettings
 from gateway.pricing import PricingSettings
 from gateway.promptlog.settings import PromptLogSettings
+from gateway.studentpool import StudentsSettings
 
 __all__ = [
     "AdaptersSettings",
@@ -119,6 +120,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    students: StudentsSettings = msgspec.field(default_factory=StudentsSettings)
+
+    @property
+    def students_path(self) -> Path:
+        return (
+            Path(self.students.dir).expanduser()
+            if self.students.dir
+            else self.home_path / "students"
+        )
 
     @property
     def adapters_path(self) -> Path:

@@ -14,7 +14,6 @@ __all__ = ["list_models"]
 @get("/v1/models", guards=[api_guard], summary="List models")
 async def list_models(gateway: Gateway) -> Response[bytes]:
     created = gateway.started_at
-    max_len = gateway.routes.engine.max_model_len
     cards = [
         ModelCard(
             id=name,
@@ -24,6 +23,6 @@ async def list_models(gateway: Gateway) -> Response[bytes]:
             root=parent or name,
             max_model_len=max_len,
         )
-        for name, parent in gateway.routes.model_ids()
+        for name, parent, max_len in gateway.routes.model_ids()
     ]
     return Response(encode(ModelList(data=cards)), media_type="application/json")

@@ -7,7 +7,8 @@ import pytest
 from gateway.settings import SettingsError, load_settings
 
 
-def test_defaults() -> None:
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RETORT_HOME", raising=False)
     s = load_settings(environ={})
     assert s.server.port == 8000
     assert s.model.path == "default"

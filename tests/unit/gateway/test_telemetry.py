@@ -4,7 +4,7 @@ prompt log records, feedback, cost header, API keys, limits, metrics and drain."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ from gateway.engines.fake import FakeEngine
 from gateway.pricing import ModelPrice, PricingSettings
 from gateway.promptlog import PromptLogSettings, PromptStore
 from gateway.settings import EngineSettings, Settings
-
 from tests.openai_schema import assert_valid
 
 USER_KEY = "sk-user-0123456789abcdef"
@@ -38,6 +37,12 @@ def make_settings(home: Path, **sections: Any) -> Settings:
 async def arows(home: Path, **filters: Any) -> list[dict[str, Any]]:
     async with PromptStore(f"sqlite+aiosqlite:///{home}/retort.db") as store:
         return await store.query(**filters)
+
+
+async def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not cond():  # noqa: ASYNC110 - polling the app's state
+            await asyncio.sleep(0.01)
 
 
 def rows(home: Path, **filters: Any) -> list[dict[str, Any]]:
@@ -109,7 +114,8 @@ def test_every_request_is_logged_with_its_fields(client: TestClient[Any], home: 
 
 
 def test_log_off_per_request_and_failures_flagged(client: TestClient[Any], home: Path) -> None:
-    assert client.post("/v1/chat/completions", json=CHAT, headers={"x-retort-log": "off"}).is_success
+    off = client.post("/v1/chat/completions", json=CHAT, headers={"x-retort-log": "off"})
+    assert off.is_success
     too_long = {"model": "fake-model", "prompt": "word " * 200}
     r = client.post("/v1/completions", json=too_long)
     assert r.status_code == 400
@@ -140,7 +146,8 @@ def test_feedback_by_request_id_or_response_id(client: TestClient[Any], home: Pa
     f = client.post("/v1/feedback", json={"request_id": rid, "score": 1, "comment": "good"})
     assert f.status_code == 201, f.text
     assert f.json() == {"object": "feedback", "request_id": rid, "score": 1.0, "comment": "good"}
-    assert client.post("/v1/feedback", json={"request_id": resp_id, "score": 0.5}).status_code == 201
+    by_response_id = client.post("/v1/feedback", json={"request_id": resp_id, "score": 0.5})
+    assert by_response_id.status_code == 201
     client.__exit__(None, None, None)
     (row,) = rows(home)
     assert row["feedback_count"] == 2
@@ -265,13 +272,13 @@ async def test_concurrency_limit_and_release(home: Path) -> None:
     app = create_app(settings, engine=engine)
     headers = bearer("sk-slow-0123456789")
     body = {**CHAT, "max_tokens": 10, "stream": True}
-    async with app.lifespan(), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://t"
-    ) as c:
+    async with (
+        app.lifespan(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
         gw = app.state.gateway
         first = asyncio.create_task(c.post("/v1/chat/completions", json=body, headers=headers))
-        while gw.inflight < 1:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: gw.inflight >= 1)
         r2 = await c.post("/v1/chat/completions", json=CHAT, headers=headers)
         assert r2.status_code == 429
         assert "concurrent" in r2.json()["error"]["message"]
@@ -304,9 +311,10 @@ async def test_drain_finishes_streams_in_flight_and_refuses_new_ones(home: Path)
     engine = FakeEngine("fake-model", 64, token_delay_s=0.02)
     app = create_app(settings, engine=engine)
     body = {**CHAT, "max_tokens": 20, "stream": True}
-    async with app.lifespan(), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://t"
-    ) as c:
+    async with (
+        app.lifespan(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
         gw = app.state.gateway
 
         async def one() -> str:
@@ -315,8 +323,7 @@ async def test_drain_finishes_streams_in_flight_and_refuses_new_ones(home: Path)
                 return (await s.aread()).decode()
 
         streams = [asyncio.create_task(one()) for _ in range(4)]
-        while gw.inflight < 4:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: gw.inflight >= 4)
         drained = asyncio.create_task(gw.drain(10))
         await asyncio.sleep(0)
         r = await c.post("/v1/chat/completions", json=CHAT)
@@ -338,5 +345,3 @@ def test_promptlog_disabled_records_nothing(home: Path) -> None:
         f = c.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "score": 1})
         assert f.status_code == 404
     assert not (home / "retort.db").exists()
-
-
