@@ -33,9 +33,18 @@ def _train_adapter(home: Path, base: Path) -> Path:
     if (target / "adapter_config.json").is_file():
         return target
     data = make_style_dataset(home / "pirate.jsonl", n=64)
-    return train(TrainConfig(data=data, name="pirate", base_model=base, out_root=home / "adapters",
-                             max_steps=STYLE_RECIPE["max_steps"], lr=STYLE_RECIPE["lr"],
-                             rank=STYLE_RECIPE["rank"], alpha=STYLE_RECIPE["alpha"]))  # fmt: skip
+    return train(
+        TrainConfig(
+            data=data,
+            name="pirate",
+            base_model=base,
+            out_root=home / "adapters",
+            max_steps=STYLE_RECIPE["max_steps"],
+            lr=STYLE_RECIPE["lr"],
+            rank=STYLE_RECIPE["rank"],
+            alpha=STYLE_RECIPE["alpha"],
+        )
+    )
 
 
 def _populate(home: Path, base: Path, adapter: Path, n: int, base_name: str) -> dict[str, Any]:
@@ -52,13 +61,27 @@ def _populate(home: Path, base: Path, adapter: Path, n: int, base_name: str) -> 
     merged = merge_teacher(base, adapter, home / "teacher-merged")
     questions = [q for q, _ in _qa_pairs(random.Random(1), n)]
     t0 = time.perf_counter()
-    out = run_vllm({"model": str(merged), "max_tokens": 48, "mode": "batch",
-                    "prompts": [{"messages": [{"role": "user", "content": q}]} for q in questions]})  # fmt: skip
+    out = run_vllm(
+        {
+            "model": str(merged),
+            "max_tokens": 48,
+            "mode": "batch",
+            "prompts": [{"messages": [{"role": "user", "content": q}]} for q in questions],
+        }
+    )
     now = time.time()
     records = [
-        LogRecord(request_id=f"bench-{i}", created=now - n + i, model=base_name, adapter="pirate",
-                  endpoint="chat", messages=[{"role": "user", "content": q}], completion=c,
-                  finish_reason="stop", params={"temperature": 0})  # fmt: skip
+        LogRecord(
+            request_id=f"bench-{i}",
+            created=now - n + i,
+            model=base_name,
+            adapter="pirate",
+            endpoint="chat",
+            messages=[{"role": "user", "content": q}],
+            completion=c,
+            finish_reason="stop",
+            params={"temperature": 0},
+        )
         for i, (q, c) in enumerate(zip(questions, out["completions"], strict=True))
     ]
 
@@ -67,9 +90,13 @@ def _populate(home: Path, base: Path, adapter: Path, n: int, base_name: str) -> 
             await store.insert_many(records)
 
     asyncio.run(insert())
-    info = {"records": n, "vllm_seconds": round(time.perf_counter() - t0, 1),
-            "vllm_startup_seconds": out["startup_seconds"], "vllm_batch_seconds": out["seconds"],
-            "unique_prompts": len(set(questions))}  # fmt: skip
+    info = {
+        "records": n,
+        "vllm_seconds": round(time.perf_counter() - t0, 1),
+        "vllm_startup_seconds": out["startup_seconds"],
+        "vllm_batch_seconds": out["seconds"],
+        "unique_prompts": len(set(questions)),
+    }
     marker.write_text(json.dumps(info))
     return info
 
@@ -103,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     t_adapter = time.perf_counter() - t0
     pop = _populate(home, base, adapter, args.prompts, DEFAULT_MODEL_NAME)
     overrides: dict[str, Any] = {
-        "adapter": "pirate", "home": str(home), "publish": True,
+        "adapter": "pirate",
+        "home": str(home),
+        "publish": True,
         "teacher": {"base_model": str(base), "base_model_name": DEFAULT_MODEL_NAME},
-    }  # fmt: skip
+    }
     if args.max_steps is not None:
         overrides["train"] = {"max_steps": args.max_steps}
     if args.student_layers is not None:
@@ -116,12 +145,28 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     report = run(cfg, work / "run", force=True)
     pipeline_s = time.perf_counter() - t1
-    keys = ("student_model", "teacher_params", "student_params", "param_ratio", "agreement",
-            "rouge_l", "teacher_tokens_per_s", "student_tokens_per_s", "speedup",
-            "student_size_bytes", "gate_passed", "published", "stages")  # fmt: skip
-    result = {"adapter_train_seconds": round(t_adapter, 1), "populate": pop,
-              "pipeline_seconds": round(pipeline_s, 1), "peak_rss_mb": round(_peak_rss_mb()),
-              **{k: report.get(k) for k in keys}}  # fmt: skip
+    keys = (
+        "student_model",
+        "teacher_params",
+        "student_params",
+        "param_ratio",
+        "agreement",
+        "rouge_l",
+        "teacher_tokens_per_s",
+        "student_tokens_per_s",
+        "speedup",
+        "student_size_bytes",
+        "gate_passed",
+        "published",
+        "stages",
+    )
+    result = {
+        "adapter_train_seconds": round(t_adapter, 1),
+        "populate": pop,
+        "pipeline_seconds": round(pipeline_s, 1),
+        "peak_rss_mb": round(_peak_rss_mb()),
+        **{k: report.get(k) for k in keys},
+    }
     (work / "bench.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

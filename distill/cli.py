@@ -36,9 +36,15 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress outpu
 
 
 def _config(
-    config: Path | None, adapter: str | None, layers: int | None, steps: int | None,
-    precision: str | None, publish: bool, url: str | None, home: Path | None,
-) -> Any:  # fmt: skip
+    config: Path | None,
+    adapter: str | None,
+    layers: int | None,
+    steps: int | None,
+    precision: str | None,
+    publish: bool,
+    url: str | None,
+    home: Path | None,
+) -> Any:
     from distill.config import DistillConfigError, load_config
 
     overrides: dict[str, Any] = {}
@@ -86,9 +92,18 @@ def _silence() -> None:
 
 
 def _summary(report: dict[str, Any]) -> str:
-    keys = ("student_model", "teacher_params", "student_params", "agreement", "rouge_l",
-            "teacher_tokens_per_s", "student_tokens_per_s", "gate_passed", "published",
-            "total_seconds")  # fmt: skip
+    keys = (
+        "student_model",
+        "teacher_params",
+        "student_params",
+        "agreement",
+        "rouge_l",
+        "teacher_tokens_per_s",
+        "student_tokens_per_s",
+        "gate_passed",
+        "published",
+        "total_seconds",
+    )
     return json.dumps({k: report[k] for k in keys if k in report}, indent=2)
 
 
@@ -104,18 +119,28 @@ def _stage_command(stage: str, doc: str) -> None:
         home: HomeOpt = None,
         quiet: QuietOpt = False,
     ) -> None:
-        cfg = _config(config, adapter, student_layers, max_steps, precision,
-                      stage == "publish", url, home)  # fmt: skip
+        cfg = _config(
+            config, adapter, student_layers, max_steps, precision, stage == "publish", url, home
+        )
         report = _run(stage, out, cfg, quiet=quiet)
-        typer.echo(_summary(report) if stage in ("eval", "publish") else
-                   json.dumps(report.get(_RESULT_KEY[stage], {}), indent=2, default=str))  # fmt: skip
+        typer.echo(
+            _summary(report)
+            if stage in ("eval", "publish")
+            else json.dumps(report.get(_RESULT_KEY[stage], {}), indent=2, default=str)
+        )
 
     command.__doc__ = doc
     distill_app.command(stage)(command)
 
 
-_RESULT_KEY = {"dataset": "dataset", "label": "teacher", "train": "train", "export": "export",
-               "eval": "eval", "publish": "gate"}  # fmt: skip
+_RESULT_KEY = {
+    "dataset": "dataset",
+    "label": "teacher",
+    "train": "train",
+    "export": "export",
+    "eval": "eval",
+    "publish": "gate",
+}
 
 
 @distill_app.command("run")
@@ -159,10 +184,9 @@ def runs_command(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
 ) -> None:
     """List distillation runs (the distill_runs table)."""
-    from gateway.promptlog.store import PromptStore
-
     from distill.pipeline import log_url
     from distill.runs import list_runs
+    from gateway.promptlog.store import PromptStore
 
     cfg = _config(config, None, None, None, None, False, url, home)
 
@@ -181,7 +205,14 @@ def runs_command(
     table = Table("run", "adapter", "status", "started", "rows", "student", "gate", "published")
     for r in rows:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
-        table.add_row(r["run_id"], r["adapter"] or "-", r["status"], started,
-                      str(r["watermark_count"]), r["student_model"] or "-",
-                      str(r["gate_passed"]), str(r["published"]))  # fmt: skip
+        table.add_row(
+            r["run_id"],
+            r["adapter"] or "-",
+            r["status"],
+            started,
+            str(r["watermark_count"]),
+            r["student_model"] or "-",
+            str(r["gate_passed"]),
+            str(r["published"]),
+        )
     Console().print(table)

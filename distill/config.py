@@ -169,7 +169,9 @@ class DistillConfig(_Base):
     gate: GateConfig = msgspec.field(default_factory=GateConfig)
 
 
-def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
+def load_config(
+    path: Path | str | None = None, overrides: dict[str, Any] | None = None
+) -> DistillConfig:
     """The config from YAML ``path`` (or defaults), with ``overrides`` (nested dicts) on top."""
     data: dict[str, Any] = {}
     if path is not None:

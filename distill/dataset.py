@@ -87,10 +87,12 @@ def _minhash(shingles: set[str]) -> list[int]:
     import numpy as np
 
     hashes = np.array(
-        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 4
-         for s in shingles],
+        [
+            int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 4
+            for s in shingles
+        ],
         dtype=np.uint64,
-    )  # fmt: skip
+    )
     rng = np.random.default_rng(1)
     a = rng.integers(1, 1 << 30, size=_NUM_PERM, dtype=np.uint64)
     b = rng.integers(0, 1 << 30, size=_NUM_PERM, dtype=np.uint64)
@@ -107,10 +109,10 @@ def dedupe(
     seen: set[str] = set()
     unique: list[Example] = []
     for ex in examples:
-        key = normalize(prompt_text(ex))
-        if key in seen:
+        text = normalize(prompt_text(ex))
+        if text in seen:
             continue
-        seen.add(key)
+        seen.add(text)
         unique.append(ex)
     exact = len(examples) - len(unique)
     if threshold > 1.0 or len(unique) < 2:
@@ -136,7 +138,9 @@ def dedupe(
     return kept, exact, len(unique) - len(kept)
 
 
-def filters(config: DatasetConfig, adapter: str | None, *, now: float | None = None) -> dict[str, Any]:
+def filters(
+    config: DatasetConfig, adapter: str | None, *, now: float | None = None
+) -> dict[str, Any]:
     """The store filters this config selects with."""
     from gateway.promptlog.export import parse_time
 
@@ -197,8 +201,11 @@ def build_dataset(
 ) -> dict[str, Any]:
     """Dedupe, split and save ``run_dir/dataset/{train,eval}``; returns the stage result."""
     stage = run_dir / "dataset"
-    inputs = {"config": config, "watermark": watermark(rows),
-              "ids": hashlib.sha256("\n".join(r["request_id"] for r in rows).encode()).hexdigest()}  # fmt: skip
+    inputs = {
+        "config": config,
+        "watermark": watermark(rows),
+        "ids": hashlib.sha256("\n".join(r["request_id"] for r in rows).encode()).hexdigest(),
+    }
     done = stage_done(stage, inputs)
     if done is not None:
         return done
@@ -221,12 +228,18 @@ def build_dataset(
         (evals if is_eval(ex["prompt_hash"], config.eval_fraction) else train).append(ex)
     if config.max_eval is not None:
         evals = evals[: config.max_eval]
-    features = Features({
-        "request_id": Value("string"), "created": Value("float64"), "model": Value("string"),
-        "adapter": Value("string"),
-        "messages": List({"role": Value("string"), "content": Value("string")}),
-        "prompt": Value("string"), "completion": Value("string"), "prompt_hash": Value("string"),
-    })  # fmt: skip
+    features = Features(
+        {
+            "request_id": Value("string"),
+            "created": Value("float64"),
+            "model": Value("string"),
+            "adapter": Value("string"),
+            "messages": List({"role": Value("string"), "content": Value("string")}),
+            "prompt": Value("string"),
+            "completion": Value("string"),
+            "prompt_hash": Value("string"),
+        }
+    )
     for name, split in (("train", train), ("eval", evals)):
         out = stage / name
         tmp = stage / f".{name}.tmp"

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "eval_stage",
     "gate",
     "normalize_answer",
     "rouge_l",
@@ -92,8 +93,14 @@ def student_answers(
                         ttft = time.perf_counter() - t0
                     text += c.text
                     tokens = c.completion_tokens
-                out.append({"text": text, "tokens": tokens, "latency_s": time.perf_counter() - t0,
-                            "ttft_s": ttft})  # fmt: skip
+                out.append(
+                    {
+                        "text": text,
+                        "tokens": tokens,
+                        "latency_s": time.perf_counter() - t0,
+                        "ttft_s": ttft,
+                    }
+                )
         finally:
             await engine.close()
         return out
@@ -111,31 +118,51 @@ def teacher_speed(
     if config.teacher_speed == "vllm":
         from distill.teacher import run_vllm
 
-        out = run_vllm({"model": str(teacher_dir), "prompts": prompts,
-                        "max_tokens": config.max_tokens, "mode": "speed"})  # fmt: skip
+        out = run_vllm(
+            {
+                "model": str(teacher_dir),
+                "prompts": prompts,
+                "max_tokens": config.max_tokens,
+                "mode": "speed",
+            }
+        )
         lat = out["latencies"]
-        return {"engine": "vllm-cpu", "tokens_per_s": out["tokens_per_s"],
-                "latency_p50_s": statistics.median(lat), "startup_seconds": out["startup_seconds"]}  # fmt: skip
+        return {
+            "engine": "vllm-cpu",
+            "tokens_per_s": out["tokens_per_s"],
+            "latency_p50_s": statistics.median(lat),
+            "startup_seconds": out["startup_seconds"],
+        }
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tok: Any = AutoTokenizer.from_pretrained(str(teacher_dir))
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     lat, tokens = [], 0
     with torch.no_grad():
         for p in prompts:
+            ids: Any
             if p["messages"]:
-                ids = tok.apply_chat_template(p["messages"], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+                ids = tok.apply_chat_template(
+                    p["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )["input_ids"]
             else:
                 ids = tok(p["prompt"], return_tensors="pt")["input_ids"]
             t0 = time.perf_counter()
-            y = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=config.max_tokens, min_new_tokens=config.max_tokens)  # fmt: skip
+            y = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=config.max_tokens,
+                min_new_tokens=config.max_tokens,
+            )
             lat.append(time.perf_counter() - t0)
             tokens += int(y.shape[1] - ids.shape[1])
-    return {"engine": "transformers", "tokens_per_s": tokens / sum(lat),
-            "latency_p50_s": statistics.median(lat)}  # fmt: skip
+    return {
+        "engine": "transformers",
+        "tokens_per_s": tokens / sum(lat),
+        "latency_p50_s": statistics.median(lat),
+    }
 
 
 def eval_stage(
@@ -149,26 +176,36 @@ def eval_stage(
 ) -> dict[str, Any]:
     """Evaluate into ``run_dir/eval``; returns the metrics."""
     stage = run_dir / "eval"
-    inputs = {"onnx": str(onnx_dir), "teacher": str(teacher_dir), "config": config,
-              "upstream": fingerprint}  # fmt: skip
+    inputs = {
+        "onnx": str(onnx_dir),
+        "teacher": str(teacher_dir),
+        "config": config,
+        "upstream": fingerprint,
+    }
     done = stage_done(stage, inputs)
     if done is not None:
         return done
     stage.mkdir(parents=True, exist_ok=True)
     examples = list(evals[: config.max_examples])
     if not examples:
-        raise ValueError("the eval split is empty: lower dataset.eval_fraction's threshold or add data")
+        raise ValueError(
+            "the eval split is empty: lower dataset.eval_fraction's threshold or add data"
+        )
     t0 = time.perf_counter()
     answers = student_answers(onnx_dir, examples, config.max_tokens)
     rows = []
     for ex, ans in zip(examples, answers, strict=True):
-        rows.append({
-            "prompt": ex["messages"][-1]["content"] if ex.get("messages") else ex["prompt"],
-            "teacher": ex["completion"], "student": ans["text"],
-            "match": normalize_answer(ans["text"]) == normalize_answer(ex["completion"]),
-            "rouge_l": rouge_l(ans["text"], ex["completion"]),
-            "tokens": ans["tokens"], "latency_s": ans["latency_s"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": ex["messages"][-1]["content"] if ex.get("messages") else ex["prompt"],
+                "teacher": ex["completion"],
+                "student": ans["text"],
+                "match": normalize_answer(ans["text"]) == normalize_answer(ex["completion"]),
+                "rouge_l": rouge_l(ans["text"], ex["completion"]),
+                "tokens": ans["tokens"],
+                "latency_s": ans["latency_s"],
+            }
+        )
     (stage / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokens = sum(a["tokens"] for a in answers)
     total = sum(a["latency_s"] for a in answers)
@@ -199,7 +236,9 @@ def gate(metrics: dict[str, Any], config: GateConfig) -> dict[str, Any]:
     """Each configured threshold's check, and whether all passed."""
     checks: dict[str, dict[str, Any]] = {}
 
-    def check(name: str, value: float | None, limit: float | None, *, at_most: bool = False) -> None:
+    def check(
+        name: str, value: float | None, limit: float | None, *, at_most: bool = False
+    ) -> None:
         if limit is None:
             return
         ok = value is not None and (value <= limit if at_most else value >= limit)
@@ -233,24 +272,49 @@ def write_report(out: Path, report: dict[str, Any], samples: Sequence[dict[str, 
     atomic("report.json", json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"# Distillation report: {report.get('student_model')}", ""]
     lines += ["| metric | value |", "| --- | --- |"]
-    for key in ("teacher_model", "adapter", "teacher_params", "student_params", "param_ratio",
-                "agreement", "rouge_l", "teacher_tokens_per_s", "student_tokens_per_s", "speedup",
-                "teacher_latency_p50_s", "student_latency_p50_s", "student_size_bytes",
-                "precision", "gate_passed", "published"):  # fmt: skip
+    for key in (
+        "teacher_model",
+        "adapter",
+        "teacher_params",
+        "student_params",
+        "param_ratio",
+        "agreement",
+        "rouge_l",
+        "teacher_tokens_per_s",
+        "student_tokens_per_s",
+        "speedup",
+        "teacher_latency_p50_s",
+        "student_latency_p50_s",
+        "student_size_bytes",
+        "precision",
+        "gate_passed",
+        "published",
+    ):
         lines.append(f"| {key} | {_fmt(report.get(key))} |")
     gate_info = report.get("gate") or {}
     if gate_info.get("checks"):
-        lines += ["", "## Gate", "", "| check | value | threshold | passed |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Gate",
+            "",
+            "| check | value | threshold | passed |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, c in gate_info["checks"].items():
-            lines.append(f"| {name} | {_fmt(c['value'])} | {_fmt(c['threshold'])} | {c['passed']} |")
+            lines.append(
+                f"| {name} | {_fmt(c['value'])} | {_fmt(c['threshold'])} | {c['passed']} |"
+            )
     if report.get("stages"):
         lines += ["", "## Stage seconds", "", "| stage | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in report["stages"].items()]
     if samples:
         lines += ["", "## Samples", ""]
         for s in samples[:5]:
-            lines += [f"- **prompt**: {s['prompt']}", f"  - teacher: {s['teacher']}",
-                      f"  - student: {s['student']}"]  # fmt: skip
+            lines += [
+                f"- **prompt**: {s['prompt']}",
+                f"  - teacher: {s['teacher']}",
+                f"  - student: {s['student']}",
+            ]
     atomic("report.md", "\n".join(lines) + "\n")
     _chart(out / "report.png", report)
 
@@ -262,13 +326,22 @@ def _chart(path: Path, report: dict[str, Any]) -> None:
     fig = Figure(figsize=(9, 3.2), dpi=100)
     FigureCanvasAgg(fig)
     panels = [
-        ("tokens/s (single stream)", ["teacher", "student"],
-         [report.get("teacher_tokens_per_s") or 0.0, report.get("student_tokens_per_s") or 0.0]),
-        ("parameters (M)", ["teacher", "student"],
-         [(report.get("teacher_params") or 0) / 1e6, (report.get("student_params") or 0) / 1e6]),
-        ("agreement with teacher", ["exact", "ROUGE-L"],
-         [report.get("agreement") or 0.0, report.get("rouge_l") or 0.0]),
-    ]  # fmt: skip
+        (
+            "tokens/s (single stream)",
+            ["teacher", "student"],
+            [report.get("teacher_tokens_per_s") or 0.0, report.get("student_tokens_per_s") or 0.0],
+        ),
+        (
+            "parameters (M)",
+            ["teacher", "student"],
+            [(report.get("teacher_params") or 0) / 1e6, (report.get("student_params") or 0) / 1e6],
+        ),
+        (
+            "agreement with teacher",
+            ["exact", "ROUGE-L"],
+            [report.get("agreement") or 0.0, report.get("rouge_l") or 0.0],
+        ),
+    ]
     for i, (title, labels, values) in enumerate(panels, 1):
         ax = fig.add_subplot(1, 3, i)
         bars = ax.bar(labels, values, color=["#888", "#2a7"])

@@ -28,7 +28,9 @@ class ExportError(RuntimeError):
     """The builder failed."""
 
 
-def build_onnx(model_dir: Path, out: Path, precision: str = "int4", *, log: Path | None = None) -> Path:
+def build_onnx(
+    model_dir: Path, out: Path, precision: str = "int4", *, log: Path | None = None
+) -> Path:
     """Export a HF Llama folder to an onnxruntime-genai folder ``out`` (replaced atomically)."""
     if precision not in ("fp32", "int8", "int4"):
         raise ValueError(f"precision must be fp32, int8 or int4 (got {precision!r})")
@@ -38,9 +40,20 @@ def build_onnx(model_dir: Path, out: Path, precision: str = "int4", *, log: Path
     for p in (tmp, cache):
         shutil.rmtree(p, ignore_errors=True)
     cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(model_dir), "-o", str(tmp), "-p", precision, "-e", "cpu", "-c", str(cache),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(model_dir),
+        "-o",
+        str(tmp),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if log is not None:
@@ -71,8 +84,12 @@ def greedy_torch(model_dir: Path, prompts: Sequence[list[int]], max_new: int) ->
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
-    gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos_ids),
-                           pad_token_id=next(iter(eos_ids)))  # fmt: skip
+    gen = GenerationConfig(
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=list(eos_ids),
+        pad_token_id=next(iter(eos_ids)),
+    )
     outs = []
     with torch.no_grad():
         for ids in prompts:

@@ -74,15 +74,18 @@ def resolve(config: DistillConfig) -> Context:
         base_name = base_dir.name
     adapter_dir = None
     if config.adapter:
-        root = Path(settings.adapters.dir).expanduser() if settings.adapters.dir else home / "adapters"
+        root = (
+            Path(settings.adapters.dir).expanduser() if settings.adapters.dir else home / "adapters"
+        )
         adapter_dir = root / config.adapter
         if not (adapter_dir / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no adapter {config.adapter!r} in {root}")
     student_name = config.student_name or f"{config.adapter or base_name}-student"
     students_dir = getattr(getattr(settings, "students", None), "dir", "")
     students_root = Path(students_dir).expanduser() if students_dir else home / "students"
-    return Context(home, url, base_dir, base_name, config.adapter, adapter_dir, student_name,
-                   students_root)  # fmt: skip
+    return Context(
+        home, url, base_dir, base_name, config.adapter, adapter_dir, student_name, students_root
+    )
 
 
 async def _with_store(url: str, fn: Any) -> Any:
@@ -133,11 +136,18 @@ def run(
         _log(progress, f"{name} done in {stages[name]:.1f}s")
         return result
 
-    key = runs_db.run_key(ctx.adapter, {
-        "model": config.dataset.model, "since": config.dataset.since, "until": config.dataset.until,
-        "min_score": config.dataset.min_score, "status": config.dataset.status,
-        "served_by": config.dataset.served_by, "student": ctx.student_name,
-    })  # fmt: skip
+    key = runs_db.run_key(
+        ctx.adapter,
+        {
+            "model": config.dataset.model,
+            "since": config.dataset.since,
+            "until": config.dataset.until,
+            "min_score": config.dataset.min_score,
+            "status": config.dataset.status,
+            "served_by": config.dataset.served_by,
+            "student": ctx.student_name,
+        },
+    )
 
     async def select(store: Any) -> tuple[list[dict[str, Any]], Any, str | None]:
         rows = await ds.select_rows(store, config.dataset, ctx.adapter)
@@ -149,25 +159,39 @@ def run(
             return rows, prev, None
         run_id = None
         if record:
-            run_id = await runs_db.start_run(store, key=key, adapter=ctx.adapter,
-                                             model=ctx.base_name, watermark=wm, out_dir=str(out))  # fmt: skip
+            run_id = await runs_db.start_run(
+                store,
+                key=key,
+                adapter=ctx.adapter,
+                model=ctx.base_name,
+                watermark=wm,
+                out_dir=str(out),
+            )
         return rows, None, run_id
 
     t0 = time.perf_counter()
     rows, prev, run_id = asyncio.run(_with_store(ctx.url, select))
     stages["select"] = round(time.perf_counter() - t0, 2)
     if prev is not None:
-        skipped = {"skipped": True, "reason": "no new data since the last run",
-                   "previous_run": prev["run_id"], "watermark": ds.watermark(rows),
-                   "student_model": prev.get("student_model")}  # fmt: skip
+        skipped = {
+            "skipped": True,
+            "reason": "no new data since the last run",
+            "previous_run": prev["run_id"],
+            "watermark": ds.watermark(rows),
+            "student_model": prev.get("student_model"),
+        }
         _log(progress, f"no new data since run {prev['run_id']}: nothing to do")
         return skipped
     try:
         report = _stages(config, ctx, out, rows, stop_at, timed, progress)
     except BaseException as exc:
         if run_id is not None:
-            asyncio.run(_with_store(ctx.url, lambda s: runs_db.finish_run(
-                s, run_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])))  # fmt: skip
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+
+            async def failed(store: Any) -> None:
+                await runs_db.finish_run(store, run_id, status="failed", error=error)
+
+            asyncio.run(_with_store(ctx.url, failed))
         raise
     report["stages"] = {**stages, **report.get("stages", {})}
     report["total_seconds"] = round(time.perf_counter() - t_all, 2)
@@ -178,13 +202,32 @@ def run(
         samples = _samples(out)
         write_report(out, report, samples)
     if run_id is not None:
-        summary = {k: report.get(k) for k in ("agreement", "rouge_l", "teacher_tokens_per_s",
-                                              "student_tokens_per_s", "teacher_params",
-                                              "student_params", "total_seconds")}  # fmt: skip
-        asyncio.run(_with_store(ctx.url, lambda s: runs_db.finish_run(
-            s, run_id, status="succeeded", student_model=report.get("student_model"),
-            gate_passed=report.get("gate_passed"), published=report.get("published"),
-            summary=summary)))  # fmt: skip
+        summary = {
+            k: report.get(k)
+            for k in (
+                "agreement",
+                "rouge_l",
+                "teacher_tokens_per_s",
+                "student_tokens_per_s",
+                "teacher_params",
+                "student_params",
+                "total_seconds",
+            )
+        }
+        asyncio.run(
+            _with_store(
+                ctx.url,
+                lambda s: runs_db.finish_run(
+                    s,
+                    run_id,
+                    status="succeeded",
+                    student_model=report.get("student_model"),
+                    gate_passed=report.get("gate_passed"),
+                    published=report.get("published"),
+                    summary=summary,
+                ),
+            )
+        )
     return report
 
 
@@ -206,17 +249,30 @@ def _stages(
 ) -> dict[str, Any]:
     from distill.dataset import build_dataset, load_splits
 
-    report: dict[str, Any] = {"student_model": ctx.student_name, "teacher_model": ctx.base_name,
-                              "adapter": ctx.adapter, "run_dir": str(out)}  # fmt: skip
+    report: dict[str, Any] = {
+        "student_model": ctx.student_name,
+        "teacher_model": ctx.base_name,
+        "adapter": ctx.adapter,
+        "run_dir": str(out),
+    }
     data = timed("dataset", build_dataset, rows, out, config.dataset)
     report["dataset"] = data
     if stop_at < STAGES.index("label"):
         return report
     from distill.teacher import teacher_stage
 
-    teacher = timed("label", teacher_stage, ctx.base_dir, ctx.adapter_dir, out, config.teacher,
-                    served_model=ctx.base_name, adapter=ctx.adapter,
-                    dataset_models=data["models"], dataset_fingerprint=fingerprint(data))  # fmt: skip
+    teacher = timed(
+        "label",
+        teacher_stage,
+        ctx.base_dir,
+        ctx.adapter_dir,
+        out,
+        config.teacher,
+        served_model=ctx.base_name,
+        adapter=ctx.adapter,
+        dataset_models=data["models"],
+        dataset_fingerprint=fingerprint(data),
+    )
     report["teacher"] = teacher
     if stop_at < STAGES.index("student"):
         return report
@@ -231,8 +287,16 @@ def _stages(
         return report
     from distill.train import train_stage
 
-    trained = timed("train", train_stage, Path(teacher["model"]), Path(student["path"]),
-                    Path(teacher["labels"]), out, config.train, progress=progress)  # fmt: skip
+    trained = timed(
+        "train",
+        train_stage,
+        Path(teacher["model"]),
+        Path(student["path"]),
+        Path(teacher["labels"]),
+        out,
+        config.train,
+        progress=progress,
+    )
     report["train"] = trained
     if stop_at < STAGES.index("export"):
         return report
@@ -240,8 +304,9 @@ def _stages(
 
     train_split, eval_split = load_splits(Path(teacher["labels"]))
     sample_prompts = [e["messages"] for e in (eval_split + train_split) if e.get("messages")]
-    exported = timed("export", export_stage, Path(trained["model"]), out, config.export,
-                     sample_prompts)  # fmt: skip
+    exported = timed(
+        "export", export_stage, Path(trained["model"]), out, config.export, sample_prompts
+    )
     report["export"] = exported
     report["precision"] = exported["precision"]
     report["student_size_bytes"] = exported["size_bytes"]
@@ -252,8 +317,16 @@ def _stages(
         return report
     from distill.evaluate import eval_stage, gate
 
-    metrics = timed("eval", eval_stage, Path(exported["onnx"]), Path(teacher["model"]), eval_split,
-                    out, config.eval, fingerprint=fingerprint([trained, exported]))  # fmt: skip
+    metrics = timed(
+        "eval",
+        eval_stage,
+        Path(exported["onnx"]),
+        Path(teacher["model"]),
+        eval_split,
+        out,
+        config.eval,
+        fingerprint=fingerprint([trained, exported]),
+    )
     report["eval"] = metrics
     report["agreement"] = metrics["agreement"]
     report["rouge_l"] = metrics["rouge_l"]
@@ -264,8 +337,9 @@ def _stages(
     report["teacher_latency_p50_s"] = t["latency_p50_s"] if t else None
     report["speedup"] = (
         report["student_tokens_per_s"] / report["teacher_tokens_per_s"]
-        if report["teacher_tokens_per_s"] else None
-    )  # fmt: skip
+        if report["teacher_tokens_per_s"]
+        else None
+    )
     g = gate(report, config.gate)
     report["gate"] = g
     report["gate_passed"] = g["passed"]
@@ -275,20 +349,36 @@ def _stages(
     if not g["passed"]:
         _log(progress, "gate failed: not publishing")
         return report
-    from gateway.students import StudentRegistry
-
     from distill.evaluate import write_report
+    from gateway.students import StudentRegistry
 
     report["published"] = True
     report["student_path"] = str(ctx.students_root / ctx.student_name)
     write_report(out, report, _samples(out))
-    summary = {k: report.get(k) for k in ("teacher_params", "student_params", "agreement",
-                                          "rouge_l", "teacher_tokens_per_s",
-                                          "student_tokens_per_s", "gate_passed")}  # fmt: skip
+    summary = {
+        k: report.get(k)
+        for k in (
+            "teacher_params",
+            "student_params",
+            "agreement",
+            "rouge_l",
+            "teacher_tokens_per_s",
+            "student_tokens_per_s",
+            "gate_passed",
+        )
+    }
     try:
-        timed("publish", StudentRegistry(ctx.students_root).publish, ctx.student_name,
-              Path(exported["onnx"]), teacher_model=ctx.base_name, adapter=ctx.adapter,
-              precision=exported["precision"], report=summary, report_dir=out)  # fmt: skip
+        timed(
+            "publish",
+            StudentRegistry(ctx.students_root).publish,
+            ctx.student_name,
+            Path(exported["onnx"]),
+            teacher_model=ctx.base_name,
+            adapter=ctx.adapter,
+            precision=exported["precision"],
+            report=summary,
+            report_dir=out,
+        )
     except BaseException:
         report["published"] = False
         report.pop("student_path", None)

@@ -44,43 +44,71 @@ async def previous_at_watermark(
         row = (await conn.execute(stmt)).mappings().first()
     if row is None:
         return None
-    if row["watermark_count"] == watermark["count"] and row["watermark_created"] == watermark["created"]:
+    if (
+        row["watermark_count"] == watermark["count"]
+        and row["watermark_created"] == watermark["created"]
+    ):
         return dict(row)
     return None
 
 
 async def start_run(
-    store: PromptStore, *, key: str, adapter: str | None, model: str | None,
-    watermark: dict[str, Any], out_dir: str,
-) -> str:  # fmt: skip
+    store: PromptStore,
+    *,
+    key: str,
+    adapter: str | None,
+    model: str | None,
+    watermark: dict[str, Any],
+    out_dir: str,
+) -> str:
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     async with store.engine.begin() as conn:
         await conn.execute(
             distill_runs.insert().values(
-                run_id=run_id, key=key, adapter=adapter, model=model,
-                watermark_created=watermark["created"], watermark_count=watermark["count"],
-                status="running", started=time.time(), out_dir=out_dir,
+                run_id=run_id,
+                key=key,
+                adapter=adapter,
+                model=model,
+                watermark_created=watermark["created"],
+                watermark_count=watermark["count"],
+                status="running",
+                started=time.time(),
+                out_dir=out_dir,
             )
-        )  # fmt: skip
+        )
     return run_id
 
 
 async def finish_run(
-    store: PromptStore, run_id: str, *, status: str, student_model: str | None = None,
-    gate_passed: bool | None = None, published: bool | None = None,
-    summary: dict[str, Any] | None = None, error: str | None = None,
-) -> None:  # fmt: skip
+    store: PromptStore,
+    run_id: str,
+    *,
+    status: str,
+    student_model: str | None = None,
+    gate_passed: bool | None = None,
+    published: bool | None = None,
+    summary: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
     async with store.engine.begin() as conn:
         await conn.execute(
             distill_runs.update()
             .where(distill_runs.c.run_id == run_id)
-            .values(status=status, finished=time.time(), student_model=student_model,
-                    gate_passed=gate_passed, published=published, summary=summary,
-                    error=error)  # fmt: skip
+            .values(
+                status=status,
+                finished=time.time(),
+                student_model=student_model,
+                gate_passed=gate_passed,
+                published=published,
+                summary=summary,
+                error=error,
+            )
         )
 
 
-async def list_runs(store: PromptStore, *, adapter: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+async def list_runs(
+    store: PromptStore, *, adapter: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
     """Runs, newest first."""
     stmt = sa.select(distill_runs).order_by(distill_runs.c.id.desc()).limit(limit)
     if adapter is not None:

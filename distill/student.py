@@ -50,8 +50,15 @@ def count_params(model_dir: Path) -> int:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt"):  # fmt: skip
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "vocab.json",
+        "merges.txt",
+    ):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
 

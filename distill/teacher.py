@@ -58,8 +58,10 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
         spec_path.write_text(json.dumps(spec))
         proc = subprocess.run(
             [sys.executable, "-m", "distill.vllm_worker", str(spec_path), str(out_path)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0 or not out_path.is_file():
             raise TeacherError(f"vLLM worker failed: {proc.stderr[-3000:]}")
         result: dict[str, Any] = json.loads(out_path.read_text())
@@ -75,8 +77,9 @@ def _relabel(teacher_dir: Path, src: Path, dst: Path, max_tokens: int) -> dict[s
         for name in ("train", "eval")
         for ex in splits[name]
     ]
-    out = run_vllm({"model": str(teacher_dir), "prompts": items, "max_tokens": max_tokens,
-                    "mode": "batch"})  # fmt: skip
+    out = run_vllm(
+        {"model": str(teacher_dir), "prompts": items, "max_tokens": max_tokens, "mode": "batch"}
+    )
     completions = iter(out["completions"])
     for name, ds in splits.items():
         new = ds.map(lambda _ex: {"completion": next(completions)}, load_from_cache_file=False)
@@ -107,8 +110,13 @@ def teacher_stage(
     relabel = config.relabel
     if relabel is None:
         relabel = any(m != served_model for m in dataset_models)
-    inputs = {"base": str(base_dir), "adapter": str(adapter_dir), "config": config,
-              "relabel": relabel, "dataset": dataset_fingerprint}  # fmt: skip
+    inputs = {
+        "base": str(base_dir),
+        "adapter": str(adapter_dir),
+        "config": config,
+        "relabel": relabel,
+        "dataset": dataset_fingerprint,
+    }
     done = stage_done(stage, inputs)
     if done is not None:
         return done

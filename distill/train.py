@@ -154,8 +154,9 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
 
     cfg = msgspec.convert(spec["config"], TrainConfig)
     out = Path(spec["out"])
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available())  # fmt: skip
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
+    )
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(spec["student"])
@@ -210,8 +211,12 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
     bar = _progress(progress and accelerator.is_main_process)
     t0 = time.perf_counter()
     with bar:
-        task = bar.add_task("distilling", total=cfg.max_steps, completed=start,
-                            loss=log[-1]["loss"] if log else float("nan"))  # fmt: skip
+        task = bar.add_task(
+            "distilling",
+            total=cfg.max_steps,
+            completed=start,
+            loss=log[-1]["loss"] if log else float("nan"),
+        )
         for step in range(start + 1, cfg.max_steps + 1):
             batch_idx = _order(len(examples), cfg.seed, step, global_batch)
             mine = batch_idx[rank * micro * cfg.grad_accum : (rank + 1) * micro * cfg.grad_accum]
@@ -220,16 +225,25 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
                 part = [examples[i] for i in mine[k * micro : (k + 1) * micro]]
                 b = {key: v.to(accelerator.device) for key, v in _collate(part, pad_id).items()}
                 with accelerator.accumulate(student):
-                    logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    logits = student(
+                        input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+                    ).logits
                     with torch.no_grad():
-                        t_logits = teacher(input_ids=b["input_ids"],
-                                           attention_mask=b["attention_mask"]).logits  # fmt: skip
+                        t_logits = teacher(
+                            input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+                        ).logits
                     targets = b["labels"][:, 1:]
                     mask = targets != IGNORE_INDEX
                     loss, kd, ce = distill_loss(
-                        logits[:, :-1], t_logits[:, :-1], targets.clamp_min(0), mask,
-                        kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta,
-                    )  # fmt: skip
+                        logits[:, :-1],
+                        t_logits[:, :-1],
+                        targets.clamp_min(0),
+                        mask,
+                        kind=cfg.loss,
+                        alpha=cfg.alpha,
+                        temperature=cfg.temperature,
+                        beta=cfg.beta,
+                    )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
@@ -238,13 +252,16 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
                     optimizer.zero_grad(set_to_none=True)
                 sums += torch.stack([loss.detach(), kd.detach(), ce.detach()]) / cfg.grad_accum
             mean = accelerator.reduce(sums, reduction="mean")
-            row = {"step": step, "loss": float(mean[0]), "kd": float(mean[1]), "ce": float(mean[2]),
-                   "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+            row = {
+                "step": step,
+                "loss": float(mean[0]),
+                "kd": float(mean[1]),
+                "ce": float(mean[2]),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
             log.append(row)
             bar.update(task, advance=1, loss=row["loss"])
-            if cfg.checkpoint_every and (
-                step % cfg.checkpoint_every == 0 or step == cfg.max_steps
-            ):
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
                 checkpoint(step)
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
@@ -292,8 +309,13 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train into ``run_dir/train`` (``final/`` is the student); skipped when done."""
     stage = run_dir / "train"
-    spec = {"teacher": str(teacher_dir), "student": str(student_dir), "data": str(data_dir),
-            "out": str(stage), "config": msgspec.to_builtins(config)}  # fmt: skip
+    spec = {
+        "teacher": str(teacher_dir),
+        "student": str(student_dir),
+        "data": str(data_dir),
+        "out": str(stage),
+        "config": msgspec.to_builtins(config),
+    }
     done = stage_done(stage, spec)
     if done is not None:
         return done
@@ -306,15 +328,31 @@ def train_stage(
         # --multi_gpu launches through torchrun; without CUDA the script's
         # Accelerator(cpu=True) makes it DDP on gloo. (accelerate's --cpu would run a single
         # process: its multi-CPU launcher needs an MPI hostfile.)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", str(config.num_processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "distill.train", str(spec_path)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(config.num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "distill.train",
+            str(spec_path),
+        ]
         proc = subprocess.run(cmd, check=False)
         if proc.returncode != 0:
             raise TrainError(f"accelerate launch failed with exit code {proc.returncode}")
-        result = {k: v for k, v in json.loads((stage / "train_log.json").read_text()).items()
-                  if k != "log"}  # fmt: skip
+        result = {
+            k: v
+            for k, v in json.loads((stage / "train_log.json").read_text()).items()
+            if k != "log"
+        }
     write_stage(stage, spec, result)
     return result
 

@@ -23,7 +23,9 @@ __all__ = ["main"]
 def _render(tokenizer: Any, item: dict[str, Any]) -> str:
     if item.get("messages"):
         return str(
-            tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=False)
+            tokenizer.apply_chat_template(
+                item["messages"], add_generation_prompt=True, tokenize=False
+            )
         )
     return str(item.get("prompt") or "")
 
@@ -36,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=spec["model"], dtype="float32", max_model_len=spec.get("max_model_len", 2048),
-              seed=0, enforce_eager=spec.get("enforce_eager", False))  # fmt: skip
+    llm = LLM(
+        model=spec["model"],
+        dtype="float32",
+        max_model_len=spec.get("max_model_len", 2048),
+        seed=0,
+        enforce_eager=spec.get("enforce_eager", False),
+    )
     startup = time.perf_counter() - t0
     tokenizer = llm.get_tokenizer()
     texts = [_render(tokenizer, p) for p in spec["prompts"]]

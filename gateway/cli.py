@@ -28,11 +28,13 @@ app.add_typer(keys_app, name="keys")
 
 def _register_subcommands() -> None:
     from adapters.cli import adapters_app
+    from distill.cli import distill_app
     from gateway.promptlog.export import logs_app
     from loadtest.cli import loadtest
 
     app.add_typer(adapters_app, name="adapters")
     app.add_typer(logs_app, name="logs")
+    app.add_typer(distill_app, name="distill")
     app.command("loadtest", help="Load-test an OpenAI-compatible server.")(loadtest)
 
 

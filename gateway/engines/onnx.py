@@ -215,8 +215,9 @@ class OnnxEngine:
                 count += 1
                 text += piece
                 if stops:
-                    hits = [i for i in (text.find(st, max(0, sent - len(st))) for st in stops)
-                            if i >= 0]  # fmt: skip
+                    hits = [
+                        i for i in (text.find(st, max(0, sent - len(st))) for st in stops) if i >= 0
+                    ]
                     if hits:
                         cut = min(hits)
                         cancel.set()

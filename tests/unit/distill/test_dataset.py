@@ -34,7 +34,9 @@ def test_dedupe_exact_and_near() -> None:
     assert exact == 1
     assert near == 1
     assert [normalize(e["messages"][0]["content"]) for e in kept] == [
-        "what is 2 plus 2?", long, "tell me about the moon."
+        "what is 2 plus 2?",
+        long,
+        "tell me about the moon.",
     ]
     kept_all, _, near_none = dedupe(examples, threshold=1.01)
     assert near_none == 0
@@ -42,7 +44,9 @@ def test_dedupe_exact_and_near() -> None:
 
 
 async def _populate(store: PromptStore) -> None:
-    recs = [record(i, f"Question number {i} about topic {i * 7}?", f"Answer {i}.") for i in range(60)]
+    recs = [
+        record(i, f"Question number {i} about topic {i * 7}?", f"Answer {i}.") for i in range(60)
+    ]
     recs += [record(100 + i, f"Question number {i} about topic {i * 7}?", "dup") for i in range(10)]
     recs.append(record(200, "Other model?", "x", model="other"))
     recs.append(record(201, "Errored?", "x", status="error"))

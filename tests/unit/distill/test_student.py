@@ -33,7 +33,9 @@ def test_student_is_smaller_loadable_same_vocab(tmp_path: Path) -> None:
     t = AutoModelForCausalLM.from_pretrained(str(teacher))
     assert student.config.num_hidden_layers == 2
     assert student.config.vocab_size == t.config.vocab_size
-    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, t.model.layers[3].mlp.up_proj.weight)
+    assert torch.equal(
+        student.model.layers[1].mlp.up_proj.weight, t.model.layers[3].mlp.up_proj.weight
+    )
     assert torch.equal(student.model.embed_tokens.weight, t.model.embed_tokens.weight)
     tok = AutoTokenizer.from_pretrained(str(path))
     assert tok.chat_template == AutoTokenizer.from_pretrained(str(teacher)).chat_template

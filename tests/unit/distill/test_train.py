@@ -23,10 +23,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rows = []
     for i, line in enumerate(data.read_text().splitlines()):
         msgs = json.loads(line)["messages"]
-        rows.append({"request_id": f"r{i}", "created": float(i), "model": "teacher",
-                     "adapter": None, "served_by": "engine", "endpoint": "chat",
-                     "messages": msgs[:1], "prompt": None, "params": {}, "tags": {},
-                     "completion": msgs[1]["content"]})  # fmt: skip
+        rows.append(
+            {
+                "request_id": f"r{i}",
+                "created": float(i),
+                "model": "teacher",
+                "adapter": None,
+                "served_by": "engine",
+                "endpoint": "chat",
+                "messages": msgs[:1],
+                "prompt": None,
+                "params": {},
+                "tags": {},
+                "completion": msgs[1]["content"],
+            }
+        )
     run = root / "run"
     build_dataset(rows, run, DatasetConfig(eval_fraction=0.2, near_dup_threshold=1.01))
     student = Path(student_stage(teacher, run, StudentConfig(layers=2))["path"])
@@ -37,8 +48,9 @@ def test_train_lowers_loss_and_saves(setup: dict[str, Path], tmp_path: Path) -> 
     from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig(max_steps=12, batch_size=4, grad_accum=2, lr=3e-3)
-    result = train_stage(setup["teacher"], setup["student"], setup["data"], tmp_path, cfg,
-                         progress=False)  # fmt: skip
+    result = train_stage(
+        setup["teacher"], setup["student"], setup["data"], tmp_path, cfg, progress=False
+    )
     assert result["final_loss"] < result["initial_loss"]
     assert result["global_batch"] == 4
     final = tmp_path / "train" / "final"
@@ -47,14 +59,22 @@ def test_train_lowers_loss_and_saves(setup: dict[str, Path], tmp_path: Path) -> 
     log = json.loads((tmp_path / "train" / "train_log.json").read_text())
     assert len(log["log"]) == 12
     # Done: a rerun with the same inputs is skipped.
-    assert train_stage(setup["teacher"], setup["student"], setup["data"], tmp_path, cfg,
-                       progress=False) == result  # fmt: skip
+    assert (
+        train_stage(
+            setup["teacher"], setup["student"], setup["data"], tmp_path, cfg, progress=False
+        )
+        == result
+    )
 
 
 def test_resume_from_checkpoint(setup: dict[str, Path], tmp_path: Path) -> None:
-    spec = {"teacher": str(setup["teacher"]), "student": str(setup["student"]),
-            "data": str(setup["data"]), "out": str(tmp_path),
-            "config": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 1, "loss": "jsd"}}  # fmt: skip
+    spec = {
+        "teacher": str(setup["teacher"]),
+        "student": str(setup["student"]),
+        "data": str(setup["data"]),
+        "out": str(tmp_path),
+        "config": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 1, "loss": "jsd"},
+    }
     first = train_kd(spec, progress=False)
     assert first["resumed_from"] == 0
     assert (tmp_path / "checkpoints" / "step-2" / "done").is_file()
@@ -73,19 +93,43 @@ def test_accelerate_launch_two_cpu_processes(setup: dict[str, Path], tmp_path: P
     an MPI hostfile); ``--multi_gpu`` launches through torchrun, and the script's
     ``Accelerator(cpu=True)`` (no CUDA) makes the group a gloo one on the CPU.
     """
-    if shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists():
+    if (
+        shutil.which("accelerate") is None
+        and not Path(sys.executable).with_name("accelerate").exists()
+    ):
         pytest.skip("accelerate CLI missing")
-    spec = {"teacher": str(setup["teacher"]), "student": str(setup["student"]),
-            "data": str(setup["data"]), "out": str(tmp_path),
-            "config": {"max_steps": 3, "batch_size": 4, "lr": 1e-3}}  # fmt: skip
+    spec = {
+        "teacher": str(setup["teacher"]),
+        "student": str(setup["student"]),
+        "data": str(setup["data"]),
+        "out": str(tmp_path),
+        "config": {"max_steps": 3, "batch_size": 4, "lr": 1e-3},
+    }
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "distill.train", str(spec_path)],
-        capture_output=True, text=True, timeout=550, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "distill.train",
+            str(spec_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=550,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["processes"] == 2

@@ -74,7 +74,9 @@ async def test_greedy_matches_direct_generation(engine: OnnxEngine, tiny_onnx: P
 
 
 async def test_completion_prompt_and_token_ids(engine: OnnxEngine) -> None:
-    text_req = GenerateRequest("r", prompt="Ahoy! The capital", sampling=Sampling(temperature=0, max_tokens=5))
+    text_req = GenerateRequest(
+        "r", prompt="Ahoy! The capital", sampling=Sampling(temperature=0, max_tokens=5)
+    )
     text, chunks = await _collect(engine, text_req)
     ids = engine.encode(text_req)
     id_req = GenerateRequest("r", prompt=ids, sampling=Sampling(temperature=0, max_tokens=5))
@@ -141,7 +143,9 @@ async def test_rejections(engine: OnnxEngine) -> None:
 
 async def test_budget_capped_by_context(engine: OnnxEngine) -> None:
     ids = [5] * 120
-    _, chunks = await _collect(engine, GenerateRequest("r", prompt=ids, sampling=Sampling(temperature=0, max_tokens=50)))
+    _, chunks = await _collect(
+        engine, GenerateRequest("r", prompt=ids, sampling=Sampling(temperature=0, max_tokens=50))
+    )
     assert chunks[-1].completion_tokens <= 8
 
 

@@ -32,9 +32,14 @@ def test_publish_list_get(registry: StudentRegistry, tmp_path: Path) -> None:
     reports.mkdir()
     (reports / "report.json").write_text("{}")
     entry = registry.publish(
-        "bot-student", onnx, teacher_model="base", adapter="bot", precision="int8",
-        report={"agreement": 0.9}, report_dir=reports,
-    )  # fmt: skip
+        "bot-student",
+        onnx,
+        teacher_model="base",
+        adapter="bot",
+        precision="int8",
+        report={"agreement": 0.9},
+        report_dir=reports,
+    )
     assert entry.name == "bot-student"
     assert entry.onnx_path == registry.root / "bot-student" / "onnx"
     assert (entry.path / "report.json").is_file()
@@ -44,7 +49,9 @@ def test_publish_list_get(registry: StudentRegistry, tmp_path: Path) -> None:
     assert got.manifest.adapter == "bot"
     assert got.manifest.report == {"agreement": 0.9}
     # no leftovers
-    assert [p.name for p in registry.root.iterdir() if not p.name.endswith(".lock")] == ["bot-student"]
+    assert [p.name for p in registry.root.iterdir() if not p.name.endswith(".lock")] == [
+        "bot-student"
+    ]
 
 
 def test_republish_replaces(registry: StudentRegistry, tmp_path: Path) -> None:
