@@ -57,7 +57,8 @@ app.kubernetes.io/part-of: retort
 {{- end }}
 {{- end }}
 
-{{/* Key/value pairs of the chart-managed Secret (empty when nothing is set). */}}
+{{/* Key/value pairs of the chart-managed Secret (empty when nothing is set). The keys are
+     RETORT_<SECTION>__<FIELD> variables; the gateway parses each value as YAML (JSON here). */}}
 {{- define "retort.secretData" -}}
 {{- with .Values.secrets }}
 {{- if .databaseUrl }}
@@ -65,9 +66,6 @@ RETORT_PROMPTLOG__URL: {{ .databaseUrl | b64enc | quote }}
 {{- end }}
 {{- if .apiKeys }}
 RETORT_AUTH__API_KEYS: {{ .apiKeys | toJson | b64enc | quote }}
-{{- end }}
-{{- if .adminKeys }}
-RETORT_AUTH__ADMIN_KEYS: {{ .adminKeys | toJson | b64enc | quote }}
 {{- end }}
 {{- if .redisUrl }}
 RETORT_LIMITS__REDIS_URL: {{ .redisUrl | b64enc | quote }}
@@ -261,9 +259,23 @@ tolerations:
 {{- fail "autoscaling.enabled needs targetInflightRequests, targetCPUUtilizationPercentage or extraMetrics" }}
 {{- end }}
 {{- if and .Values.secrets.existingSecret (include "retort.secretData" . | trim) }}
-{{- fail "secrets.existingSecret is set: put the database URL, keys and Redis URL in that Secret and leave secrets.databaseUrl/apiKeys/adminKeys/redisUrl/extra empty" }}
+{{- fail "secrets.existingSecret is set: put the database URL, keys and Redis URL in that Secret and leave secrets.databaseUrl/apiKeys/redisUrl/extra empty" }}
+{{- end }}
+{{- $keyIds := dict }}
+{{- range .Values.secrets.apiKeys }}
+{{- if hasKey $keyIds .id }}
+{{- fail (printf "secrets.apiKeys: id %q is used twice" .id) }}
+{{- end }}
+{{- $_ := set $keyIds .id true }}
 {{- end }}
 {{- if and .Values.distill.enabled (not .Values.distill.jobs) }}
 {{- fail "distill.enabled needs at least one entry in distill.jobs ({name, adapter})" }}
 {{- end }}
+{{- end }}
+
+{{/* distill.yaml for `retort distill run --config`: distill.config, pointed at retort.yaml. */}}
+{{- define "retort.distillConfig" -}}
+{{- $cfg := deepCopy (.Values.distill.config | default dict) }}
+{{- $_ := set $cfg "settings" "/etc/retort/retort.yaml" }}
+{{- toYaml $cfg }}
 {{- end }}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,19 @@ ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "helm" / "retort"
 RELEASE = "demo"
 NAMESPACE = "ml"
+
+# Plain-text API keys of the value sets, by id; the values hold only their sha256.
+TEST_KEYS = {
+    "app": "sk-retort-test-app",
+    "ops": "sk-retort-test-ops",
+    "web": "sk-retort-test-web",
+    "admin": "sk-retort-test-admin",
+}
+
+
+def _sha(key_id: str) -> str:
+    return hashlib.sha256(TEST_KEYS[key_id].encode()).hexdigest()
+
 
 # Value sets the chart must render, lint and validate cleanly. `production` is what an ops team
 # would run: GPUs, ingress, autoscaling, a ServiceMonitor, keys and Postgres URL in their own
@@ -35,12 +49,21 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "config": {"engine": {"cpu_kv_cache_space_gb": 4}, "shutdown": {"drain_seconds": 45}},
         "secrets": {
             "databaseUrl": "postgresql+asyncpg://retort:s3cret@pg.db.svc:5432/retort",
-            "apiKeys": ["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+            "apiKeys": [
+                {
+                    "id": "app",
+                    "sha256": _sha("app"),
+                    "rpm": 600,
+                    "max_concurrent": 8,
+                },
+                {"id": "ops", "sha256": _sha("ops"), "admin": True},
+            ],
         },
         "distill": {
             "enabled": True,
             "schedule": "30 1 * * *",
-            "jobs": [{"name": "faq", "adapter": "faq", "extraArgs": ["--max-samples", "500"]}],
+            "config": {"dataset": {"since": "7d"}, "train": {"max_steps": 50}},
+            "jobs": [{"name": "faq", "adapter": "faq", "extraArgs": ["--precision", "int8"]}],
         },
     },
     "production": {
@@ -51,7 +74,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "engine": {"max_model_len": 16384, "max_loras": 8},
             "promptlog": {"sample_rate": 0.5, "retention_days": 30},
             "shutdown": {"drain_seconds": 120},
-            "pricing": {"default": {"prompt_per_1m": 0.15, "completion_per_1m": 0.6}},
+            "pricing": {"prices": {"*": {"prompt_per_1m": 0.15, "completion_per_1m": 0.6}}},
+            "limits": {"default_rpm": 1200, "default_max_concurrent": 32},
+            "metrics": {"key_label": True},
+            "students": {
+                "autoload": False,
+                "traffic": {"support-bot": {"student": "support-bot-student", "share": 0.2}},
+            },
         },
         "secrets": {"existingSecret": "retort-prod-secrets"},
         "ingress": {
@@ -79,6 +108,19 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             ],
         },
     },
+}
+
+# What an operator puts in `secrets.existingSecret`, as values.yaml tells them to: RETORT_*
+# variables, the keys as a JSON or YAML list of key objects.
+EXISTING_SECRETS: dict[str, dict[str, str]] = {
+    "retort-prod-secrets": {
+        "RETORT_PROMPTLOG__URL": "postgresql+asyncpg://retort:pw@pg.prod.svc:5432/retort",
+        "RETORT_AUTH__API_KEYS": (
+            f"- id: web\n  sha256: {_sha('web')}\n  tpm: 200000\n"
+            f'- {{id: admin, sha256: "{_sha("admin")}", admin: true}}\n'
+        ),
+        "RETORT_LIMITS__REDIS_URL": "redis://redis.prod.svc:6379/0",
+    }
 }
 
 

@@ -12,6 +12,7 @@ import helm_python as helm
 import kubernetes_validate
 import msgspec
 import pytest
+import yaml
 
 from gateway.settings import Settings
 
@@ -20,8 +21,6 @@ from ._chart import CHART, NAMESPACE, RELEASE, VALUE_SETS, Rendered, render
 KUBE_VERSION = "1.34.0"
 # Custom resources kubernetes-validate has no schema for; their fields are asserted by hand.
 CRDS = {"ServiceMonitor"}
-# retort.yaml sections that later gateway components add to Settings (issue 4 and after).
-FUTURE_SECTIONS = {"adapters", "promptlog", "auth", "limits", "shutdown", "pricing"}
 GPU = "nvidia.com/gpu"
 METRICS = {
     "retort_requests_total",
@@ -37,6 +36,9 @@ METRICS = {
     "retort_promptlog_queue_depth",
     "retort_promptlog_written_total",
     "retort_promptlog_dropped_total",
+    "retort_engine_running_requests",
+    "retort_engine_waiting_requests",
+    "retort_engine_kv_cache_usage_ratio",
 }
 
 
@@ -350,10 +352,10 @@ def test_retort_yaml_matches_the_gateway_settings(rendered: Rendered) -> None:
     assert cfg["server"]["host"] == "0.0.0.0"
     assert cfg["server"]["port"] == rendered.container["ports"][0]["containerPort"]
     known = {f.name for f in msgspec.structs.fields(Settings)}
-    assert set(cfg) - known <= FUTURE_SECTIONS, f"unknown sections {set(cfg) - known}"
-    # Whatever the gateway already understands must convert exactly as the gateway converts
-    # it (forbid_unknown_fields: a misspelled engine argument fails here).
-    settings = msgspec.convert({k: v for k, v in cfg.items() if k in known}, Settings)
+    assert set(cfg) <= known, f"unknown sections {set(cfg) - known}"
+    # It converts exactly as the gateway converts it (forbid_unknown_fields: a misspelled
+    # engine argument fails here). test_gateway_contract.py adds the environment.
+    settings = msgspec.convert(cfg, Settings)
     model = VALUE_SETS[rendered.name].get("config", {}).get("model", {}).get("path", "default")
     assert settings.model.path == model
     assert settings.engine.kind == "vllm"
@@ -368,7 +370,11 @@ def test_config_values_reach_retort_yaml(render_set: Any) -> None:
     assert "served_name" not in render_set("default").retort_yaml["model"]
     prod = render_set("production").retort_yaml
     assert prod["promptlog"] == {"sample_rate": 0.5, "retention_days": 30}
-    assert prod["pricing"]["default"]["completion_per_1m"] == 0.6
+    assert prod["pricing"]["prices"]["*"]["completion_per_1m"] == 0.6
+    assert prod["students"]["traffic"]["support-bot"] == {
+        "student": "support-bot-student",
+        "share": 0.2,
+    }
     assert "promptlog" not in render_set("default").retort_yaml
     # Large integers stay integers (Helm handles numbers as float64).
     assert render_set("default").retort_yaml["server"]["max_body_bytes"] == 4194304
@@ -419,7 +425,7 @@ def test_distill_cronjob(render_set: Any, name: str) -> None:
         (c,) = pod["containers"]
         assert c["image"] == r.container["image"], "the same image as the gateway"
         args = c["args"]
-        assert args[:4] == ["distill", "run", "--config", "/etc/retort/retort.yaml"]
+        assert args[:4] == ["distill", "run", "--config", "/etc/retort/distill.yaml"]
         adapter = args[args.index("--adapter") + 1]
         job = next(j for j in jobs if j["adapter"] == adapter)
         default_schedule = VALUE_SETS[name]["distill"].get("schedule", "0 3 * * *")
@@ -437,6 +443,22 @@ def test_distill_cronjob(render_set: Any, name: str) -> None:
         env = {e["name"] for e in c["env"]}
         assert "DISTILL_RUN_ID" in env
         assert "$(DISTILL_RUN_ID)" in out
+
+
+def test_duplicate_key_ids_fail() -> None:
+    key = {"id": "app", "sha256": "ab" * 32}
+    with pytest.raises(helm.HelmError, match="used twice"):
+        render({"secrets": {"apiKeys": [key, {**key, "sha256": "cd" * 32}]}})
+
+
+def test_distill_config_is_rendered_only_with_distillation(render_set: Any) -> None:
+    cm = render_set("default").one("ConfigMap", f"{RELEASE}-retort")
+    assert "distill.yaml" not in cm["data"]
+    cm = render_set("cpu").one("ConfigMap", f"{RELEASE}-retort")
+    assert yaml.safe_load(cm["data"]["distill.yaml"]) == {
+        **VALUE_SETS["cpu"]["distill"]["config"],
+        "settings": "/etc/retort/retort.yaml",
+    }
 
 
 def test_distill_enabled_without_jobs_fails() -> None:
@@ -512,6 +534,23 @@ def test_notes_explain_how_to_reach_the_api(render_set: Any) -> None:
         {"persistence": {"accessModes": ["ReadWriteSometimes"]}},
         {"distill": {"jobs": [{"name": "Bad_Name", "adapter": "a"}]}},
         {"secrets": {"redisUrl": "localhost:6379"}},
+        # API keys are objects {id, sha256, admin?, rpm?, tpm?, max_concurrent?}.
+        {
+            "secrets": {
+                "apiKeys": ["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+            }
+        },
+        {"secrets": {"apiKeys": [{"id": "a", "sha256": "not-a-digest"}]}},
+        {"secrets": {"apiKeys": [{"id": "a", "sha256": "ab" * 32, "role": "admin"}]}},
+        {"secrets": {"adminKeys": ["ab" * 32]}},
+        # Every config section takes only the gateway's own fields.
+        {"config": {"pricing": {"default": {"prompt_per_1m": 1}}}},
+        {"config": {"auth": {"admin_keys": []}}},
+        {"config": {"promptlog": {"sample_rate": 2}}},
+        {"config": {"students": {"traffic": {"bot": {"share": 0.5}}}}},
+        {"config": {"students": {"traffic": {"bot": {"student": "s", "share": 1.5}}}}},
+        {"config": {"metrics": {"key_labels": True}}},
+        {"distill": {"config": {"settings": "/elsewhere.yaml"}}},
     ],
     ids=lambda v: json.dumps(v, separators=(",", ":")),
 )
