@@ -390,3 +390,11 @@ def test_dashboard_panels_cover_the_gateway() -> None:
     assert any("retort_completion_tokens_total" in e for e in exprs)
     assert any("retort_cost_usd_total" in e for e in exprs)
     assert any("retort_promptlog_dropped_total" in e and "reason" in e for e in exprs)
+
+
+def test_hpa_scales_on_an_exported_metric(render_set: Any) -> None:
+    (hpa,) = render_set("production").of_kind("HorizontalPodAutoscaler")
+    pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert pods
+    for name in pods:
+        assert name in _exported(), f"the HPA reads {name}, which the gateway does not export"
