@@ -206,7 +206,7 @@ class BatchWriter:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.flush_interval_s):
                         await self._wake.wait()
-            self._flush_requested = False
+            flushing, self._flush_requested = self._flush_requested, False
             while self._queue:
                 n = min(self.batch_size, len(self._queue))
                 batch = [self._queue.popleft() for _ in range(n)]
@@ -218,6 +218,12 @@ class BatchWriter:
                     log.exception("prompt log: unexpected writer error")
                     self._count_dropped("error", len(batch))
                     self._finish(batch)
+                # What arrived during the write waits for a full batch or the interval:
+                # writing it at once would degrade, under steady load, into a stream of
+                # tiny batches that keeps the writer (and the request path's CPU) busy.
+                flushing = flushing or self._flush_requested
+                if len(self._queue) < self.batch_size and not (flushing or self._closing):
+                    break
             self._signal_progress()
 
     def _signal_progress(self) -> None:

@@ -109,6 +109,20 @@ async def test_batches_by_size_and_by_interval() -> None:
     assert [r.request_id for r in sink.records] == [f"req-{i}" for i in range(38)]
 
 
+async def test_steady_traffic_keeps_full_batches_while_a_write_is_slow() -> None:
+    # Records arriving while a batch is being written wait for the interval (or a full
+    # batch); they are not written at once in a stream of tiny batches.
+    sink = Sink(delay_s=0.05)
+    w = BatchWriter(sink, batch_size=1000, flush_interval_s=0.3)
+    w.start()
+    for i in range(120):  # one record every 5 ms for 0.6 s
+        w.submit(make_record(i))
+        await asyncio.sleep(0.005)
+    await w.close()
+    assert sum(sink.batches) == 120
+    assert len(sink.batches) <= 4, sink.batches
+
+
 async def test_submit_never_awaits_and_flush_waits(metrics: Metrics) -> None:
     gate = asyncio.Event()
     sink = Sink(gate=gate)
