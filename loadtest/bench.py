@@ -9,6 +9,8 @@ Parts (``--parts``, default both):
 - ``overhead``: the gateway with the fake engine (zero token delay) pinned to CPU 0 and
   ``wrk`` pinned to CPU 1: latency at concurrency 1 is the gateway's per-request overhead,
   and requests/s is per core; streaming and not. Then its RSS idle and at concurrency 8.
+- ``logging``: the prompt log's cost (:mod:`loadtest.logging_bench`): added latency with
+  logging on vs off (the same wrk method), writer throughput, and the full queue's memory.
 
 Each part saves ``<out-dir>/<part>.json`` (plus logs, the loadtest report and charts);
 ``BENCHMARKS.md`` is rendered from every part JSON present, so one part can be rerun alone.
@@ -35,6 +37,7 @@ from rich.console import Console
 from gateway.settings import EngineSettings
 from loadtest.bench_report import PARTS, machine_info, render
 from loadtest.cli import parse_levels
+from loadtest.logging_bench import bench_logging
 from loadtest.report import json_safe, write_report
 from loadtest.runner import LoadTestConfig, run
 from loadtest.servers import (
@@ -68,6 +71,11 @@ class BenchOptions:
     wrk_levels: list[int] = field(default_factory=lambda: [1, 8, 32])
     wrk_seconds: int = 10
     wrk_max_tokens: int = 16
+    logging_seconds: int = 5
+    """wrk seconds per run of the ``logging`` part (each server, mode and repetition)."""
+    logging_repeats: int = 3
+    pg_url: str | None = None
+    """``logging`` part: also measure the writer on this Postgres (``postgresql+asyncpg://``)."""
     model: str | None = None
     """Model folder; default: ``retort models pull-default``."""
     out_dir: Path = Path(".bench")
@@ -252,10 +260,10 @@ def run_bench(opts: BenchOptions) -> Path:
     unknown = set(opts.parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {list(PARTS)}")
-    if "overhead" in opts.parts:
+    if {"overhead", "logging"} & set(opts.parts):
         require_wrk()  # fail before spending minutes on the other part
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    runners = {"compare": bench_compare, "overhead": bench_overhead}
+    runners = {"compare": bench_compare, "overhead": bench_overhead, "logging": bench_logging}
     for part in PARTS:
         if part in opts.parts:
             data = runners[part](opts) | {"options": asdict(opts)}
@@ -278,9 +286,9 @@ def _csv(values: list[Any]) -> str:
 
 
 def bench(
-    parts: Annotated[str, typer.Option(envvar="BENCH_PARTS", help="Any of: compare,overhead.")] = (
-        _csv(_D.parts)
-    ),
+    parts: Annotated[
+        str, typer.Option(envvar="BENCH_PARTS", help="Any of: compare,overhead,logging.")
+    ] = _csv(_D.parts),
     levels: Annotated[str, typer.Option(envvar="BENCH_LEVELS")] = _csv(_D.levels),
     num_requests: Annotated[int, typer.Option(envvar="BENCH_NUM_REQUESTS", min=1)] = (
         _D.num_requests
@@ -295,6 +303,13 @@ def bench(
     wrk_max_tokens: Annotated[int, typer.Option(envvar="BENCH_WRK_MAX_TOKENS", min=1)] = (
         _D.wrk_max_tokens
     ),
+    logging_seconds: Annotated[int, typer.Option(envvar="BENCH_LOGGING_SECONDS", min=1)] = (
+        _D.logging_seconds
+    ),
+    logging_repeats: Annotated[int, typer.Option(envvar="BENCH_LOGGING_REPEATS", min=1)] = (
+        _D.logging_repeats
+    ),
+    pg_url: Annotated[str | None, typer.Option(envvar="BENCH_PG_URL")] = None,
     model: Annotated[str | None, typer.Option(envvar="BENCH_MODEL")] = None,
     out_dir: Annotated[Path, typer.Option(envvar="BENCH_OUT_DIR")] = _D.out_dir,
     output: Annotated[Path, typer.Option(envvar="BENCH_OUTPUT")] = _D.output,
@@ -316,6 +331,9 @@ def bench(
         wrk_levels=parse_levels(wrk_levels),
         wrk_seconds=wrk_seconds,
         wrk_max_tokens=wrk_max_tokens,
+        logging_seconds=logging_seconds,
+        logging_repeats=logging_repeats,
+        pg_url=pg_url,
         model=model,
         out_dir=out_dir,
         output=output,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PARTS", "machine_info", "render", "targets"]
 
-PARTS = ("compare", "overhead")
+PARTS = ("compare", "overhead", "logging")
 
 # The targets.
 LATENCY_RATIO_MAX = 1.00
@@ -28,6 +28,8 @@ OVERHEAD_P50_MS_MAX = 0.5
 REQUESTS_PER_CORE_MIN = 2000.0
 FAKE_RSS_MB_MAX = 200.0
 RSS_GROWTH_MAX = 0.10
+LOG_ADDED_P50_MS_MAX = 0.1
+LOG_WRITER_RPS_MIN = 2000.0
 
 _COMPARED = (
     ("TTFT p50 (ms)", "ttft_ms", "p50"),
@@ -158,6 +160,46 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
                     _status(ok),
                 ]
             )
+    rows += _logging_targets(results.get("logging"))
+    return rows
+
+
+def _logging_targets(data: dict[str, Any] | None) -> list[list[str]]:
+    if not data:
+        return []
+    rows = []
+    for s in data["summary"]:
+        ok = _ok(s["added_ms"], LOG_ADDED_P50_MS_MAX, below=True)
+        rows.append(
+            [
+                f"prompt log on vs off: added p50, c=1, {s['mode']}",
+                f"{fmt(s['added_ms'], 3)} ms",
+                "≤ 0.1 ms",
+                _status(ok),
+            ]
+        )
+    for w in data["writer"]:
+        if not w["redact"]:
+            continue
+        ok = _ok(w["records_per_s"], LOG_WRITER_RPS_MIN, below=False)
+        rows.append(
+            [
+                f"prompt-log writer, {w['dialect']}, redacted",
+                f"{fmt(w['records_per_s'], 0)} records/s",
+                "≥ 2,000",
+                _status(ok),
+            ]
+        )
+    mem = data["queue_memory"]
+    ok = _ok(mem["traced_bytes"], mem["bound_bytes"], below=True)
+    rows.append(
+        [
+            "prompt-log queue memory when full",
+            f"{fmt(mem['traced_bytes'] / 2**20, 1)} MiB",
+            f"≤ {fmt(mem['bound_bytes'] / 2**20, 0)} MiB",
+            _status(ok),
+        ]
+    )
     return rows
 
 
@@ -245,6 +287,81 @@ def _overhead_section(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def _logging_section(data: dict[str, Any]) -> list[str]:
+    summary = [
+        [
+            s["mode"],
+            fmt(s["p50_off_ms"], 3),
+            fmt(s["p50_on_ms"], 3),
+            fmt(s["added_ms"], 3),
+            fmt(s["rps_off"], 0),
+            fmt(s["rps_on"], 0),
+            fmt(s.get("cpu_off_us"), 0),
+            fmt(s.get("cpu_on_us"), 0),
+            fmt(s.get("added_cpu_us"), 0),
+        ]
+        for s in data["summary"]
+    ]
+    writer = [
+        [
+            w["dialect"],
+            "yes" if w["redact"] else "no",
+            fmt(w["records"], 0),
+            fmt(w["records_per_s"], 0),
+            fmt(w["submit_us"], 2),
+            str(w["dropped"]),
+        ]
+        for w in data["writer"]
+    ]
+    mem = data["queue_memory"]
+    pinned = "both pinned to CPU 0, wrk to CPU 1" if data["pinned"] else "not pinned (1 CPU)"
+    configs = "\n".join(f"# {k}\n{v}" for k, v in data["configs"].items())
+    return [
+        "## 5. Prompt log: added latency (logging on vs off), writer, queue memory",
+        "",
+        f"Run {data['started_at']}. Two fake-engine gateways (zero token delay), identical but "
+        f"for `promptlog.enabled`; {pinned}; loaded one at a time by wrk at concurrency 1, "
+        f"{data['seconds']} s per run, {data['repeats']} repetitions alternating (order flipped "
+        "each repetition); chat completions of 16 tokens. Logging on, every request is captured, "
+        "redacted and written to SQLite (WAL) by the same process, so the writer's work is in "
+        "the numbers. Medians over the repetitions; added = on − off. CPU µs/req: the "
+        "server's user + system CPU time per request (all its threads), which other load on "
+        "the machine does not inflate the way it inflates latency. "
+        f"The log-on server wrote {fmt(data['written'], 0)} records and dropped "
+        f"{fmt(data['dropped'], 0)}.",
+        "",
+        "```sh",
+        configs,
+        "```",
+        "",
+        md_table(
+            [
+                "mode",
+                "p50 off ms",
+                "p50 on ms",
+                "added ms",
+                "req/s off",
+                "req/s on",
+                "CPU µs/req off",
+                "CPU µs/req on",
+                "added CPU µs/req",
+            ],
+            summary,
+        ),
+        "",
+        "Writer throughput (`gateway.promptlog.bench.writer_throughput`: records of ~1,000 "
+        "characters submitted as fast as the loop allows, batches of 256, until the last is "
+        "in the database); `submit` is the request path's share.",
+        "",
+        md_table(["store", "redacted", "records", "records/s", "submit µs", "dropped"], writer),
+        "",
+        f"Queue memory when full (database stuck, bound {fmt(mem['bound_bytes'] / 2**20, 0)} "
+        f"MiB): {fmt(mem['accepted'], 0)} records accepted, estimated "
+        f"{fmt(mem['estimated_bytes'] / 2**20, 1)} MiB, measured (tracemalloc) "
+        f"{fmt(mem['traced_bytes'] / 2**20, 1)} MiB; the rest counted as dropped.",
+    ]
+
+
 def _memory_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for part, engine in (("overhead", "fake"), ("compare", None)):
@@ -296,4 +413,6 @@ def render(results: dict[str, Any], machine: dict[str, str], out_dir: Path) -> s
     if "overhead" in results:
         parts += [*_overhead_section(results["overhead"]), ""]
     parts += _memory_section(results)
+    if "logging" in results:
+        parts += ["", *_logging_section(results["logging"])]
     return "\n".join(parts) + "\n"

@@ -96,3 +96,60 @@ def test_render_targets_from_part_results() -> None:
     assert "| CPU | test |" in text
     assert "## 2. Gateway overhead" in text
     assert "## 1." not in text
+
+
+def test_render_logging_part() -> None:
+
+    summary = {"p50_off_ms": 0.4, "rps_off": 1900.0, "rps_on": 1600.0, "cpu_off_us": 400.0}
+    data = {
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "seconds": 4,
+        "repeats": 5,
+        "pinned": True,
+        "configs": {"log-on": "promptlog:\n  enabled: true"},
+        "runs": [],
+        "summary": [
+            {
+                **summary,
+                "mode": "non-stream",
+                "p50_on_ms": 0.45,
+                "added_ms": 0.05,
+                "cpu_on_us": 450.0,
+                "added_cpu_us": 50.0,
+            },
+            {
+                **summary,
+                "mode": "stream",
+                "p50_on_ms": 0.6,
+                "added_ms": 0.2,
+                "cpu_on_us": 600.0,
+                "added_cpu_us": 200.0,
+            },
+        ],
+        "written": 100.0,
+        "dropped": 0.0,
+        "writer": [
+            {
+                "dialect": "sqlite",
+                "redact": True,
+                "records": 10,
+                "records_per_s": 2500.0,
+                "submit_us": 2.0,
+                "dropped": 0,
+            },
+        ],
+        "queue_memory": {
+            "bound_bytes": 2**26,
+            "accepted": 5,
+            "estimated_bytes": 2**25,
+            "traced_bytes": 2**25,
+        },
+    }
+    rows = {r[0]: r for r in targets({"logging": data})}
+    assert rows["prompt log on vs off: added p50, c=1, non-stream"][3] == "met"
+    assert rows["prompt log on vs off: added p50, c=1, stream"][3] == "**missed**"
+    assert rows["prompt-log writer, sqlite, redacted"][3] == "met"
+    assert rows["prompt-log queue memory when full"][1] == "32.0 MiB"
+    md = render({"logging": data}, {"CPU": "x"}, Path(".bench"))
+    assert "## 5. Prompt log" in md
+    assert "| stream | 0.400 | 0.600 | 0.200 |" in md
