@@ -99,7 +99,6 @@ def test_render_targets_from_part_results() -> None:
 
 
 def test_render_logging_part() -> None:
-
     summary = {"p50_off_ms": 0.4, "rps_off": 1900.0, "rps_on": 1600.0, "cpu_off_us": 400.0}
     data = {
         "started_at": "2026-01-01T00:00:00+00:00",
