@@ -153,7 +153,9 @@ def test_prometheus_scrapes_per_adapter_ttft_engine_gauges_and_log(
         assert cost is not None, raw.headers
         assert float(cost) >= 0
         sent[raw.headers["x-request-id"]] = None if model == server.model else model
-        assert raw.parse().usage.completion_tokens > 0
+        usage = raw.parse().usage
+        assert usage is not None
+        assert usage.completion_tokens > 0
 
     # Traffic over several scrapes: rate() needs the counters to grow between two samples
     # (each series appears with its first request, the adapter's loading on demand).
