@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,6 +277,7 @@ class OnnxEngine:
                 return
             piece = stream.decode(token)
             put((piece, "length" if produced >= budget else None))
+            time.sleep(0)  # let the event loop take the GIL and forward the token now
             if produced >= budget:
                 return
 
