@@ -1,9 +1,10 @@
 """The distillation benchmark (outside CI): ``python -m distill.bench --work DIR``.
 
 1. trains the ``pirate`` style adapter on the default model (``adapters.testing``'s recipe);
-2. logs ``--prompts`` requests of a narrow task (arithmetic, capitals, colours, opposites,
-   animal sounds; many repeats, as real traffic has) answered by the teacher (base +
-   adapter) through vLLM offline batch generation, into a SQLite prompt log;
+2. logs ``--prompts`` requests of a narrow task (``--task sentiment``: classify short
+   reviews, a skill task; ``qa``: arithmetic, capitals, colours, opposites, animal sounds,
+   few distinct prompts and knowledge-heavy) answered by the teacher (base + adapter)
+   through vLLM offline batch generation, into a SQLite prompt log;
 3. runs ``retort distill run --adapter pirate --publish`` on that log and prints the
    report, the time of each stage and the peak memory of the process tree.
 
@@ -47,8 +48,79 @@ def _train_adapter(home: Path, base: Path) -> Path:
     )
 
 
-def _populate(home: Path, base: Path, adapter: Path, n: int, base_name: str) -> dict[str, Any]:
-    from adapters.testing import _qa_pairs
+_POSITIVE = [
+    "great",
+    "wonderful",
+    "excellent",
+    "lovely",
+    "fantastic",
+    "delightful",
+    "superb",
+    "amazing",
+    "pleasant",
+    "brilliant",
+]
+_NEGATIVE = [
+    "terrible",
+    "awful",
+    "horrible",
+    "dreadful",
+    "disappointing",
+    "poor",
+    "bad",
+    "miserable",
+    "boring",
+    "broken",
+]
+_THINGS = [
+    "movie",
+    "book",
+    "pizza",
+    "hotel",
+    "phone",
+    "concert",
+    "coffee",
+    "game",
+    "car",
+    "shoes",
+    "restaurant",
+    "laptop",
+    "album",
+    "show",
+    "chair",
+    "camera",
+    "bike",
+    "jacket",
+    "park",
+    "museum",
+]
+_OPENERS = [
+    "The {t} was {a}.",
+    "What a {a} {t}!",
+    "This {t} is {a}.",
+    "I found the {t} {a}.",
+    "Honestly, the {t} felt {a}.",
+]
+
+
+def _questions(task: str, rng: random.Random, n: int) -> list[str]:
+    """``qa``: adapters.testing's mixed questions (few distinct ones, knowledge-heavy);
+    ``sentiment``: review classification, hundreds of distinct prompts, a skill task."""
+    if task == "qa":
+        from adapters.testing import _qa_pairs
+
+        return [q for q, _ in _qa_pairs(rng, n)]
+    out = []
+    for _ in range(n):
+        words = rng.choice([_POSITIVE, _NEGATIVE])
+        review = rng.choice(_OPENERS).format(t=rng.choice(_THINGS), a=rng.choice(words))
+        out.append(f"Review: {review} Is this review positive or negative? Answer in one word.")
+    return out
+
+
+def _populate(
+    home: Path, base: Path, adapter: Path, n: int, base_name: str, task: str
+) -> dict[str, Any]:
     from distill.teacher import merge_teacher, run_vllm
     from gateway.promptlog.record import LogRecord
     from gateway.promptlog.settings import default_url
@@ -59,7 +131,7 @@ def _populate(home: Path, base: Path, adapter: Path, n: int, base_name: str) -> 
     if marker.is_file():
         return dict(json.loads(marker.read_text()))
     merged = merge_teacher(base, adapter, home / "teacher-merged")
-    questions = [q for q, _ in _qa_pairs(random.Random(1), n)]
+    questions = _questions(task, random.Random(1), n)
     t0 = time.perf_counter()
     out = run_vllm(
         {
@@ -115,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--student-layers", type=int, default=None)
     parser.add_argument("--precision", default=None)
+    parser.add_argument("--task", choices=["qa", "sentiment"], default="sentiment")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from distill.config import load_config
@@ -128,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     adapter = _train_adapter(home, base)
     t_adapter = time.perf_counter() - t0
-    pop = _populate(home, base, adapter, args.prompts, DEFAULT_MODEL_NAME)
+    pop = _populate(home, base, adapter, args.prompts, DEFAULT_MODEL_NAME, args.task)
     overrides: dict[str, Any] = {
         "adapter": "pirate",
         "home": str(home),
