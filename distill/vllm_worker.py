@@ -38,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
+    config = json.loads((Path(spec["model"]) / "config.json").read_text())
+    max_len = min(int(config.get("max_position_embeddings", 2048)), spec.get("max_model_len", 2048))
     llm = LLM(
         model=spec["model"],
         dtype="float32",
-        max_model_len=spec.get("max_model_len", 2048),
+        max_model_len=max_len,
         seed=0,
         enforce_eager=spec.get("enforce_eager", False),
     )

@@ -113,6 +113,21 @@ def test_run_publishes_and_is_idempotent(setup: dict[str, Path], tmp_path: Path)
     assert rows[0]["published"] is True
     assert rows[0]["watermark_count"] == 60
 
+    # New data: a new run (earlier stages' outputs are rebuilt only where inputs changed).
+    async def add() -> None:
+        async with PromptStore(f"sqlite+aiosqlite:///{setup['home'] / 'retort.db'}") as store:
+            await store.insert_many(
+                [record(999, "What is the capital of Chile?", "Santiago.", model="tiny-base")]
+            )
+
+    asyncio.run(add())
+    res = runner.invoke(distill_app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "no new data" not in res.output
+    res = runner.invoke(distill_app, ["runs", "--config", str(setup["config"]), "--json"])
+    rows = [json.loads(line) for line in res.output.splitlines() if line.strip()]
+    assert [r["watermark_count"] for r in rows] == [61, 60]
+
 
 def test_stage_command_and_gate_failure(setup: dict[str, Path], tmp_path: Path) -> None:
     runner = CliRunner()
