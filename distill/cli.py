@@ -68,14 +68,16 @@ def _config(
         raise typer.BadParameter(str(exc)) from exc
 
 
-def _run(until: str, out: Path, cfg: Any, *, quiet: bool, force: bool = False) -> dict[str, Any]:
+def _run(
+    until: str, out: Path, cfg: Any, *, quiet: bool, force: bool = False, record: bool = False
+) -> dict[str, Any]:
     from distill.dataset import DatasetError
     from distill.pipeline import run
 
     if quiet:
         _silence()
     try:
-        return run(cfg, out, until=until, progress=not quiet, force=force)  # type: ignore[arg-type]
+        return run(cfg, out, until=until, progress=not quiet, force=force, record=record)  # type: ignore[arg-type]
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -159,7 +161,7 @@ def run_command(
 ) -> None:
     """Run the whole pipeline into OUT; writes OUT/report.json (and .md, .png)."""
     cfg = _config(config, adapter, student_layers, max_steps, precision, publish, url, home)
-    report = _run("publish", out, cfg, quiet=quiet, force=force)
+    report = _run("publish", out, cfg, quiet=quiet, force=force, record=True)
     if report.get("skipped"):
         typer.echo(f"no new data since run {report['previous_run']}: nothing to do")
         return
