@@ -174,7 +174,9 @@ def test_prometheus_scrapes_per_adapter_ttft_engine_gauges_and_log(
     p95 = {r["metric"]["adapter"]: float(r["value"][1]) for r in result}
     assert both_adapters(result), result
     assert set(p95) >= {"none", adapter}
-    assert all(v < 30 for v in p95.values()), p95  # within the histogram's buckets
+    # Other adapters on the shared server may have no traffic in this window (NaN); the
+    # ones this test sent to must sit within the histogram's buckets.
+    assert all(p95[a] < 30 for a in ("none", adapter)), p95
 
     for gauge in ENGINE_GAUGES:
         got = prometheus.wait_for(gauge, bool)
