@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters.testing import STYLE_RECIPE, make_style_dataset
+from adapters.train import TrainConfig, train
 from gateway.models import DEFAULT_MODEL_NAME, pull_default
 from gateway.settings import default_home
 
@@ -111,3 +113,24 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield srv
     finally:
         stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def pirate(server: Server, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real LoRA SFT (30 steps, about a minute here) teaching an answer style, in the shared
+    server's adapters folder (the adapters and distillation tests share it)."""
+    data = make_style_dataset(tmp_path_factory.mktemp("data") / "pirate.jsonl", n=64)
+    cfg = TrainConfig(
+        data=data,
+        name="pirate",
+        base_model=model_dir,
+        out_root=server.adapters_dir,
+        base_model_name=server.model,
+        max_steps=STYLE_RECIPE["max_steps"],
+        lr=STYLE_RECIPE["lr"],
+        rank=STYLE_RECIPE["rank"],
+        alpha=STYLE_RECIPE["alpha"],
+    )
+    path = train(cfg, progress=False)
+    assert (path / "loss.png").is_file()
+    return "pirate"

@@ -16,14 +16,7 @@ import httpx
 import openai
 import pytest
 
-from adapters.testing import (
-    HELD_OUT_PROMPTS,
-    STYLE_RECIPE,
-    has_style,
-    make_style_dataset,
-    make_tiny_adapter,
-)
-from adapters.train import TrainConfig, train
+from adapters.testing import HELD_OUT_PROMPTS, has_style, make_tiny_adapter
 from tests.openai_schema import assert_valid
 
 if TYPE_CHECKING:
@@ -43,26 +36,6 @@ def random_adapters(server: Server, model_dir: Path) -> list[str]:
             model_dir, server.adapters_dir / name, rank=8, base_name=server.model, seed=100 + i
         )
     return RANDOM
-
-
-@pytest.fixture(scope="module")
-def pirate(server: Server, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real LoRA SFT (30 steps, about a minute here) teaching an answer style."""
-    data = make_style_dataset(tmp_path_factory.mktemp("data") / "pirate.jsonl", n=64)
-    cfg = TrainConfig(
-        data=data,
-        name="pirate",
-        base_model=model_dir,
-        out_root=server.adapters_dir,
-        base_model_name=server.model,
-        max_steps=STYLE_RECIPE["max_steps"],
-        lr=STYLE_RECIPE["lr"],
-        rank=STYLE_RECIPE["rank"],
-        alpha=STYLE_RECIPE["alpha"],
-    )
-    path = train(cfg, progress=False)
-    assert (path / "loss.png").is_file()
-    return "pirate"
 
 
 def chat(server: Server, model: str, prompt: str, max_tokens: int = 24) -> str:
