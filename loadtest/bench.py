@@ -274,7 +274,8 @@ def run_bench(opts: BenchOptions) -> Path:
         path = opts.out_dir / f"{part}.json"
         if path.exists():
             results[part] = json.loads(path.read_text())
-    opts.output.write_text(render(results, machine_info(), opts.out_dir))
+    previous = opts.output.read_text() if opts.output.is_file() else ""
+    opts.output.write_text(render(results, machine_info(), opts.out_dir, previous))
     return opts.output
 
 

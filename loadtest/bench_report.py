@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -391,7 +392,37 @@ def _memory_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def render(results: dict[str, Any], machine: dict[str, str], out_dir: Path) -> str:
+_SECTION = re.compile(r"^## (\d+)\. ", re.MULTILINE)
+
+
+def _numbered_sections(text: str) -> dict[int, str]:
+    """``## N. ...`` sections of a BENCHMARKS.md, by number (each up to the next ``## ``)."""
+    out: dict[int, str] = {}
+    for m in _SECTION.finditer(text):
+        end = text.find("\n## ", m.end())
+        out[int(m.group(1))] = text[m.start() : end if end >= 0 else len(text)].strip("\n")
+    return out
+
+
+def render(
+    results: dict[str, Any], machine: dict[str, str], out_dir: Path, previous: str = ""
+) -> str:
+    """BENCHMARKS.md from the part results. Numbered sections of ``previous`` that no part
+    here renders (those other benchmarks write: adapters, distillation) are kept in place."""
+    text = _render(results, machine, out_dir)
+    kept = _numbered_sections(previous)
+    mine = _numbered_sections(text)
+    for n in mine:
+        kept.pop(n, None)
+    if not kept:
+        return text
+    first = _SECTION.search(text)
+    head = text[: first.start()] if first else text
+    sections = {**kept, **mine}
+    return head + "\n\n".join(sections[n] for n in sorted(sections)) + "\n"
+
+
+def _render(results: dict[str, Any], machine: dict[str, str], out_dir: Path) -> str:
     parts = [
         "# Benchmarks",
         "",

@@ -97,6 +97,20 @@ def test_render_targets_from_part_results() -> None:
     assert "## 2. Gateway overhead" in text
     assert "## 1." not in text
 
+    # Sections other benchmarks wrote (adapters, distillation) survive a re-render, in order;
+    # the ones this render produces replace their old text.
+    previous = (
+        "# Benchmarks\n\n## Machine\n\nold\n\n## 2. Gateway overhead (old)\n\nstale\n\n"
+        "## 4. LoRA adapters\n\nadapter numbers\n\n## 6. Distillation\n\nstudent numbers\n"
+    )
+    again = render({"overhead": overhead}, {"CPU": "test"}, Path(".bench"), previous)
+    assert "stale" not in again
+    assert "| CPU | test |" in again
+    two, four, six = (again.index(f"## {n}.") for n in (2, 4, 6))
+    assert two < four < six
+    assert "adapter numbers" in again
+    assert again.rstrip().endswith("student numbers")
+
 
 def test_render_logging_part() -> None:
     summary = {"p50_off_ms": 0.4, "rps_off": 1900.0, "rps_on": 1600.0, "cpu_off_us": 400.0}
