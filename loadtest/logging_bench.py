@@ -8,13 +8,15 @@
   (user + system, all its threads) is recorded too: unlike latency on a shared machine, it
   does not depend on what else runs there.
 - Writer throughput: :func:`gateway.promptlog.bench.writer_throughput` on SQLite (and on
-  Postgres with ``BENCH_PG_URL``), with and without redaction.
+  Postgres: ``BENCH_PG_URL``, else a throwaway durable one on loopback when Debian's
+  ``postgresql`` is installed), with and without redaction.
 - Queue memory when full: :func:`gateway.promptlog.bench.queue_memory` at the default bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -34,6 +36,8 @@ from loadtest.servers import free_port, gateway_spec, running
 from loadtest.wrk import lua_script, require_wrk, run_wrk
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from loadtest.bench import BenchOptions
 
 __all__ = ["SERVERS", "bench_logging"]
@@ -160,6 +164,22 @@ async def _writer(pg_url: str | None) -> tuple[list[dict[str, Any]], dict[str, A
     return results, mem
 
 
+@contextlib.contextmanager
+def _postgres(url: str | None) -> Iterator[str | None]:
+    """``url``; else a throwaway durable Postgres on loopback (the tests' helper) when the
+    Debian ``postgresql`` binaries are here; else ``None`` (SQLite only)."""
+    if url:
+        yield url
+        return
+    from tests.unit.gateway.promptlog.servers import postgres_bindir, postgres_server
+
+    if postgres_bindir() is None:
+        yield None
+        return
+    with postgres_server(durable=True) as pg:
+        yield pg.url
+
+
 def bench_logging(opts: BenchOptions) -> dict[str, Any]:
     """Prompt log on vs off (wrk, fake engine), writer throughput and full-queue memory."""
     from loadtest.bench import _now, console
@@ -171,7 +191,8 @@ def bench_logging(opts: BenchOptions) -> dict[str, Any]:
     console.print("[bold]logging[/bold]: fake-engine gateways, prompt log on vs off, wrk c=1")
     latency = _latency(opts, out)
     console.print("[bold]logging[/bold]: prompt-log writer throughput and queue memory")
-    writer, memory = asyncio.run(_writer(opts.pg_url))
+    with _postgres(opts.pg_url) as pg_url:
+        writer, memory = asyncio.run(_writer(pg_url))
     return {
         "started_at": started,
         "seconds": opts.logging_seconds,
