@@ -15,6 +15,7 @@ help:
 	@echo "make test    install and run the whole test suite"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   run the published benchmark (writes BENCHMARKS.md)"
+	@echo "make bench-distill  distill a sentiment teacher into a student (~30 min, 2 cores)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,4 +45,8 @@ bench: $(STAMP)
 	@$(PY) -m loadtest.bench
 	@$(PY) -m loadtest.adapter_bench
 
-.PHONY: help install serve test lint bench
+# Issue #5's distillation benchmark (BENCHMARKS.md section 6): results in $(WORK)/bench.json.
+bench-distill: $(STAMP)
+	@$(PY) -m distill.bench --work $(or $(WORK),.bench/distill) --config distill/bench.yaml
+
+.PHONY: help install serve test lint bench bench-distill

@@ -1,12 +1,18 @@
 """The distillation benchmark (outside CI): ``python -m distill.bench --work DIR``.
 
-1. trains the ``pirate`` style adapter on the default model (``adapters.testing``'s recipe);
-2. logs ``--prompts`` requests of a narrow task (``--task sentiment``: classify short
-   reviews, a skill task; ``qa``: arithmetic, capitals, colours, opposites, animal sounds,
-   few distinct prompts and knowledge-heavy) answered by the teacher (base + adapter)
-   through vLLM offline batch generation, into a SQLite prompt log;
-3. runs ``retort distill run --adapter pirate --publish`` on that log and prints the
-   report, the time of each stage and the peak memory of the process tree.
+1. trains the teacher's adapter on the default model with :func:`adapters.train.train`:
+   ``--task sentiment`` (the default): ``sentiment``, a classifier of short reviews that
+   answers in a fixed format, ``Ahoy! Positive. Arr!`` or ``Ahoy! Negative. Arr!``
+   (:data:`SENTIMENT_RECIPE`; trained on labelled reviews none of which is among the logged
+   prompts); ``--task qa``: the ``pirate`` style adapter (``adapters.testing``'s recipe);
+2. logs ``--prompts`` requests of that task (``sentiment``: hundreds of distinct reviews;
+   ``qa``: arithmetic, capitals, colours, opposites, animal sounds, few distinct prompts and
+   knowledge-heavy) answered by the teacher (base + adapter) through vLLM offline batch
+   generation, into a SQLite prompt log; for ``sentiment`` the teacher's answers are
+   checked against the true labels (``teacher_accuracy``);
+3. runs ``retort distill run --adapter <adapter> --publish`` on that log with
+   ``--config`` (default :data:`DEFAULT_CONFIG`, whose gate is the issue's targets) and
+   writes ``DIR/bench.json``: the report, the time of each stage and the peak RSS.
 
 Each step is skipped when its output exists in ``DIR``.
 """
@@ -23,29 +29,82 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_CONFIG", "SENTIMENT_RECIPE", "main", "reviews", "sentiment_answer"]
+
+DEFAULT_CONFIG = Path(__file__).with_name("bench.yaml")
+"""The distill config the benchmark runs with unless ``--config`` names another."""
+
+ADAPTERS = {"qa": "pirate", "sentiment": "sentiment"}
+"""The teacher's adapter (registry name) per task; the student is ``<adapter>-student``."""
+
+SENTIMENT_RECIPE: dict[str, Any] = {
+    "examples": 256,
+    "max_steps": 40,
+    "lr": 1e-3,
+    "rank": 16,
+    "alpha": 32,
+}
+""":class:`adapters.train.TrainConfig` settings for the ``sentiment`` teacher: ``examples``
+labelled reviews (none among the logged prompts), ``max_steps`` at batch 8."""
 
 
-def _train_adapter(home: Path, base: Path) -> Path:
+def sentiment_answer(label: str) -> str:
+    """The teacher's fixed answer for ``label`` (``positive`` or ``negative``)."""
+    from adapters.testing import style_answer
+
+    return style_answer(f"{label.capitalize()}.", "pirate")
+
+
+def _train_adapter(home: Path, base: Path, task: str, logged: list[str]) -> Path:
     from adapters.testing import STYLE_RECIPE, make_style_dataset
     from adapters.train import TrainConfig, train
 
-    target = home / "adapters" / "pirate"
+    name = ADAPTERS[task]
+    target = home / "adapters" / name
     if (target / "adapter_config.json").is_file():
         return target
-    data = make_style_dataset(home / "pirate.jsonl", n=64)
+    if task == "qa":
+        data = make_style_dataset(home / "pirate.jsonl", n=64)
+        recipe = STYLE_RECIPE
+    else:
+        recipe = SENTIMENT_RECIPE
+        data = _sentiment_dataset(home / "sentiment.jsonl", recipe["examples"], set(logged))
     return train(
         TrainConfig(
             data=data,
-            name="pirate",
+            name=name,
             base_model=base,
             out_root=home / "adapters",
-            max_steps=STYLE_RECIPE["max_steps"],
-            lr=STYLE_RECIPE["lr"],
-            rank=STYLE_RECIPE["rank"],
-            alpha=STYLE_RECIPE["alpha"],
+            max_steps=recipe["max_steps"],
+            lr=recipe["lr"],
+            rank=recipe["rank"],
+            alpha=recipe["alpha"],
         )
     )
+
+
+def _sentiment_dataset(path: Path, n: int, exclude: set[str]) -> Path:
+    """``n`` labelled reviews as chat JSONL, balanced, none of whose prompts is in ``exclude``."""
+    rng = random.Random(2)
+    seen = set(exclude)
+    rows: list[str] = []
+    for _ in range(100 * n):
+        if len(rows) == n:
+            break
+        question, label = reviews(rng, 1, label="positive" if len(rows) % 2 else "negative")[0]
+        if question in seen:
+            continue
+        seen.add(question)
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": sentiment_answer(label)},
+        ]
+        rows.append(json.dumps({"messages": messages}))
+    if len(rows) < n:
+        raise ValueError(f"only {len(rows)} distinct reviews outside the logged prompts")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(r + "\n" for r in rows))
+    return path
 
 
 _POSITIVE = [
@@ -103,23 +162,50 @@ _OPENERS = [
 ]
 
 
-def _questions(task: str, rng: random.Random, n: int) -> list[str]:
-    """``qa``: adapters.testing's mixed questions (few distinct ones, knowledge-heavy);
-    ``sentiment``: review classification, hundreds of distinct prompts, a skill task."""
-    if task == "qa":
-        from adapters.testing import _qa_pairs
-
-        return [q for q, _ in _qa_pairs(rng, n)]
+def reviews(rng: random.Random, n: int, label: str | None = None) -> list[tuple[str, str]]:
+    """``n`` (prompt, true label) pairs: classify a short review (random label unless given)."""
     out = []
     for _ in range(n):
-        words = rng.choice([_POSITIVE, _NEGATIVE])
+        sentiment = label or rng.choice(["positive", "negative"])
+        words = _POSITIVE if sentiment == "positive" else _NEGATIVE
         review = rng.choice(_OPENERS).format(t=rng.choice(_THINGS), a=rng.choice(words))
-        out.append(f"Review: {review} Is this review positive or negative? Answer in one word.")
+        prompt = f"Review: {review} Is this review positive or negative? Answer in one word."
+        out.append((prompt, sentiment))
     return out
 
 
+def _questions(task: str, rng: random.Random, n: int) -> list[tuple[str, str | None]]:
+    """The logged prompts with the expected answer where known. ``qa``: adapters.testing's
+    mixed questions (few distinct ones, knowledge-heavy); ``sentiment``: review
+    classification, hundreds of distinct prompts, a skill task."""
+    if task == "qa":
+        from adapters.testing import _qa_pairs
+
+        return [(q, None) for q, _ in _qa_pairs(rng, n)]
+    return [(q, sentiment_answer(label)) for q, label in reviews(rng, n)]
+
+
+def _teacher_accuracy(completions: list[str], expected: list[str | None]) -> dict[str, Any]:
+    """How often the teacher gave the expected answer (normalized exact match)."""
+    from distill.evaluate import normalize_answer
+
+    pairs = [(c, e) for c, e in zip(completions, expected, strict=True) if e is not None]
+    if not pairs:
+        return {}
+    right = sum(normalize_answer(c) == normalize_answer(e) for c, e in pairs)
+    return {
+        "teacher_accuracy": round(right / len(pairs), 4),
+        "teacher_distinct_answers": len({normalize_answer(c) for c, _ in pairs}),
+    }
+
+
 def _populate(
-    home: Path, base: Path, adapter: Path, n: int, base_name: str, task: str
+    home: Path,
+    base: Path,
+    adapter: Path,
+    questions: list[tuple[str, str | None]],
+    base_name: str,
+    task: str,
 ) -> dict[str, Any]:
     from distill.teacher import merge_teacher, run_vllm
     from gateway.promptlog.record import LogRecord
@@ -129,16 +215,19 @@ def _populate(
     url = default_url(home)
     marker = home / "populated.json"
     if marker.is_file():
-        return dict(json.loads(marker.read_text()))
+        info = dict(json.loads(marker.read_text()))
+        if info.get("task", "qa") != task:
+            raise SystemExit(f"{home} holds a {info.get('task', 'qa')!r} log: use another --work")
+        return info
+    n = len(questions)
     merged = merge_teacher(base, adapter, home / "teacher-merged")
-    questions = _questions(task, random.Random(1), n)
     t0 = time.perf_counter()
     out = run_vllm(
         {
             "model": str(merged),
             "max_tokens": 48,
             "mode": "batch",
-            "prompts": [{"messages": [{"role": "user", "content": q}]} for q in questions],
+            "prompts": [{"messages": [{"role": "user", "content": q}]} for q, _ in questions],
         }
     )
     now = time.time()
@@ -147,14 +236,14 @@ def _populate(
             request_id=f"bench-{i}",
             created=now - n + i,
             model=base_name,
-            adapter="pirate",
+            adapter=adapter.name,
             endpoint="chat",
             messages=[{"role": "user", "content": q}],
             completion=c,
             finish_reason="stop",
             params={"temperature": 0},
         )
-        for i, (q, c) in enumerate(zip(questions, out["completions"], strict=True))
+        for i, ((q, _), c) in enumerate(zip(questions, out["completions"], strict=True))
     ]
 
     async def insert() -> None:
@@ -163,11 +252,13 @@ def _populate(
 
     asyncio.run(insert())
     info = {
+        "task": task,
         "records": n,
         "vllm_seconds": round(time.perf_counter() - t0, 1),
         "vllm_startup_seconds": out["startup_seconds"],
         "vllm_batch_seconds": out["seconds"],
-        "unique_prompts": len(set(questions)),
+        "unique_prompts": len({q for q, _ in questions}),
+        **_teacher_accuracy(out["completions"], [e for _, e in questions]),
     }
     marker.write_text(json.dumps(info))
     return info
@@ -183,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=1000)
-    parser.add_argument("--config", type=Path, default=None, help="distill.yaml overrides")
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="distill.yaml (default: %(default)s)"
+    )
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--student-layers", type=int, default=None)
     parser.add_argument("--precision", default=None)
@@ -198,12 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
     base = pull_default(Path(os.environ.get("RETORT_HOME", "~/.cache/retort")).expanduser())
+    questions = _questions(args.task, random.Random(1), args.prompts)
     t0 = time.perf_counter()
-    adapter = _train_adapter(home, base)
+    adapter = _train_adapter(home, base, args.task, [q for q, _ in questions])
     t_adapter = time.perf_counter() - t0
-    pop = _populate(home, base, adapter, args.prompts, DEFAULT_MODEL_NAME, args.task)
+    pop = _populate(home, base, adapter, questions, DEFAULT_MODEL_NAME, args.task)
     overrides: dict[str, Any] = {
-        "adapter": "pirate",
+        "adapter": adapter.name,
         "home": str(home),
         "publish": True,
         "teacher": {"base_model": str(base), "base_model_name": DEFAULT_MODEL_NAME},
@@ -229,12 +323,16 @@ def main(argv: list[str] | None = None) -> int:
         "student_tokens_per_s",
         "speedup",
         "student_size_bytes",
+        "gate",
         "gate_passed",
         "published",
         "stages",
     )
     result = {
+        "task": args.task,
+        "config": str(args.config),
         "adapter_train_seconds": round(t_adapter, 1),
+        "teacher_accuracy": pop.get("teacher_accuracy"),
         "populate": pop,
         "pipeline_seconds": round(pipeline_s, 1),
         "peak_rss_mb": round(_peak_rss_mb()),

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from distill import bench
+from distill.config import load_config
+
+
+def test_reviews_carry_their_true_label() -> None:
+    for prompt, label in bench.reviews(random.Random(0), 200):
+        review = prompt.removeprefix("Review: ").split(" Is this review")[0].lower()
+        words = bench._POSITIVE if label == "positive" else bench._NEGATIVE
+        assert any(w in review for w in words)
+
+
+def test_sentiment_questions_expect_the_fixed_answer() -> None:
+    questions = bench._questions("sentiment", random.Random(1), 50)
+    assert {e for _, e in questions} == {"Ahoy! Positive. Arr!", "Ahoy! Negative. Arr!"}
+    assert all(e is None for _, e in bench._questions("qa", random.Random(1), 10))
+
+
+def test_sentiment_dataset_is_balanced_and_disjoint_from_the_log(tmp_path: Path) -> None:
+    logged = {q for q, _ in bench._questions("sentiment", random.Random(1), 1000)}
+    path = bench._sentiment_dataset(tmp_path / "d.jsonl", 256, logged)
+    rows = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    prompts = [m[0]["content"] for m in rows]
+    answers = [m[1]["content"] for m in rows]
+    assert len(rows) == 256
+    assert len(set(prompts)) == 256
+    assert not set(prompts) & logged
+    assert answers.count("Ahoy! Positive. Arr!") == answers.count("Ahoy! Negative. Arr!") == 128
+
+
+def test_teacher_accuracy_is_normalized_exact_match() -> None:
+    acc = bench._teacher_accuracy(
+        ["Ahoy! Positive. Arr!", "ahoy positive arr", "Ahoy! Negative. Arr!", "x"],
+        ["Ahoy! Positive. Arr!", "Ahoy! Positive. Arr!", "Ahoy! Positive. Arr!", None],
+    )
+    assert acc == {"teacher_accuracy": 0.6667, "teacher_distinct_answers": 2}
+    assert bench._teacher_accuracy(["a"], [None]) == {}
+
+
+def test_bench_config_gates_on_the_issue_targets() -> None:
+    cfg = load_config(bench.DEFAULT_CONFIG)
+    assert cfg.gate.min_agreement == 0.9
+    assert cfg.gate.min_speedup == 5.0
+    assert cfg.gate.max_param_ratio == 0.5
+    assert (cfg.student.layers, cfg.train.max_steps, cfg.export.precision) == (10, 150, "int4")
