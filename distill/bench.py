@@ -45,7 +45,9 @@ SENTIMENT_RECIPE: dict[str, Any] = {
     "alpha": 32,
 }
 """:class:`adapters.train.TrainConfig` settings for the ``sentiment`` teacher: ``examples``
-labelled reviews (none among the logged prompts), ``max_steps`` at batch 8."""
+labelled reviews (none among the logged prompts), ``max_steps`` at batch 8. Measured on the
+default model: loss 4.28 -> 0.0015 (under 0.01 from step 25), and greedy answers to the
+first 100 logged prompts were all the expected one of the two (transformers)."""
 
 
 def sentiment_answer(label: str) -> str:
