@@ -220,11 +220,26 @@ def test_logged_traffic_becomes_a_published_student_the_gateway_serves(
     assert "no new data" in again.stdout, again.stdout
     assert not (tmp_path / "run2" / "report.json").exists()
     runs = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "distill", "runs", "--home", str(server.home)],
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "distill",
+            "runs",
+            "--home",
+            str(server.home),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert runs.returncode == 0, runs.stderr
-    assert "pirate-student" in runs.stdout, runs.stdout
+    rows = [json.loads(line) for line in runs.stdout.splitlines() if line.strip()]
+    assert len(rows) == 1, rows  # the skipped run started nothing
+    assert rows[0]["adapter"] == "pirate"
+    assert rows[0]["status"] == "succeeded"
+    assert rows[0]["student_model"] == student
+    assert rows[0]["published"] is True
+    assert rows[0]["watermark_count"] >= N_REQUESTS
