@@ -15,7 +15,7 @@ help:
 	@echo "make test    install and run the whole test suite"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   run the published benchmark (writes BENCHMARKS.md)"
-	@echo "make bench-distill  distill a sentiment teacher into a student (~30 min, 2 cores)"
+	@echo "make bench-distill  distill a sentiment teacher into a student (~16 min on 2 cores)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
