@@ -132,7 +132,8 @@ class EvalConfig(_Base):
     teacher_speed: Literal["vllm", "transformers", "skip"] = "vllm"
     """How to measure the teacher's single-stream tokens/s on this machine."""
     speed_prompts: int = 4
-    """Prompts for the tokens/s and latency measurements."""
+    """Prompts for the tokens/s and latency measurements: student and teacher alike generate
+    exactly ``max_tokens`` on each, one at a time."""
 
 
 class GateConfig(_Base):

@@ -62,19 +62,20 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def _request(i: int, example: dict[str, Any], max_tokens: int) -> Any:
+def _request(i: int, example: dict[str, Any], max_tokens: int, *, ignore_eos: bool = False) -> Any:
     from gateway.engines.base import GenerateRequest, Sampling
 
-    sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
+    sampling = Sampling(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
     if example.get("messages"):
         return GenerateRequest(f"eval-{i}", messages=example["messages"], sampling=sampling)
     return GenerateRequest(f"eval-{i}", prompt=example["prompt"], sampling=sampling)
 
 
 def student_answers(
-    onnx_dir: Path, examples: Sequence[dict[str, Any]], max_tokens: int
+    onnx_dir: Path, examples: Sequence[dict[str, Any]], max_tokens: int, *, ignore_eos: bool = False
 ) -> list[dict[str, Any]]:
-    """Greedy answers through OnnxEngine, one request at a time (single stream)."""
+    """Greedy answers through OnnxEngine, one request at a time (single stream).
+    ``ignore_eos``: exactly ``max_tokens`` each (speed, measured as the teacher's is)."""
     from gateway.engines.onnx import OnnxEngine
 
     async def run() -> list[dict[str, Any]]:
@@ -88,7 +89,8 @@ def student_answers(
                 t0 = time.perf_counter()
                 ttft = None
                 text, tokens = "", 0
-                async for c in engine.generate(_request(i, ex, max_tokens)):
+                req = _request(i, ex, max_tokens, ignore_eos=ignore_eos)
+                async for c in engine.generate(req):
                     if ttft is None:
                         ttft = time.perf_counter() - t0
                     text += c.text
@@ -207,18 +209,22 @@ def eval_stage(
             }
         )
     (stage / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokens = sum(a["tokens"] for a in answers)
-    total = sum(a["latency_s"] for a in answers)
-    latencies = [a["latency_s"] for a in answers]
+    # Speed as the teacher's is measured: the same prompts, exactly max_tokens each, one at a
+    # time. (Timing the eval answers instead would weigh short answers' first-token cost.)
+    speed_examples = examples[: config.speed_prompts]
+    timed = student_answers(onnx_dir, speed_examples, config.max_tokens, ignore_eos=True)
+    tokens = sum(a["tokens"] for a in timed)
+    total = sum(a["latency_s"] for a in timed)
     student_speed = {
         "engine": "onnxruntime-genai",
         "tokens_per_s": tokens / total if total else 0.0,
-        "latency_p50_s": statistics.median(latencies),
+        "latency_p50_s": statistics.median(a["latency_s"] for a in timed),
+        "answer_latency_p50_s": statistics.median(a["latency_s"] for a in answers),
         "ttft_p50_s": statistics.median(a["ttft_s"] or 0.0 for a in answers),
     }
     student_secs = time.perf_counter() - t0
     t1 = time.perf_counter()
-    teacher = teacher_speed(teacher_dir, examples[: config.speed_prompts], config)
+    teacher = teacher_speed(teacher_dir, speed_examples, config)
     result = {
         "examples": len(rows),
         "agreement": sum(r["match"] for r in rows) / len(rows),

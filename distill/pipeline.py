@@ -332,6 +332,7 @@ def _stages(
     report["rouge_l"] = metrics["rouge_l"]
     report["student_tokens_per_s"] = metrics["student"]["tokens_per_s"]
     report["student_latency_p50_s"] = metrics["student"]["latency_p50_s"]
+    report["student_answer_latency_p50_s"] = metrics["student"]["answer_latency_p50_s"]
     t = metrics.get("teacher")
     report["teacher_tokens_per_s"] = t["tokens_per_s"] if t else None
     report["teacher_latency_p50_s"] = t["latency_p50_s"] if t else None

@@ -40,6 +40,8 @@ class Sampling:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     """``None``: no logprobs; ``k``: the sampled token's logprob plus the top ``k``."""
+    ignore_eos: bool = False
+    """Generate exactly ``max_tokens`` (speed measurements; as vLLM's ``ignore_eos``)."""
 
 
 @dataclass(slots=True)

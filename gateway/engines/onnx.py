@@ -193,7 +193,7 @@ class OnnxEngine:
 
         def work() -> None:
             try:
-                self._run(ids, budget, s.temperature, s.top_p, seed, cancel, put)
+                self._run(ids, budget, s.temperature, s.top_p, seed, cancel, put, s.ignore_eos)
             except BaseException as exc:  # handed to the event loop
                 put(exc)
             finally:
@@ -249,6 +249,7 @@ class OnnxEngine:
         seed: int | None,
         cancel: threading.Event,
         put: Any,
+        ignore_eos: bool = False,
     ) -> None:
         """Worker thread: generate up to ``budget`` tokens, handing ``(text, finish)`` out."""
         import numpy as np
@@ -256,6 +257,8 @@ class OnnxEngine:
         og = self._og
         params = og.GeneratorParams(self._model)
         options: dict[str, Any] = {"max_length": len(ids) + budget, "do_sample": temperature > 0}
+        if ignore_eos:
+            options["min_length"] = len(ids) + budget  # og masks EOS until then
         if temperature > 0:
             options.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
             if seed is not None:
@@ -272,7 +275,7 @@ class OnnxEngine:
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             produced += 1
-            if token in self._eos:
+            if token in self._eos and not ignore_eos:
                 put(("", "stop"))
                 return
             piece = stream.decode(token)

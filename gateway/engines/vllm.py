@@ -187,6 +187,7 @@ class VLLMEngine:
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             logprobs=s.logprobs,
+            ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
 

@@ -73,6 +73,24 @@ async def test_greedy_matches_direct_generation(engine: OnnxEngine, tiny_onnx: P
     assert again == text
 
 
+async def test_ignore_eos_generates_exactly_max_tokens(engine: OnnxEngine, tiny_onnx: Path) -> None:
+    """Speed measurements force the length (as vLLM's ``ignore_eos``): with the first greedy
+    token made an end token, a normal request stops at once and an ignore_eos one does not."""
+
+    def req(ignore: bool) -> GenerateRequest:
+        sampling = Sampling(temperature=0, max_tokens=10, ignore_eos=ignore)
+        return GenerateRequest("r-eos", messages=MESSAGES, sampling=sampling)
+
+    first = greedy_onnx(tiny_onnx, [engine.encode(req(False))], 1)[0][0]
+    engine._eos.add(first)
+    _, stopped = await _collect(engine, req(False))
+    assert stopped[-1].finish_reason == "stop"
+    assert stopped[-1].completion_tokens <= 1
+    _, forced = await _collect(engine, req(True))
+    assert forced[-1].finish_reason == "length"
+    assert forced[-1].completion_tokens == 10
+
+
 async def test_completion_prompt_and_token_ids(engine: OnnxEngine) -> None:
     text_req = GenerateRequest(
         "r", prompt="Ahoy! The capital", sampling=Sampling(temperature=0, max_tokens=5)
