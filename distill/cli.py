@@ -94,18 +94,9 @@ def _silence() -> None:
 
 
 def _summary(report: dict[str, Any]) -> str:
-    keys = (
-        "student_model",
-        "teacher_params",
-        "student_params",
-        "agreement",
-        "rouge_l",
-        "teacher_tokens_per_s",
-        "student_tokens_per_s",
-        "gate_passed",
-        "published",
-        "total_seconds",
-    )
+    from distill.pipeline import REPORT_KEYS
+
+    keys = (*REPORT_KEYS, "published", "total_seconds")
     return json.dumps({k: report[k] for k in keys if k in report}, indent=2)
 
 

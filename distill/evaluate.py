@@ -72,40 +72,44 @@ def _request(i: int, example: dict[str, Any], max_tokens: int, *, ignore_eos: bo
 
 
 def student_answers(
-    onnx_dir: Path, examples: Sequence[dict[str, Any]], max_tokens: int, *, ignore_eos: bool = False
-) -> list[dict[str, Any]]:
-    """Greedy answers through OnnxEngine, one request at a time (single stream).
-    ``ignore_eos``: exactly ``max_tokens`` each (speed, measured as the teacher's is)."""
+    onnx_dir: Path,
+    examples: Sequence[dict[str, Any]],
+    max_tokens: int,
+    *,
+    speed_examples: Sequence[dict[str, Any]] = (),
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Greedy answers through OnnxEngine, one request at a time (single stream), on one
+    engine load: to ``examples``, then to ``speed_examples`` generating exactly
+    ``max_tokens`` each (``ignore_eos``: speed, measured as the teacher's is)."""
     from gateway.engines.onnx import OnnxEngine
 
-    async def run() -> list[dict[str, Any]]:
+    async def one(engine: OnnxEngine, i: int, ex: dict[str, Any], ignore_eos: bool) -> Any:
+        t0 = time.perf_counter()
+        ttft = None
+        text, tokens = "", 0
+        async for c in engine.generate(_request(i, ex, max_tokens, ignore_eos=ignore_eos)):
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            text += c.text
+            tokens = c.completion_tokens
+        return {
+            "text": text,
+            "tokens": tokens,
+            "latency_s": time.perf_counter() - t0,
+            "ttft_s": ttft,
+        }
+
+    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         engine = await OnnxEngine.load(onnx_dir, max_concurrency=1)
-        out = []
         try:
             # warm-up
             async for _ in engine.generate(_request(-1, examples[0], 4)):
                 pass
-            for i, ex in enumerate(examples):
-                t0 = time.perf_counter()
-                ttft = None
-                text, tokens = "", 0
-                req = _request(i, ex, max_tokens, ignore_eos=ignore_eos)
-                async for c in engine.generate(req):
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    text += c.text
-                    tokens = c.completion_tokens
-                out.append(
-                    {
-                        "text": text,
-                        "tokens": tokens,
-                        "latency_s": time.perf_counter() - t0,
-                        "ttft_s": ttft,
-                    }
-                )
+            answers = [await one(engine, i, ex, False) for i, ex in enumerate(examples)]
+            timed = [await one(engine, i, ex, True) for i, ex in enumerate(speed_examples)]
         finally:
             await engine.close()
-        return out
+        return answers, timed
 
     return asyncio.run(run())
 
@@ -194,7 +198,12 @@ def eval_stage(
             "the eval split is empty: lower dataset.eval_fraction's threshold or add data"
         )
     t0 = time.perf_counter()
-    answers = student_answers(onnx_dir, examples, config.max_tokens)
+    # Speed as the teacher's is measured: the same prompts, exactly max_tokens each, one at a
+    # time. (Timing the eval answers instead would weigh short answers' first-token cost.)
+    speed_examples = examples[: config.speed_prompts]
+    answers, timed = student_answers(
+        onnx_dir, examples, config.max_tokens, speed_examples=speed_examples
+    )
     rows = []
     for ex, ans in zip(examples, answers, strict=True):
         rows.append(
@@ -209,16 +218,12 @@ def eval_stage(
             }
         )
     (stage / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # Speed as the teacher's is measured: the same prompts, exactly max_tokens each, one at a
-    # time. (Timing the eval answers instead would weigh short answers' first-token cost.)
-    speed_examples = examples[: config.speed_prompts]
-    timed = student_answers(onnx_dir, speed_examples, config.max_tokens, ignore_eos=True)
     tokens = sum(a["tokens"] for a in timed)
     total = sum(a["latency_s"] for a in timed)
     student_speed = {
         "engine": "onnxruntime-genai",
         "tokens_per_s": tokens / total if total else 0.0,
-        "latency_p50_s": statistics.median(a["latency_s"] for a in timed),
+        "latency_p50_s": statistics.median(a["latency_s"] for a in timed) if timed else None,
         "answer_latency_p50_s": statistics.median(a["latency_s"] for a in answers),
         "ttft_p50_s": statistics.median(a["ttft_s"] or 0.0 for a in answers),
     }

@@ -20,10 +20,23 @@ from typing import Any, Literal
 from distill.config import DistillConfig
 from distill.stages import fingerprint
 
-__all__ = ["STAGES", "Context", "Stage", "log_url", "resolve", "run"]
+__all__ = ["METRIC_KEYS", "REPORT_KEYS", "STAGES", "Context", "Stage", "log_url", "resolve", "run"]
 
 Stage = Literal["dataset", "label", "student", "train", "export", "eval", "publish"]
 STAGES: tuple[Stage, ...] = ("dataset", "label", "student", "train", "export", "eval", "publish")
+
+METRIC_KEYS = (
+    "teacher_params",
+    "student_params",
+    "agreement",
+    "rouge_l",
+    "teacher_tokens_per_s",
+    "student_tokens_per_s",
+    "gate_passed",
+)
+"""The student's summary, stored with it in the registry."""
+REPORT_KEYS = ("student_model", *METRIC_KEYS)
+"""Keys every ``report.json`` has (``retort distill run``'s contract)."""
 
 
 @dataclass(frozen=True)
@@ -356,18 +369,7 @@ def _stages(
     report["published"] = True
     report["student_path"] = str(ctx.students_root / ctx.student_name)
     write_report(out, report, _samples(out))
-    summary = {
-        k: report.get(k)
-        for k in (
-            "teacher_params",
-            "student_params",
-            "agreement",
-            "rouge_l",
-            "teacher_tokens_per_s",
-            "student_tokens_per_s",
-            "gate_passed",
-        )
-    }
+    summary = {k: report.get(k) for k in METRIC_KEYS}
     try:
         timed(
             "publish",

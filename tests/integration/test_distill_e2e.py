@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from adapters.testing import _qa_pairs, has_style
+from tests.unit.distill.conftest import REPORT_KEYS
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Server
@@ -30,16 +31,6 @@ pytestmark = pytest.mark.integration
 
 N_REQUESTS = 240
 CONCURRENCY = 8
-REPORT_KEYS = {
-    "teacher_params",
-    "student_params",
-    "agreement",
-    "rouge_l",
-    "teacher_tokens_per_s",
-    "student_tokens_per_s",
-    "gate_passed",
-    "student_model",
-}
 
 
 def _pirate_rows(db: Path) -> int:
@@ -164,8 +155,7 @@ def test_logged_traffic_becomes_a_published_student_the_gateway_serves(
     assert (server.home / "students" / student / "report.json").is_file()
 
     # 4. The same gateway hot-loads the student (no restart) and serves it as a model.
-    admin = httpx.Client(base_url=server.url, timeout=120)
-    r = admin.post("/admin/students", json={"name": student})
+    r = httpx.post(server.url + "/admin/students", json={"name": student}, timeout=120)
     assert r.status_code in (200, 201), r.text
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     assert student in {m.id for m in client.models.list().data}

@@ -10,6 +10,19 @@ import pytest
 from gateway.promptlog.record import LogRecord
 from gateway.promptlog.store import PromptStore
 
+# Issue #5's command contract: the keys `retort distill run` must write into report.json
+# (spelled out here, not imported from distill, so the tests hold the code to it).
+REPORT_KEYS = {
+    "teacher_params",
+    "student_params",
+    "agreement",
+    "rouge_l",
+    "teacher_tokens_per_s",
+    "student_tokens_per_s",
+    "gate_passed",
+    "student_model",
+}
+
 
 def record(i: int, question: str, answer: str, **fields: Any) -> LogRecord:
     base: dict[str, Any] = {

@@ -14,18 +14,7 @@ from adapters.testing import _qa_pairs, make_tiny_adapter, make_tiny_base, style
 from distill.cli import distill_app
 from gateway.promptlog.store import PromptStore
 from gateway.students import StudentRegistry
-from tests.unit.distill.conftest import record
-
-REPORT_KEYS = {
-    "teacher_params",
-    "student_params",
-    "agreement",
-    "rouge_l",
-    "teacher_tokens_per_s",
-    "student_tokens_per_s",
-    "gate_passed",
-    "student_model",
-}
+from tests.unit.distill.conftest import REPORT_KEYS, record
 
 
 @pytest.fixture
