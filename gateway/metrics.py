@@ -247,6 +247,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.structured_output_failures_total = Counter(
+            "structured_output_failures",
+            "Answers whose constrained output did not parse (JSON cut by max_tokens, or no "
+            "tool call found), by kind (json_schema, json_object, tool_call).",
+            ("model", "kind"),
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self._dropped = {
             reason: self.promptlog_dropped_total.labels(reason) for reason in DROP_REASONS
         }
@@ -254,6 +262,9 @@ class Metrics:
         self._inflight: dict[str, Gauge] = {}
 
     # -- requests -------------------------------------------------------------------------
+
+    def structured_output_failed(self, model: str, kind: str) -> None:
+        self.structured_output_failures_total.labels(model, kind).inc()
 
     def _request_children(
         self, model: str, adapter: str, status: str, key_id: str | None

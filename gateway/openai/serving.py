@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from litestar.types import Send
 
     from gateway.auth import KeyInfo, Lease
-    from gateway.openai.protocol import _SamplingFields
+    from gateway.openai.protocol import SamplingFields
     from gateway.routing import Route
     from gateway.state import Gateway
 
@@ -218,7 +218,7 @@ def request_info(
     gw: Gateway,
     request: Request[Any, Any, Any],
     endpoint: Literal["chat", "completions"],
-    data: _SamplingFields,
+    data: SamplingFields,
     *,
     messages: list[dict[str, str]] | None = None,
     prompt: str | list[int] | None = None,
@@ -374,6 +374,7 @@ async def start(
     *,
     sampling: Sampling,
     id_prefix: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Started:
     """Admit the request (drain, limits), resolve the model, submit it to its engine and
     wait for the first chunk. Failures after admission are logged, flagged as failed."""
@@ -385,7 +386,10 @@ async def start(
     route: Route | None = None
     it: AsyncIterator[Chunk] | None = None
     try:
-        route = await routes.resolve(model)
+        # Constrained, biased or tool requests stay on the engine that honours them: a
+        # traffic split never sends them to a student.
+        plain = sampling.constraint is None and not sampling.logit_bias and not tools
+        route = await routes.resolve(model, split=plain)
         if not route.engine.ready():
             raise ServiceUnavailableError("The engine is not ready.")
         engine_id = info.request_id if info.id_generated else uuid.uuid4().hex
@@ -393,6 +397,7 @@ async def start(
             request_id=engine_id,
             prompt=info.prompt,
             messages=info.messages,
+            tools=tools,
             sampling=sampling,
             adapter=route.adapter,
         )
@@ -518,7 +523,9 @@ async def stream_events(
         async for c in started.chunks():
             prompt_tokens = c.prompt_tokens
             completion[c.index] = c.completion_tokens
-            yield render(c)
+            event = render(c)
+            if event:
+                yield event
         if usage_event is not None:
             yield usage_event(usage_of(prompt_tokens, completion))
     except (anyio.get_cancelled_exc_class(), GeneratorExit):
