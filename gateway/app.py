@@ -28,7 +28,7 @@ from gateway.feedback import feedback
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
-from gateway.openai.models import list_models
+from gateway.openai.models import list_models, retrieve_model
 from gateway.pricing import Pricer
 from gateway.promptlog import PromptLog
 from gateway.requestid import add_request_id_header
@@ -268,6 +268,7 @@ def create_app(
             chat_completions,
             completions,
             list_models,
+            retrieve_model,
             feedback,
             health,
             ready,

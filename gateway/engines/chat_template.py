@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["HERMES_SYSTEM", "render_tools"]
+__all__ = ["HERMES_SYSTEM", "render_tools", "tool_spec"]
 
 HERMES_SYSTEM = (
     "You are a function calling AI model. You are provided with function signatures within "
@@ -23,6 +23,20 @@ HERMES_SYSTEM = (
     '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>\n'
     "<tools>\n{tools}\n</tools>"
 )
+
+
+def tool_spec(tool: dict[str, Any]) -> dict[str, Any]:
+    """A function tool as it is rendered: name, description when given, and parameters
+    (an empty object schema when none). The one shape for serving and for the log's
+    export, so a student is trained on the prompt its teacher saw."""
+    f = tool.get("function") or {}
+    fn: dict[str, Any] = {
+        "name": f.get("name"),
+        "parameters": f.get("parameters") or {"type": "object"},
+    }
+    if f.get("description") is not None:
+        fn["description"] = f["description"]
+    return {"type": "function", "function": fn}
 
 
 def _call_text(call: dict[str, Any]) -> str:

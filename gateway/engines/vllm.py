@@ -107,9 +107,10 @@ def _structured(c: OutputConstraint | None) -> Any:
     """vLLM's structured outputs (grammar-constrained decoding) for a constraint."""
     if c is None:
         return None
+    # Compact JSON: a small model given free whitespace can spend its budget on it.
     if c.json_schema is None:
-        return StructuredOutputsParams(json_object=True)
-    return StructuredOutputsParams(json=dict(c.json_schema))
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    return StructuredOutputsParams(json=dict(c.json_schema), disable_any_whitespace=True)
 
 
 def _on_cpu() -> bool:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from gateway.engines.base import OutputConstraint
+from gateway.engines.chat_template import tool_spec
 from gateway.openai.protocol import (
     DeltaFunction,
     DeltaToolCall,
@@ -265,10 +266,7 @@ def plan_output(req: ChatCompletionRequest, parser: str | None) -> OutputPlan:
         seen.add(f.name)
         if f.parameters is not None:
             check_schema(f.parameters, f"tools[{i}].function.parameters")
-        fn: dict[str, Any] = {"name": f.name, "parameters": f.parameters or {"type": "object"}}
-        if f.description is not None:
-            fn["description"] = f.description
-        tools.append({"type": "function", "function": fn})
+        tools.append(tool_spec(msgspec.to_builtins(t)))
     parallel = req.parallel_tool_calls is not False
 
     if choice == "none":

@@ -112,7 +112,8 @@ def test_named_choice_constrains_to_the_parameters() -> None:
     assert plan.constraint is not None
     assert plan.constraint.json_schema == WEATHER["function"]["parameters"]  # type: ignore[index]
     assert plan.constraint.param == "tool_choice"
-    assert plan.tools is not None and len(plan.tools) == 2
+    assert plan.tools is not None
+    assert len(plan.tools) == 2
 
 
 def test_required_builds_an_array_of_calls() -> None:
@@ -259,10 +260,12 @@ def test_stream_named_call_streams_its_arguments() -> None:
     ts = ToolStream(plan)
     _, first = ts.feed('{"ci')
     assert first is not None
-    assert first[0].id is not None and first[0].function is not None
+    assert first[0].id is not None
+    assert first[0].function is not None
     assert first[0].function.name == "get_weather"
     _, second = ts.feed('ty": "X"}')
-    assert second is not None and second[0].id is None  # later fragments carry no id
+    assert second is not None
+    assert second[0].id is None
     out = _run(plan, ['{"ci', 'ty": ', '"X"}'])
     assert json.loads(out["calls"][0]["arguments"]) == {"city": "X"}
     assert out["finish"] == "stop"
@@ -341,12 +344,15 @@ def test_round_trip_messages_render_for_templates_without_tools() -> None:
     plan = plan_output(r, "hermes")
     out, tools = render_tools(msgs, plan.tools, template_takes_tools=False)
     assert tools is None
-    assert out[0]["role"] == "system" and "get_weather" in out[0]["content"]
-    assert "<tool_call>" in out[2]["content"] and "Paris" in out[2]["content"]
+    assert out[0]["role"] == "system"
+    assert "get_weather" in out[0]["content"]
+    assert "<tool_call>" in out[2]["content"]
+    assert "Paris" in out[2]["content"]
     assert out[3] == {"role": "tool", "content": "<tool_response>\n18C\n</tool_response>"}
     # Templates that know tools get them as they are.
     same, tools2 = render_tools(msgs, plan.tools, template_takes_tools=True)
-    assert same is msgs and tools2 == plan.tools
+    assert same is msgs
+    assert tools2 == plan.tools
 
 
 def test_bad_round_trip_messages_are_refused() -> None:
