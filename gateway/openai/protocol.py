@@ -328,28 +328,50 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 class CompletionRequest(SamplingFields, kw_only=True):
     """``CreateCompletionRequest``: one prompt string (or one token list)."""
 
-    prompt: str | Annotated[list[str | int], Meta(min_length=1)]
-    """A string, a one-string list, or a list of token ids. Batches are not supported."""
+    prompt: str | Annotated[list[Any], Meta(min_length=1)]
+    """A string, a list of token ids, or a batch: a list of strings or of token-id lists."""
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     echo: bool | None = False
     max_tokens: NonNegInt | None = 16
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refused(self) -> str | None:
+        if self.suffix:
+            return "suffix"
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of"
+        return None
 
     def to_sampling(self) -> Sampling:
         return self._sampling(self.max_tokens, self.logprobs)
 
-    def prompt_input(self) -> str | list[int]:
-        """The single prompt; raises ``ValueError`` for batches or mixed lists."""
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts: one for a string or a token list, several for a batch. Raises
+        :class:`PromptError` for mixed or malformed lists."""
         p = self.prompt
         if isinstance(p, str):
-            return p
-        if all(isinstance(t, int) for t in p):
-            return [int(t) for t in p]
-        if len(p) == 1 and isinstance(p[0], str):
-            return p[0]
+            return [p]
+        if all(_is_token(t) for t in p):
+            return [[int(t) for t in p]]
+        if len(p) > MAX_BATCH_PROMPTS:
+            raise PromptError(f"a batch holds at most {MAX_BATCH_PROMPTS} prompts, got {len(p)}")
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(isinstance(x, list) and x and all(_is_token(t) for t in x) for x in p):
+            return [[int(t) for t in x] for x in p]
         raise PromptError(
-            "`prompt` must be a string, a list holding one string, or a list of token ids; "
-            "batched prompts are not supported: send one request per prompt"
+            "`prompt` must be a string, a list of token ids, a list of strings, "
+            "or a list of token-id lists"
         )
+
+
+MAX_BATCH_PROMPTS = 64
+"""Prompts in one batched completion request (each is an engine request)."""
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
 
 
 class PromptError(ValueError):
@@ -375,7 +397,7 @@ REFUSED_FIELDS: dict[str, tuple[str, ...]] = {
         "reasoning_effort",
         "verbosity",
     ),
-    "completions": ("suffix", "best_of"),
+    "completions": ("suffix", "best_of"),  # best_of only when it differs from n
 }
 """OpenAI request fields that change the output and that this gateway does not honour.
 A request that sets one gets a 400 (``code: unsupported_parameter``) naming it; every other

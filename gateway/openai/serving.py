@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 import msgspec
@@ -48,6 +48,7 @@ __all__ = [
     "DONE",
     "KEY_STATE",
     "Aggregate",
+    "Generation",
     "RequestInfo",
     "SSEStream",
     "Started",
@@ -475,7 +476,20 @@ class Aggregate:
         return "".join(self.texts[i])
 
 
-async def aggregate(started: Started) -> Aggregate:
+class Generation(Protocol):
+    """What the encoders read: a :class:`Started` or a batch of them."""
+
+    sampling: Sampling
+    failed: bool
+
+    def chunks(self) -> AsyncIterator[Chunk]: ...
+
+    def aborted(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def aggregate(started: Generation) -> Aggregate:
     n = started.sampling.n
     agg = Aggregate(
         texts=[[] for _ in range(n)],
@@ -508,7 +522,7 @@ def usage_of(prompt_tokens: int, completion: list[int]) -> Usage:
 
 
 async def stream_events(
-    started: Started,
+    started: Generation,
     render: Callable[[Chunk], bytes],
     *,
     prologue: list[bytes] | None = None,

@@ -11,7 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tests.openai_schema import assert_valid
 
@@ -58,9 +58,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 class City(BaseModel):
-    name: str
-    country: str
-    population: int
+    name: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+    population: int = Field(ge=0, le=100_000_000)
 
 
 CITY_SCHEMA = {
@@ -89,7 +89,7 @@ def test_parse_with_a_pydantic_model(client: openai.OpenAI, server: Server) -> N
         model=server.model,
         messages=[{"role": "user", "content": "Describe Paris."}],
         response_format=City,
-        max_tokens=80,
+        max_tokens=120,
         temperature=0,
     )
     msg = r.choices[0].message
