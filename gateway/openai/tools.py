@@ -68,6 +68,8 @@ def check_schema(schema: dict[str, Any], param: str) -> None:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
         raise ParamError(f"Invalid JSON schema: {exc.message}", param=param) from None
+    except Exception as exc:  # an unknown $schema dialect, a broken reference, ...
+        raise ParamError(f"Invalid JSON schema: {exc}", param=param) from None
 
 
 # ---------------------------------------------------------------- parsers (tool_choice auto)

@@ -335,3 +335,16 @@ def test_retrieve_model(client: openai.OpenAI, server: Server) -> None:
     assert_valid("Model", httpx.get(f"{server.url}/v1/models/{server.model}").json())
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+def test_batched_prompts(client: openai.OpenAI, server: Server) -> None:
+    prompts = ["The capital of France is", "One, two, three,"]
+    r = client.completions.create(
+        model=server.model, prompt=prompts, max_tokens=4, temperature=0, n=1
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    for i, p in enumerate(prompts):
+        alone = client.completions.create(model=server.model, prompt=p, max_tokens=4, temperature=0)
+        assert r.choices[i].text == alone.choices[0].text
+    assert r.usage is not None
+    assert r.usage.completion_tokens == 8
