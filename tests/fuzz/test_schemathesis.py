@@ -56,7 +56,7 @@ schema.config.generation.update(
 seen: Counter[str] = Counter()
 
 
-@schema.include(path_regex="^/v1/(chat/completions|completions|models)$").parametrize()
+@schema.include(path_regex="^/v1/(chat/completions|completions|models(/.*)?)$").parametrize()
 @settings(
     max_examples=EXAMPLES_PER_OPERATION,
     deadline=None,
