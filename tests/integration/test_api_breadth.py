@@ -348,3 +348,26 @@ def test_batched_prompts(client: openai.OpenAI, server: Server) -> None:
         assert r.choices[i].text == alone.choices[0].text
     assert r.usage is not None
     assert r.usage.completion_tokens == 8
+
+
+def test_adapters_get_structured_outputs_and_tools(
+    client: openai.OpenAI, server: Server, pirate: str
+) -> None:
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}}
+    r = client.chat.completions.create(
+        model=pirate,
+        messages=[{"role": "user", "content": "A city as JSON."}],
+        response_format=fmt,
+        max_tokens=80,
+    )
+    assert r.model == pirate
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), CITY_SCHEMA)
+    r = client.chat.completions.create(
+        model=pirate,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+    )
+    call = (r.choices[0].message.tool_calls or [])[0]
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMS)
