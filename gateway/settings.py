@@ -19,6 +19,7 @@ from gateway.auth import AuthSettings, LimitsSettings
 from gateway.metrics import MetricsSettings
 from gateway.pricing import PricingSettings
 from gateway.promptlog.settings import PromptLogSettings
+from gateway.shadow import ShadowSettings
 from gateway.studentpool import StudentsSettings
 
 __all__ = [
@@ -126,6 +127,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     students: StudentsSettings = msgspec.field(default_factory=StudentsSettings)
+    shadow: ShadowSettings = msgspec.field(default_factory=ShadowSettings)
 
     @property
     def students_path(self) -> Path:

@@ -175,44 +175,42 @@ class RequestInfo:
         latency_s: float = 0.0,
         cost_usd: float = 0.0,
         error: str | None = None,
-    ) -> None:
-        """Queue this request's log record (a no-op unless it is captured)."""
+    ) -> LogRecord | None:
+        """Queue this request's log record (a no-op unless it is captured); returns it."""
         plog = gw.promptlog
         if not self.capture or plog is None:
-            return
+            return None
         prompt = self.prompt
         if isinstance(prompt, list):
             prompt = None
             params = {**self.params, "prompt_token_ids": self.prompt}
         else:
             params = self.params
-        plog.submit(
-            LogRecord(
-                request_id=self.request_id,
-                created=self.created,
-                model=model,
-                endpoint=self.endpoint,
-                key_id=self.key_id,
-                adapter=route.adapter if route is not None else None,
-                served_by="student"
-                if route is not None and route.served_by == "student"
-                else "engine",
-                messages=self.messages,
-                prompt=prompt,
-                params=params,
-                completion=completion,
-                finish_reason=finish_reason,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                ttft_s=ttft_s,
-                latency_s=latency_s,
-                cost_usd=cost_usd,
-                status="error" if error is not None else "ok",
-                error=error,
-                tags=self.tags,
-                user=self.user,
-            )
+        record = LogRecord(
+            request_id=self.request_id,
+            created=self.created,
+            model=model,
+            endpoint=self.endpoint,
+            key_id=self.key_id,
+            adapter=route.adapter if route is not None else None,
+            served_by="student" if route is not None and route.served_by == "student" else "engine",
+            messages=self.messages,
+            prompt=prompt,
+            params=params,
+            completion=completion,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttft_s=ttft_s,
+            latency_s=latency_s,
+            cost_usd=cost_usd,
+            status="error" if error is not None else "ok",
+            error=error,
+            tags=self.tags,
+            user=self.user,
         )
+        plog.submit(record)
+        return record
 
 
 def request_info(
@@ -346,7 +344,7 @@ class Started:
                         self.cost_usd,
                         self.info.key_id,
                     )
-                self.info.record(
+                record = self.info.record(
                     gw,
                     model=self.model,
                     route=route,
@@ -359,6 +357,16 @@ class Started:
                     cost_usd=self.cost_usd,
                     error=self.error if self.failed else None,
                 )
+                if record is not None and gw.shadow is not None:
+                    s = self.sampling
+                    gw.shadow.submit(
+                        record,
+                        s,
+                        shadowable=s.constraint is None
+                        and not s.logit_bias
+                        and s.logprobs is None
+                        and "tools" not in record.params,
+                    )
             finally:
                 route.lease.release()
                 gw.request_finished()

@@ -43,6 +43,8 @@ class PromptLog:
         self.store = store
         self.writer = writer
         self.policy = CapturePolicy.from_settings(settings)
+        self.redactor: Redactor | None = None
+        """The log's redaction, for what is stored beside it (shadow pairs)."""
         self._retention: asyncio.Task[None] | None = None
 
     @classmethod
@@ -76,6 +78,7 @@ class PromptLog:
         )
         writer.start()
         self = cls(settings, store=store, writer=writer)
+        self.redactor = redactor
         if settings.retention_days:
             self._retention = asyncio.create_task(
                 run_retention(store, settings.retention_days, interval_s=settings.purge_interval_s),
