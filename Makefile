@@ -37,8 +37,8 @@ test: $(STAMP)
 	@$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	@$(VENV)/bin/ruff check gateway adapters distill loadtest tests
-	@$(VENV)/bin/ruff format --check gateway adapters distill loadtest tests
+	@$(VENV)/bin/ruff check retort gateway adapters distill loadtest tests
+	@$(VENV)/bin/ruff format --check retort gateway adapters distill loadtest tests
 	@$(VENV)/bin/mypy
 
 bench: $(STAMP)

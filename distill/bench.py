@@ -210,9 +210,9 @@ def _populate(
     task: str,
 ) -> dict[str, Any]:
     from distill.teacher import merge_teacher, run_vllm
-    from gateway.promptlog.record import LogRecord
-    from gateway.promptlog.settings import default_url
-    from gateway.promptlog.store import PromptStore
+    from retort.db.record import LogRecord
+    from retort.db.store import PromptStore
+    from retort.settings import default_url
 
     url = default_url(home)
     marker = home / "populated.json"
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from distill.config import load_config
     from distill.pipeline import run
-    from gateway.models import DEFAULT_MODEL_NAME, pull_default
+    from retort.models import DEFAULT_MODEL_NAME, pull_default
 
     work = args.work.resolve()
     home = work / "home"

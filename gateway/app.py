@@ -63,7 +63,7 @@ def build_engine(settings: Settings) -> Engine:
             token_delay_s=eng.fake_token_delay_s,
         )
     from gateway.engines.vllm import VLLMEngine
-    from gateway.models import resolve_model
+    from retort.models import resolve_model
 
     model = resolve_model(settings.model.path, settings.home_path)
     return VLLMEngine.start(eng, model, served_model_name(settings))
@@ -75,7 +75,7 @@ def build_adapter_manager(settings: Settings, engine: Engine) -> AdapterManager:
 
     base_path = None
     if settings.engine.kind != "fake":
-        from gateway.models import resolve_model
+        from retort.models import resolve_model
 
         candidate = Path(resolve_model(settings.model.path, settings.home_path))
         base_path = candidate if candidate.is_dir() else None
@@ -101,7 +101,7 @@ def served_model_name(settings: Settings) -> str:
     if settings.model.served_name:
         return settings.model.served_name
     if settings.model.path == "default":
-        from gateway.models import DEFAULT_MODEL_NAME
+        from retort.models import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
     return settings.model.path.rstrip("/").rsplit("/", 1)[-1]

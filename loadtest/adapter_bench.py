@@ -32,8 +32,8 @@ def _pct(values: list[float], q: float) -> float:
 
 def main(out_dir: Path = Path(".bench")) -> dict[str, object]:
     from adapters.testing import make_tiny_adapter
-    from gateway.models import DEFAULT_MODEL_NAME, pull_default
-    from gateway.settings import default_home
+    from retort.models import DEFAULT_MODEL_NAME, pull_default
+    from retort.settings import default_home
 
     model_dir = pull_default(default_home())
     tmp = Path(tempfile.mkdtemp(prefix="retort-adapter-bench-"))

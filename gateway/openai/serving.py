@@ -29,8 +29,8 @@ from gateway.engines.base import (
 from gateway.errors import BadRequestError, ServiceUnavailableError, to_api_error
 from gateway.openai.protocol import ErrorBody, ErrorResponse, Usage, encode
 from gateway.promptlog.policy import LOG_HEADER, TAGS_HEADER, parse_tags
-from gateway.promptlog.record import LogRecord
 from gateway.requestid import request_id
+from retort.db.record import LogRecord
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable

@@ -17,8 +17,8 @@ import pytest
 
 from adapters.testing import STYLE_RECIPE, make_style_dataset
 from adapters.train import TrainConfig, train
-from gateway.models import DEFAULT_MODEL_NAME, pull_default
-from gateway.settings import default_home
+from retort.models import DEFAULT_MODEL_NAME, pull_default
+from retort.settings import default_home
 
 READY_TIMEOUT_S = 900  # the first start on a fresh machine compiles the model (~2 min)
 

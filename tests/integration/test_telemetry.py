@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from adapters.testing import make_tiny_adapter
-from gateway.promptlog import PromptStore
+from retort.db.store import PromptStore
 from tests.integration.conftest import free_port
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from adapters.testing import _qa_pairs, make_tiny_adapter, make_tiny_base, style_answer
 from distill.cli import distill_app
-from gateway.promptlog.store import PromptStore
 from gateway.students import StudentRegistry
+from retort.db.store import PromptStore
 from tests.unit.distill.conftest import REPORT_KEYS, record
 
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from gateway.auth import hash_key
-from gateway.promptlog import PromptStore
+from retort.db.store import PromptStore
 
 MODEL = "fake-model"
 READY_TIMEOUT_S = 60.0

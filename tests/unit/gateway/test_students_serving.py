@@ -14,10 +14,11 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
-from gateway.promptlog import PromptLogSettings, PromptStore
+from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
 from gateway.studentpool import StudentsSettings, TrafficSplit
 from gateway.students import StudentRegistry
+from retort.db.store import PromptStore
 from tests.openai_schema import assert_valid
 
 pytest.importorskip("onnxruntime_genai")

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.promptlog.record import LogRecord
-from gateway.promptlog.store import PromptStore
+from retort.db.record import LogRecord
+from retort.db.store import PromptStore
 from tests.unit.gateway.promptlog.servers import Postgres, postgres_server
 
 

@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import Metrics
-from gateway.promptlog.record import LogRecord
-from gateway.promptlog.store import PromptStore
 from gateway.promptlog.writer import BatchWriter
+from retort.db.record import LogRecord
+from retort.db.store import PromptStore
 from tests.unit.gateway.promptlog.conftest import make_record
 from tests.unit.gateway.promptlog.servers import postgres_server
 
