@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.promptlog.bench import queue_memory, writer_throughput
 from gateway.promptlog.settings import PromptLogSettings
-from loadtest.servers import free_port, gateway_spec, running
+from loadtest.servers import free_port, gateway_spec, postgres_bindir, postgres_server, running
 from loadtest.wrk import lua_script, require_wrk, run_wrk
 
 if TYPE_CHECKING:
@@ -166,13 +166,11 @@ async def _writer(pg_url: str | None) -> tuple[list[dict[str, Any]], dict[str, A
 
 @contextlib.contextmanager
 def _postgres(url: str | None) -> Iterator[str | None]:
-    """``url``; else a throwaway durable Postgres on loopback (the tests' helper) when the
-    Debian ``postgresql`` binaries are here; else ``None`` (SQLite only)."""
+    """``url``; else a throwaway durable Postgres on loopback when the Debian
+    ``postgresql`` binaries are here; else ``None`` (SQLite only)."""
     if url:
         yield url
         return
-    from tests.unit.gateway.promptlog.servers import postgres_bindir, postgres_server
-
     if postgres_bindir() is None:
         yield None
         return

@@ -29,8 +29,9 @@ from gateway.auth import (
     is_loopback,
 )
 from gateway.errors import APIError, error_response, to_api_error
+from loadtest.servers import free_port, redis_server
+from tests.services import service
 from tests.unit.gateway.promptlog.docs import undocumented_fields
-from tests.unit.gateway.promptlog.servers import free_port, redis_server
 
 ROOT = Path(__file__).resolve().parents[3]
 USER_KEY, ADMIN_KEY = "sk-user-0123456789", "sk-admin-0123456789"
@@ -202,7 +203,7 @@ async def test_defaults_apply_to_keys_without_limits(auth: Authenticator) -> Non
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    with redis_server() as url:
+    with service(redis_server()) as url:
         yield url
 
 
