@@ -31,7 +31,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def main(out_dir: Path = Path(".bench")) -> dict[str, object]:
-    from adapters.testing import make_tiny_adapter
+    from adapters.synthetic import make_tiny_adapter
     from retort.models import DEFAULT_MODEL_NAME, pull_default
     from retort.settings import default_home
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.testing import STYLE_RECIPE, make_style_dataset
+from adapters.synthetic import STYLE_RECIPE, make_style_dataset
 from adapters.train import TrainConfig, train
 from loadtest.servers import free_port
 from retort.models import DEFAULT_MODEL_NAME, pull_default

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from adapters.testing import make_tiny_adapter
+from adapters.synthetic import make_tiny_adapter
 from loadtest.servers import prometheus_server
 from retort.db.store import PromptStore
 from tests.services import service

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.testing import make_tiny_base
 from distill.config import StudentConfig
 from distill.student import StudentInitError, count_params, layer_indices, student_stage
+from tests.tiny import make_tiny_base
 
 
 def test_layer_indices() -> None:

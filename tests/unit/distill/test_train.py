@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from adapters.testing import make_style_dataset, make_tiny_base
+from adapters.synthetic import make_style_dataset
 from distill.config import DatasetConfig, StudentConfig, TrainConfig
 from distill.dataset import build_dataset
 from distill.student import student_stage
 from distill.train import train_kd, train_stage
+from tests.tiny import make_tiny_base
 
 
 @pytest.fixture(scope="module")

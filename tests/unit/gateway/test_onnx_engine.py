@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from adapters.testing import make_tiny_base
 from distill.export import build_onnx, greedy_onnx
 from gateway.engines.base import (
     Engine,
@@ -17,6 +16,7 @@ from gateway.engines.base import (
     Sampling,
 )
 from gateway.engines.onnx import OnnxEngine
+from tests.tiny import make_tiny_base
 
 pytest.importorskip("onnxruntime_genai")
 

@@ -28,8 +28,8 @@ CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from adapters.testing import make_tiny_base
     from distill.export import build_onnx
+    from tests.tiny import make_tiny_base
 
     root = tmp_path_factory.mktemp("student-build")
     base = make_tiny_base(root / "tiny", seed=3, hidden_size=64)
