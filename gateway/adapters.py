@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gateway.engines.base import Engine
     from gateway.metrics import Metrics
 
-__all__ = ["AdapterManager", "Lease", "LoadedAdapter"]
+__all__ = ["AdapterLease", "AdapterManager", "LoadedAdapter"]
 
 log = logging.getLogger("retort.adapters")
 
@@ -54,7 +54,7 @@ class LoadedAdapter:
         }
 
 
-class Lease:
+class AdapterLease:
     """Marks one request in flight on an adapter until released (idempotent)."""
 
     __slots__ = ("_adapter", "_released")
@@ -79,7 +79,7 @@ class Lease:
             a.idle.set()
 
 
-NO_LEASE = Lease(None)
+NO_LEASE = AdapterLease(None)
 
 
 class AdapterManager:
@@ -254,7 +254,7 @@ class AdapterManager:
         adapter.pinned = pinned
         return adapter
 
-    async def acquire(self, name: str) -> Lease:
+    async def acquire(self, name: str) -> AdapterLease:
         """Resolve (loading on demand) and mark one request in flight."""
         adapter = await self.ensure_loaded(name)
-        return Lease(adapter)
+        return AdapterLease(adapter)

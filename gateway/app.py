@@ -11,20 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from litestar import Litestar, MediaType, Response, get
+from litestar import Router as RouteGroup
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CollectorRegistry
 
 from gateway.adapters import AdapterManager
-from gateway.admin import ADMIN_HANDLERS
+from gateway.admin import ADMIN_HANDLERS, LORA_HANDLERS
 from gateway.auth import Authenticator, build_rate_limiter
 from gateway.errors import exception_handler
 from gateway.feedback import feedback
+from gateway.guards import admin_guard, api_guard
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
@@ -154,6 +157,14 @@ async def _open_promptlog(gw: Gateway, settings: Settings, metrics: Metrics) -> 
             delay = min(delay * 2, 30.0)
 
 
+@dataclass
+class _Started:
+    """What the lifespan started (and so must stop), as it comes up."""
+
+    engine: Engine | None = None
+    students: StudentPool | None = None
+
+
 async def _watchdog(gw: Gateway, engine: Engine) -> None:
     while True:
         await asyncio.sleep(WATCHDOG_INTERVAL_S)
@@ -194,14 +205,14 @@ def create_app(
         )
         app.state.gateway = gw
         tasks: list[asyncio.Task[None]] = []
-        holder: dict[str, Any] = {}
+        started = _Started()
         if settings.promptlog.enabled:
             tasks.append(asyncio.create_task(_open_promptlog(gw, settings, app_metrics)))
             await asyncio.wait([tasks[-1]], timeout=PROMPTLOG_OPEN_WAIT_S)
 
         async def boot() -> None:
             eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
-            holder["engine"] = eng
+            started.engine = eng
             stats = getattr(eng, "stats", None)
             if callable(stats):
                 app_metrics.engine_stats = stats
@@ -213,7 +224,7 @@ def create_app(
                     await manager.load(name, pinned=True)
                 for name in settings.adapters.preload:
                     await manager.load(name)
-            holder["students"] = students
+            started.students = students
             if settings.students.autoload:
                 loaded = await students.load_all()
                 if loaded:
@@ -254,25 +265,27 @@ def create_app(
                     log.exception("shutdown: closing the prompt log failed")
             with contextlib.suppress(Exception):
                 await limiter.close()
-            pool = holder.get("students")
-            if pool is not None:
+            if started.students is not None:
                 with contextlib.suppress(Exception):
-                    await pool.close()
-            eng = holder.get("engine")
-            if eng is not None and engine is None:
+                    await started.students.close()
+            if started.engine is not None and engine is None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(eng.close(), timeout=30)
+                    await asyncio.wait_for(started.engine.close(), timeout=30)
 
     return Litestar(
         route_handlers=[
-            chat_completions,
-            completions,
-            list_models,
-            feedback,
+            # Guards sit on the groups, never on single handlers.
+            RouteGroup(
+                "/v1",
+                guards=[api_guard],
+                route_handlers=[chat_completions, completions, list_models, feedback],
+            ),
+            # vLLM's adapter endpoints live under /v1 but are administration.
+            RouteGroup("/v1", guards=[admin_guard], route_handlers=LORA_HANDLERS),
+            RouteGroup("/admin", guards=[admin_guard], route_handlers=ADMIN_HANDLERS),
             health,
             ready,
             metrics,
-            *ADMIN_HANDLERS,
         ],
         dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers={Exception: exception_handler},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.adapters import NO_LEASE, Lease
+from gateway.adapters import NO_LEASE, AdapterLease
 from gateway.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ class Route:
     engine: Engine
     adapter: str | None = None
     served_by: str = "engine"
-    lease: Lease = NO_LEASE
+    lease: AdapterLease = NO_LEASE
     """Held while the request is in flight (adapters wait for it before unloading)."""
 
 

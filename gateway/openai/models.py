@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from litestar import Response, get
 
-from gateway.openai.guard import api_guard
 from gateway.openai.protocol import ModelCard, ModelList, encode
 from gateway.state import Gateway
 
 __all__ = ["list_models"]
 
 
-@get("/v1/models", guards=[api_guard], summary="List models")
+@get("/models", summary="List models")
 async def list_models(gateway: Gateway) -> Response[bytes]:
     created = gateway.started_at
     cards = [

@@ -38,6 +38,7 @@ __all__ = [
     "ModelList",
     "PromptError",
     "ResponseMessage",
+    "SamplingFields",
     "StreamOptions",
     "TokenLogprob",
     "TopLogprob",
@@ -80,7 +81,7 @@ class ChatMessage(Struct, kw_only=True):
         return "".join(p.text or "" for p in self.content if p.type in ("text", "input_text"))
 
 
-class _SamplingFields(Struct, kw_only=True):
+class SamplingFields(Struct, kw_only=True):
     model: str
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -113,7 +114,7 @@ class _SamplingFields(Struct, kw_only=True):
         )
 
 
-class ChatCompletionRequest(_SamplingFields, kw_only=True):
+class ChatCompletionRequest(SamplingFields, kw_only=True):
     """``CreateChatCompletionRequest``: the fields this gateway acts on."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
@@ -132,7 +133,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-class CompletionRequest(_SamplingFields, kw_only=True):
+class CompletionRequest(SamplingFields, kw_only=True):
     """``CreateCompletionRequest``: one prompt string (or one token list)."""
 
     prompt: str | Annotated[list[str | int], Meta(min_length=1)]

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from litestar import Request
     from litestar.types import Send
 
-    from gateway.auth import KeyInfo, Lease
-    from gateway.openai.protocol import _SamplingFields
+    from gateway.auth import KeyInfo, LimitLease
+    from gateway.openai.protocol import SamplingFields
     from gateway.routing import Route
     from gateway.state import Gateway
 
@@ -218,7 +218,7 @@ def request_info(
     gw: Gateway,
     request: Request[Any, Any, Any],
     endpoint: Literal["chat", "completions"],
-    data: _SamplingFields,
+    data: SamplingFields,
     *,
     messages: list[dict[str, str]] | None = None,
     prompt: str | list[int] | None = None,
@@ -269,7 +269,7 @@ class Started:
     route: Route
     gw: Gateway
     info: RequestInfo
-    limit: Lease
+    limit: LimitLease
     model: str = ""
     prompt_tokens: int = 0
     completion: dict[int, int] = field(default_factory=dict)
