@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import BadRequestError, ConflictError, ModelNotFoundError, NotFoundError
 
 if TYPE_CHECKING:
-    from gateway.engines.base import Engine
+    from gateway.engines.base import AdapterEngine
     from gateway.metrics import Metrics
 
 __all__ = ["AdapterLease", "AdapterManager", "LoadedAdapter"]
@@ -85,7 +85,7 @@ NO_LEASE = AdapterLease(None)
 class AdapterManager:
     def __init__(
         self,
-        engine: Engine,
+        engine: AdapterEngine,
         registry: Any,
         *,
         max_loaded: int,
@@ -105,14 +105,6 @@ class AdapterManager:
 
     def get(self, name: str) -> LoadedAdapter | None:
         return self._loaded.get(name)
-
-    def is_known(self, name: str) -> bool:
-        if name in self._loaded:
-            return True
-        try:
-            return bool(self.registry.get(name) is not None)
-        except Exception:
-            return False
 
     def available(self) -> list[dict[str, Any]]:
         """Every registry adapter, loaded or not, for ``GET /admin/adapters``."""

@@ -25,10 +25,11 @@ from prometheus_client import CollectorRegistry
 from gateway.adapters import AdapterManager
 from gateway.admin import ADMIN_HANDLERS, LORA_HANDLERS
 from gateway.auth import Authenticator, build_rate_limiter
+from gateway.engines.base import AdapterEngine, Engine
 from gateway.errors import exception_handler
 from gateway.feedback import feedback
 from gateway.guards import admin_guard, api_guard
-from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, ReportsStats
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
 from gateway.openai.models import list_models
@@ -42,7 +43,6 @@ from gateway.studentpool import StudentPool
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from gateway.engines.base import Engine
     from gateway.settings import Settings
 
 __all__ = ["build_engine", "create_app"]
@@ -75,6 +75,9 @@ def build_engine(settings: Settings) -> Engine:
 def build_adapter_manager(settings: Settings, engine: Engine) -> AdapterManager:
     """The registry over ``adapters.dir`` and the runtime manager over ``engine``."""
     from adapters.registry import AdapterRegistry
+
+    if not isinstance(engine, AdapterEngine):
+        raise TypeError(f"engine.enable_lora: the {type(engine).__name__} takes no adapters")
 
     base_path = None
     if settings.engine.kind != "fake":
@@ -213,9 +216,8 @@ def create_app(
         async def boot() -> None:
             eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
             started.engine = eng
-            stats = getattr(eng, "stats", None)
-            if callable(stats):
-                app_metrics.engine_stats = stats
+            if isinstance(eng, ReportsStats):
+                app_metrics.engine_stats = eng.stats
             manager = None
             if settings.engine.enable_lora:
                 manager = await asyncio.to_thread(build_adapter_manager, settings, eng)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.adapters import NO_LEASE, AdapterLease
+from gateway.engines.base import AdapterEngine
 from gateway.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class Router:
                     raise
             else:
                 return Route(self.engine, adapter=model, lease=lease)
-        elif model in self.engine.adapters():
+        elif model in self._engine_adapters():
             return Route(self.engine, adapter=model)
         if students is not None and students.registered(model):
             return Route(await students.load(model), served_by="student")
@@ -80,7 +81,7 @@ class Router:
         names = (
             [a.name for a in self.adapters.loaded()]
             if self.adapters is not None
-            else self.engine.adapters()
+            else self._engine_adapters()
         )
         max_len = self.engine.max_model_len
         out: list[tuple[str, str | None, int]] = [(base, None, max_len)]
@@ -88,3 +89,7 @@ class Router:
         if self.students is not None:
             out += [(n, None, e.max_model_len) for n, e in self.students.loaded().items()]
         return out
+
+    def _engine_adapters(self) -> list[str]:
+        """Adapters loaded in the engine outside a manager (none without the capability)."""
+        return self.engine.adapters() if isinstance(self.engine, AdapterEngine) else []
