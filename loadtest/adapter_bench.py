@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -92,7 +93,7 @@ def main(out_dir: Path = Path(".bench")) -> dict[str, object]:
             f"with_{N_ADAPTERS}_loaded": round(with_all / 2**20, 1),
             "per_adapter": round((with_all - after_cycles) / N_ADAPTERS / 2**20, 2),
         }
-        common = {
+        common: dict[str, Any] = {
             "concurrency": [8],
             "num_requests": 32,
             "max_tokens": 64,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_every_subcommand_loads(name: str) -> None:
 
     from gateway.cli import app
 
-    root = typer.main.get_command(app)
+    root: Any = typer.main.get_command(app)
     ctx = root.make_context("retort", [name], resilient_parsing=True)
     cmd = root.get_command(ctx, name)
     assert cmd is not None

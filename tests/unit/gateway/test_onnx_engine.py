@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from gateway.engines.base import (
     Sampling,
 )
 from gateway.engines.onnx import OnnxEngine
+from tests import waits
 from tests.tiny import make_tiny_base
 
 pytest.importorskip("onnxruntime_genai")
@@ -32,9 +34,9 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def engine(tiny_onnx: Path) -> OnnxEngine:
+async def engine(tiny_onnx: Path) -> AsyncIterator[OnnxEngine]:
     eng = await OnnxEngine.load(tiny_onnx, model_name="tiny-student", max_model_len=128)
-    yield eng  # type: ignore[misc]
+    yield eng
     await eng.close()
 
 
@@ -145,8 +147,7 @@ async def test_early_close_stops_generation(engine: OnnxEngine) -> None:
     first = await gen.__anext__()
     assert first.completion_tokens >= 1
     await gen.aclose()  # type: ignore[attr-defined]
-    await asyncio.sleep(0.05)
-    assert engine.inflight == 0
+    await waits.until(lambda: engine.inflight == 0)
 
 
 async def test_rejections(engine: OnnxEngine) -> None:
