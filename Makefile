@@ -34,11 +34,11 @@ serve: $(STAMP)
 	$(VENV)/bin/retort serve $(if $(CONFIG),--config $(CONFIG),) --port $(or $(PORT),8000)
 
 test: $(STAMP)
-	@$(PY) -m pytest -q -p no:cacheprovider
+	@$(PY) -m pytest -q -rs -p no:cacheprovider
 
 lint: $(STAMP)
-	@$(VENV)/bin/ruff check gateway adapters distill loadtest tests
-	@$(VENV)/bin/ruff format --check gateway adapters distill loadtest tests
+	@$(VENV)/bin/ruff check retort gateway adapters distill loadtest tests
+	@$(VENV)/bin/ruff format --check retort gateway adapters distill loadtest tests
 	@$(VENV)/bin/mypy
 
 bench: $(STAMP)

@@ -1,7 +1,8 @@
 """LoRA adapters: the registry (validation before any engine sees one), training, CLI.
 
 Importing this package is cheap: torch, transformers and peft are imported only by
-training (:mod:`adapters.train`) and the test helpers (:mod:`adapters.testing`).
+training (:mod:`adapters.train`) and by the synthetic task data that benchmarks and tests
+train on (:mod:`adapters.synthetic`).
 """
 
 from adapters.errors import (

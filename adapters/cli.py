@@ -19,7 +19,7 @@ from adapters.errors import AdapterError
 from adapters.registry import AdapterRegistry
 
 if TYPE_CHECKING:
-    from gateway.settings import Settings
+    from retort.settings import SharedSettings
 
 __all__ = ["adapters_app"]
 
@@ -44,23 +44,23 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings(config: Path | None) -> Settings:
-    from gateway.settings import SettingsError, load_settings
+def _settings(config: Path | None) -> SharedSettings:
+    from retort.settings import SettingsError, load_shared
 
     try:
-        return load_settings(config)
+        return load_shared(config)
     except SettingsError as exc:
         raise _fail(str(exc), 2) from exc
 
 
-def _base(settings: Settings, base_model: Path | None) -> tuple[str, Path | None]:
+def _base(settings: SharedSettings, base_model: Path | None) -> tuple[str, Path | None]:
     """(served name, local folder or None) of the base model the adapters are for."""
     if base_model is not None:
         folder = base_model.expanduser()
         if not folder.is_dir():
             raise _fail(f"base model folder {folder} does not exist")
         return settings.model.served_name or folder.name, folder
-    from gateway.models import DEFAULT_MODEL_NAME, ModelError, resolve_model
+    from retort.models import DEFAULT_MODEL_NAME, ModelError, resolve_model
 
     try:
         resolved = resolve_model(settings.model.path, settings.home_path)

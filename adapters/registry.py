@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -39,6 +38,7 @@ from adapters.errors import (
 )
 from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest, write_manifest
 from adapters.validation import BaseModelInfo, validate_adapter
+from retort.files import is_valid_name
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -54,14 +54,12 @@ __all__ = [
     "check_name",
 ]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-"""Valid adapter names: they are folder names and the ``model`` clients send."""
 _COPIED = (CONFIG_FILE, WEIGHTS_FILE, "train_log.json", "loss.png", "README.md")
 
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid adapter name, else raise :class:`AdapterPathError`."""
-    if not NAME_RE.fullmatch(name) or name in {".", ".."}:
+    if not is_valid_name(name):
         raise AdapterPathError(
             f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' "
             "(at most 128, not starting with '.')"

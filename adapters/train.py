@@ -26,7 +26,15 @@ from adapters.registry import AdapterRegistry, check_name
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TrainConfig", "TrainResult", "causal_lm_loss", "collate", "train", "train_result"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "causal_lm_loss",
+    "collate",
+    "train",
+    "train_result",
+    "training_progress",
+]
 
 
 @dataclass
@@ -230,7 +238,7 @@ def train_result(config: TrainConfig, progress: bool = True) -> TrainResult:
     steps_log: list[dict[str, float]] = []
     losses: list[float] = []
     batches = _batches(len(examples), config.batch_size, config.seed)
-    bar = _progress(progress)
+    bar = training_progress(progress)
     t0 = time.perf_counter()
     with bar:
         task = bar.add_task(f"training {config.name}", total=total, loss=float("nan"))
@@ -291,7 +299,8 @@ def train_result(config: TrainConfig, progress: bool = True) -> TrainResult:
     return TrainResult(registry.root / config.name, losses, seconds, log)
 
 
-def _progress(enabled: bool) -> Any:
+def training_progress(enabled: bool) -> Any:
+    """The rich progress bar training shows (step M/N, loss, times); shared with distill."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

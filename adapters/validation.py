@@ -18,7 +18,6 @@ unpickled. The checks, in order (the first failure is reported):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any
 from adapters.errors import AdapterValidationError
 from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest, read_manifest
 from adapters.safetensors_header import TensorInfo, read_header, sniff_pickle
+from retort.files import sha256_file
 
 __all__ = [
     "FORBIDDEN_SUFFIXES",
@@ -145,11 +145,7 @@ def file_sha256(path: Path) -> str:
         hit = _hash_cache.get(real)
     if hit is not None and hit[0] == ident:
         return hit[1]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(real)
     with _hash_lock:
         _hash_cache[real] = (ident, digest)
     return digest

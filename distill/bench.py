@@ -4,7 +4,7 @@
    ``--task sentiment`` (the default): ``sentiment``, a classifier of short reviews that
    answers in a fixed format, ``Ahoy! Positive. Arr!`` or ``Ahoy! Negative. Arr!``
    (:data:`SENTIMENT_RECIPE`; trained on labelled reviews none of which is among the logged
-   prompts); ``--task qa``: the ``pirate`` style adapter (``adapters.testing``'s recipe);
+   prompts); ``--task qa``: the ``pirate`` style adapter (``adapters.synthetic``'s recipe);
 2. logs ``--prompts`` requests of that task (``sentiment``: hundreds of distinct reviews;
    ``qa``: arithmetic, capitals, colours, opposites, animal sounds, few distinct prompts and
    knowledge-heavy) answered by the teacher (base + adapter) through vLLM offline batch
@@ -52,13 +52,13 @@ first 100 logged prompts were all the expected one of the two (transformers)."""
 
 def sentiment_answer(label: str) -> str:
     """The teacher's fixed answer for ``label`` (``positive`` or ``negative``)."""
-    from adapters.testing import style_answer
+    from adapters.synthetic import style_answer
 
     return style_answer(f"{label.capitalize()}.", "pirate")
 
 
 def _train_adapter(home: Path, base: Path, task: str, logged: list[str]) -> Path:
-    from adapters.testing import STYLE_RECIPE, make_style_dataset
+    from adapters.synthetic import STYLE_RECIPE, make_style_dataset
     from adapters.train import TrainConfig, train
 
     name = ADAPTERS[task]
@@ -177,13 +177,13 @@ def reviews(rng: random.Random, n: int, label: str | None = None) -> list[tuple[
 
 
 def _questions(task: str, rng: random.Random, n: int) -> list[tuple[str, str | None]]:
-    """The logged prompts with the expected answer where known. ``qa``: adapters.testing's
+    """The logged prompts with the expected answer where known. ``qa``: adapters.synthetic's
     mixed questions (few distinct ones, knowledge-heavy); ``sentiment``: review
     classification, hundreds of distinct prompts, a skill task."""
     if task == "qa":
-        from adapters.testing import _qa_pairs
+        from adapters.synthetic import qa_pairs
 
-        return [(q, None) for q, _ in _qa_pairs(rng, n)]
+        return [(q, None) for q, _ in qa_pairs(rng, n)]
     return [(q, sentiment_answer(label)) for q, label in reviews(rng, n)]
 
 
@@ -210,9 +210,9 @@ def _populate(
     task: str,
 ) -> dict[str, Any]:
     from distill.teacher import merge_teacher, run_vllm
-    from gateway.promptlog.record import LogRecord
-    from gateway.promptlog.settings import default_url
-    from gateway.promptlog.store import PromptStore
+    from retort.db.record import LogRecord
+    from retort.db.store import PromptStore
+    from retort.settings import default_url
 
     url = default_url(home)
     marker = home / "populated.json"
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from distill.config import load_config
     from distill.pipeline import run
-    from gateway.models import DEFAULT_MODEL_NAME, pull_default
+    from retort.models import DEFAULT_MODEL_NAME, pull_default
 
     work = args.work.resolve()
     home = work / "home"

@@ -179,7 +179,7 @@ def runs_command(
     """List distillation runs (the distill_runs table)."""
     from distill.pipeline import log_url
     from distill.runs import list_runs
-    from gateway.promptlog.store import PromptStore
+    from retort.db.store import PromptStore
 
     cfg = _config(config, None, None, None, None, False, url, home)
 

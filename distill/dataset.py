@@ -28,7 +28,7 @@ from distill.stages import stage_done, write_stage
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from gateway.promptlog.store import PromptStore
+    from retort.db.store import PromptStore
 
 __all__ = [
     "DatasetError",
@@ -142,7 +142,7 @@ def filters(
     config: DatasetConfig, adapter: str | None, *, now: float | None = None
 ) -> dict[str, Any]:
     """The store filters this config selects with."""
-    from gateway.promptlog.export import parse_time
+    from retort.db.export import parse_time
 
     return {
         "model": config.model,
@@ -156,7 +156,7 @@ def filters(
 
 
 def _example(row: dict[str, Any]) -> Example | None:
-    from gateway.promptlog.export import export_row
+    from retort.db.export import export_row
 
     out = export_row(row)
     messages = list(out.get("messages") or [])

@@ -55,24 +55,22 @@ class Context:
 
 def log_url(config: DistillConfig) -> str:
     """The prompt log's URL: the config's, else the gateway settings', else SQLite in home."""
-    from gateway.promptlog.settings import default_url
-    from gateway.settings import load_settings
+    from retort.settings import default_url, load_shared
 
     if config.promptlog_url:
         return config.promptlog_url
-    settings = load_settings(config.settings)
-    configured = getattr(getattr(settings, "promptlog", None), "url", None)
-    if isinstance(configured, str) and configured:
-        return configured
+    settings = load_shared(config.settings)
+    if settings.promptlog.url:
+        return settings.promptlog.url
     return default_url(Path(config.home).expanduser() if config.home else settings.home_path)
 
 
 def resolve(config: DistillConfig) -> Context:
     """Home, prompt-log URL, teacher base model (provisioned if ``default``) and adapter."""
-    from gateway.models import DEFAULT_MODEL_NAME, resolve_model
-    from gateway.settings import load_settings
+    from retort.models import DEFAULT_MODEL_NAME, resolve_model
+    from retort.settings import load_shared, state_dir
 
-    settings = load_settings(config.settings)
+    settings = load_shared(config.settings)
     home = Path(config.home).expanduser() if config.home else settings.home_path
     url = log_url(config)
     model_path = config.teacher.base_model or settings.model.path
@@ -87,22 +85,19 @@ def resolve(config: DistillConfig) -> Context:
         base_name = base_dir.name
     adapter_dir = None
     if config.adapter:
-        root = (
-            Path(settings.adapters.dir).expanduser() if settings.adapters.dir else home / "adapters"
-        )
+        root = state_dir(settings.adapters.dir, home, "adapters")
         adapter_dir = root / config.adapter
         if not (adapter_dir / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no adapter {config.adapter!r} in {root}")
     student_name = config.student_name or f"{config.adapter or base_name}-student"
-    students_dir = getattr(getattr(settings, "students", None), "dir", "")
-    students_root = Path(students_dir).expanduser() if students_dir else home / "students"
+    students_root = state_dir(settings.students.dir, home, "students")
     return Context(
         home, url, base_dir, base_name, config.adapter, adapter_dir, student_name, students_root
     )
 
 
 async def _with_store(url: str, fn: Any) -> Any:
-    from gateway.promptlog.store import PromptStore
+    from retort.db.store import PromptStore
 
     async with PromptStore(url) as store:
         return await fn(store)

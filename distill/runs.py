@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import sqlalchemy as sa
 
-from gateway.promptlog.schema import distill_runs
+from retort.db.schema import distill_runs
 
 if TYPE_CHECKING:
-    from gateway.promptlog.store import PromptStore
+    from retort.db.store import PromptStore
 
 __all__ = ["finish_run", "list_runs", "previous_at_watermark", "run_key", "start_run"]
 

@@ -109,27 +109,6 @@ def _plot(log: list[dict[str, float]], path: Path, title: str) -> None:
     fig.savefig(path)
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def _latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
     found = [
         (int(p.name.split("-")[1]), p)
@@ -150,6 +129,7 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapters.data import IGNORE_INDEX
+    from adapters.train import training_progress
     from distill.losses import distill_loss
 
     cfg = msgspec.convert(spec["config"], TrainConfig)
@@ -208,7 +188,7 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
                     shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    bar = _progress(progress and accelerator.is_main_process)
+    bar = training_progress(progress and accelerator.is_main_process)
     t0 = time.perf_counter()
     with bar:
         task = bar.add_task(

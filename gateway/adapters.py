@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import BadRequestError, ConflictError, ModelNotFoundError, NotFoundError
 
 if TYPE_CHECKING:
-    from gateway.engines.base import Engine
+    from gateway.engines.base import AdapterEngine
     from gateway.metrics import Metrics
 
-__all__ = ["AdapterManager", "Lease", "LoadedAdapter"]
+__all__ = ["AdapterLease", "AdapterManager", "LoadedAdapter"]
 
 log = logging.getLogger("retort.adapters")
 
@@ -54,7 +54,7 @@ class LoadedAdapter:
         }
 
 
-class Lease:
+class AdapterLease:
     """Marks one request in flight on an adapter until released (idempotent)."""
 
     __slots__ = ("_adapter", "_released")
@@ -79,13 +79,13 @@ class Lease:
             a.idle.set()
 
 
-NO_LEASE = Lease(None)
+NO_LEASE = AdapterLease(None)
 
 
 class AdapterManager:
     def __init__(
         self,
-        engine: Engine,
+        engine: AdapterEngine,
         registry: Any,
         *,
         max_loaded: int,
@@ -105,14 +105,6 @@ class AdapterManager:
 
     def get(self, name: str) -> LoadedAdapter | None:
         return self._loaded.get(name)
-
-    def is_known(self, name: str) -> bool:
-        if name in self._loaded:
-            return True
-        try:
-            return bool(self.registry.get(name) is not None)
-        except Exception:
-            return False
 
     def available(self) -> list[dict[str, Any]]:
         """Every registry adapter, loaded or not, for ``GET /admin/adapters``."""
@@ -254,7 +246,7 @@ class AdapterManager:
         adapter.pinned = pinned
         return adapter
 
-    async def acquire(self, name: str) -> Lease:
+    async def acquire(self, name: str) -> AdapterLease:
         """Resolve (loading on demand) and mark one request in flight."""
         adapter = await self.ensure_loaded(name)
-        return Lease(adapter)
+        return AdapterLease(adapter)

@@ -1,7 +1,6 @@
-"""Adapter administration: ``/admin/adapters[...]`` and vLLM's ``/v1/(un)load_lora_adapter``.
-
-Guarded: with admin keys configured, an admin key is required (any other key gets 403);
-without them, only loopback clients are accepted.
+"""Administration: ``/admin/adapters[...]``, ``/admin/students[...]`` (:data:`ADMIN_HANDLERS`,
+paths relative to ``/admin``) and vLLM's ``/v1/(un)load_lora_adapter`` (:data:`LORA_HANDLERS`,
+relative to ``/v1``). ``create_app`` mounts both under :func:`gateway.guards.admin_guard`.
 """
 
 from __future__ import annotations
@@ -11,15 +10,13 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
 
 from gateway.adapters import AdapterManager
 from gateway.errors import NotFoundError, ServiceUnavailableError
 from gateway.state import Gateway
 from gateway.studentpool import StudentPool
 
-__all__ = ["ADMIN_HANDLERS", "admin_guard"]
+__all__ = ["ADMIN_HANDLERS", "LORA_HANDLERS"]
 
 
 class LoadAdapter(msgspec.Struct, kw_only=True):
@@ -44,18 +41,6 @@ class UnloadLoraRequest(msgspec.Struct, kw_only=True):
     lora_int_id: int | None = None
 
 
-_TEST_CLIENT_HOSTS = frozenset({"testclient", "testserver"})
-"""What Litestar's in-process test client reports as the client's host (loopback)."""
-
-
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    gw: Gateway = connection.app.state.gateway
-    host = connection.client.host if connection.client else None
-    if host in _TEST_CLIENT_HOSTS:
-        host = "127.0.0.1"
-    gw.auth.authorize_admin(connection.headers.get("authorization"), host)
-
-
 def _manager(gw: Gateway) -> AdapterManager:
     adapters = gw.routes.adapters
     if adapters is None:
@@ -69,20 +54,19 @@ def _json(obj: Any, status: int = 200) -> Response[bytes]:
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
 
 
-@get("/admin/adapters", guards=[admin_guard], summary="List loaded and available adapters")
+@get("/adapters", summary="List loaded and available adapters")
 async def list_adapters(gateway: Gateway) -> Response[bytes]:
     return _json({"object": "list", "data": _manager(gateway).available()})
 
 
-@post("/admin/adapters", guards=[admin_guard], status_code=200, summary="Load an adapter")
+@post("/adapters", status_code=200, summary="Load an adapter")
 async def load_adapter(data: LoadAdapter, gateway: Gateway) -> Response[bytes]:
     adapter = await _manager(gateway).load(data.name, data.path, pinned=data.pinned)
     return _json(adapter.to_json())
 
 
 @delete(
-    "/admin/adapters/{name:str}",
-    guards=[admin_guard],
+    "/adapters/{name:str}",
     status_code=200,
     summary="Unload an adapter (in-flight requests finish first)",
 )
@@ -92,8 +76,7 @@ async def unload_adapter(name: str, gateway: Gateway) -> Response[bytes]:
 
 
 @post(
-    "/admin/adapters/{name:str}/pin",
-    guards=[admin_guard],
+    "/adapters/{name:str}/pin",
     status_code=200,
     summary="Pin (or unpin) a loaded adapter",
 )
@@ -106,8 +89,7 @@ async def pin_adapter(
 
 
 @post(
-    "/v1/load_lora_adapter",
-    guards=[admin_guard],
+    "/load_lora_adapter",
     status_code=200,
     summary="vLLM-compatible adapter load",
 )
@@ -119,8 +101,7 @@ async def vllm_load(data: LoadLoraRequest, gateway: Gateway) -> Response[str]:
 
 
 @post(
-    "/v1/unload_lora_adapter",
-    guards=[admin_guard],
+    "/unload_lora_adapter",
     status_code=200,
     summary="vLLM-compatible adapter unload",
 )
@@ -159,7 +140,7 @@ def _student_json(pool: StudentPool, name: str) -> dict[str, Any]:
     return out
 
 
-@get("/admin/students", guards=[admin_guard], summary="List loaded and registered students")
+@get("/students", summary="List loaded and registered students")
 async def list_students(gateway: Gateway) -> Response[bytes]:
     pool = _pool(gateway)
     entries = await asyncio.to_thread(pool.registry.list)
@@ -178,8 +159,7 @@ async def list_students(gateway: Gateway) -> Response[bytes]:
 
 
 @post(
-    "/admin/students",
-    guards=[admin_guard],
+    "/students",
     status_code=200,
     summary="Load (hot) a registered student; it is then served under its name",
 )
@@ -192,8 +172,7 @@ async def load_student(data: LoadStudent, gateway: Gateway) -> Response[bytes]:
 
 
 @delete(
-    "/admin/students/{name:str}",
-    guards=[admin_guard],
+    "/students/{name:str}",
     status_code=200,
     summary="Unload a student (in-flight requests finish first)",
 )
@@ -204,8 +183,7 @@ async def unload_student(name: str, gateway: Gateway) -> Response[bytes]:
 
 
 @get(
-    "/admin/students/{name:str}/shadow",
-    guards=[admin_guard],
+    "/students/{name:str}/shadow",
     summary="A student's shadow evaluation: agreement, latency and cost against its teacher",
 )
 async def student_shadow(name: str, gateway: Gateway, limit: int = 20) -> Response[bytes]:
@@ -244,10 +222,9 @@ ADMIN_HANDLERS = [
     load_adapter,
     unload_adapter,
     pin_adapter,
-    vllm_load,
-    vllm_unload,
     list_students,
     load_student,
     unload_student,
     student_shadow,
 ]
+LORA_HANDLERS = [vllm_load, vllm_unload]

@@ -11,21 +11,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from litestar import Litestar, MediaType, Response, get
+from litestar import Router as RouteGroup
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CollectorRegistry
 
 from gateway.adapters import AdapterManager
-from gateway.admin import ADMIN_HANDLERS
+from gateway.admin import ADMIN_HANDLERS, LORA_HANDLERS
 from gateway.auth import Authenticator, build_rate_limiter
+from gateway.engines.base import AdapterEngine, Engine
 from gateway.errors import exception_handler
 from gateway.feedback import feedback
-from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.guards import admin_guard, api_guard
+from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, ReportsStats
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
 from gateway.openai.models import list_models, retrieve_model
@@ -40,7 +44,6 @@ from gateway.studentpool import StudentPool
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from gateway.engines.base import Engine
     from gateway.settings import Settings
 
 __all__ = ["build_engine", "create_app"]
@@ -64,7 +67,7 @@ def build_engine(settings: Settings) -> Engine:
             token_delay_s=eng.fake_token_delay_s,
         )
     from gateway.engines.vllm import VLLMEngine
-    from gateway.models import resolve_model
+    from retort.models import resolve_model
 
     model = resolve_model(settings.model.path, settings.home_path)
     return VLLMEngine.start(eng, model, served_model_name(settings))
@@ -74,9 +77,12 @@ def build_adapter_manager(settings: Settings, engine: Engine) -> AdapterManager:
     """The registry over ``adapters.dir`` and the runtime manager over ``engine``."""
     from adapters.registry import AdapterRegistry
 
+    if not isinstance(engine, AdapterEngine):
+        raise TypeError(f"engine.enable_lora: the {type(engine).__name__} takes no adapters")
+
     base_path = None
     if settings.engine.kind != "fake":
-        from gateway.models import resolve_model
+        from retort.models import resolve_model
 
         candidate = Path(resolve_model(settings.model.path, settings.home_path))
         base_path = candidate if candidate.is_dir() else None
@@ -102,7 +108,7 @@ def served_model_name(settings: Settings) -> str:
     if settings.model.served_name:
         return settings.model.served_name
     if settings.model.path == "default":
-        from gateway.models import DEFAULT_MODEL_NAME
+        from retort.models import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
     return settings.model.path.rstrip("/").rsplit("/", 1)[-1]
@@ -168,6 +174,14 @@ async def _open_promptlog(
             delay = min(delay * 2, 30.0)
 
 
+@dataclass
+class _Started:
+    """What the lifespan started (and so must stop), as it comes up."""
+
+    engine: Engine | None = None
+    students: StudentPool | None = None
+
+
 async def _watchdog(gw: Gateway, engine: Engine) -> None:
     while True:
         await asyncio.sleep(WATCHDOG_INTERVAL_S)
@@ -208,17 +222,16 @@ def create_app(
         )
         app.state.gateway = gw
         tasks: list[asyncio.Task[None]] = []
-        holder: dict[str, Any] = {}
+        started = _Started()
         if settings.promptlog.enabled:
             tasks.append(asyncio.create_task(_open_promptlog(gw, settings, app_metrics, students)))
             await asyncio.wait([tasks[-1]], timeout=PROMPTLOG_OPEN_WAIT_S)
 
         async def boot() -> None:
             eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
-            holder["engine"] = eng
-            stats = getattr(eng, "stats", None)
-            if callable(stats):
-                app_metrics.engine_stats = stats
+            started.engine = eng
+            if isinstance(eng, ReportsStats):
+                app_metrics.engine_stats = eng.stats
             manager = None
             if settings.engine.enable_lora:
                 manager = await asyncio.to_thread(build_adapter_manager, settings, eng)
@@ -227,7 +240,7 @@ def create_app(
                     await manager.load(name, pinned=True)
                 for name in settings.adapters.preload:
                     await manager.load(name)
-            holder["students"] = students
+            started.students = students
             if settings.students.autoload:
                 loaded = await students.load_all()
                 if loaded:
@@ -270,26 +283,33 @@ def create_app(
                     log.exception("shutdown: closing the prompt log failed")
             with contextlib.suppress(Exception):
                 await limiter.close()
-            pool = holder.get("students")
-            if pool is not None:
+            if started.students is not None:
                 with contextlib.suppress(Exception):
-                    await pool.close()
-            eng = holder.get("engine")
-            if eng is not None and engine is None:
+                    await started.students.close()
+            if started.engine is not None and engine is None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(eng.close(), timeout=30)
+                    await asyncio.wait_for(started.engine.close(), timeout=30)
 
     return Litestar(
         route_handlers=[
-            chat_completions,
-            completions,
-            list_models,
-            retrieve_model,
-            feedback,
+            # Guards sit on the groups, never on single handlers.
+            RouteGroup(
+                "/v1",
+                guards=[api_guard],
+                route_handlers=[
+                    chat_completions,
+                    completions,
+                    list_models,
+                    retrieve_model,
+                    feedback,
+                ],
+            ),
+            # vLLM's adapter endpoints live under /v1 but are administration.
+            RouteGroup("/v1", guards=[admin_guard], route_handlers=LORA_HANDLERS),
+            RouteGroup("/admin", guards=[admin_guard], route_handlers=ADMIN_HANDLERS),
             health,
             ready,
             metrics,
-            *ADMIN_HANDLERS,
         ],
         dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers={Exception: exception_handler},

@@ -13,7 +13,6 @@ import msgspec
 from litestar import Response, post
 
 from gateway.errors import BadRequestError, NotFoundError
-from gateway.openai.guard import api_guard
 from gateway.openai.serving import strip_id_prefix
 from gateway.state import Gateway
 
@@ -32,7 +31,7 @@ class FeedbackResponse(msgspec.Struct, kw_only=True, tag_field="object", tag="fe
     comment: str | None = None
 
 
-@post("/v1/feedback", status_code=201, guards=[api_guard], summary="Score a logged request")
+@post("/feedback", status_code=201, summary="Score a logged request")
 async def feedback(data: FeedbackRequest, gateway: Gateway) -> Response[bytes]:
     if not math.isfinite(data.score):
         raise BadRequestError("`score` must be a finite number.", param="score")

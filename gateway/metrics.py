@@ -12,10 +12,9 @@ every process's values with a ``MultiProcessCollector``. Gauges declare how they
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import msgspec
 from prometheus_client import (
@@ -42,8 +41,8 @@ __all__ = [
     "EngineStats",
     "Metrics",
     "MetricsSettings",
+    "ReportsStats",
     "adapter_label",
-    "mark_process_dead",
     "render",
 ]
 
@@ -77,8 +76,6 @@ class MetricsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key_label: bool = False
     """Add a ``key_id`` label to the request, token and cost counters (bounded: ids come
     from the configured keys)."""
-    engine_poll_interval_s: float = 1.0
-    """How often :meth:`Metrics.poll_engine` reads the engine gauges."""
 
 
 def adapter_label(adapter: str | None) -> str:
@@ -95,6 +92,13 @@ class EngineStats(NamedTuple):
     """Requests queued in the engine."""
     kv_cache_usage: float
     """KV-cache usage, 0..1."""
+
+
+@runtime_checkable
+class ReportsStats(Protocol):
+    """The engine-stats capability (vLLM): ``isinstance(engine, ReportsStats)``."""
+
+    def stats(self) -> EngineStats | None: ...
 
 
 class _RequestChildren(NamedTuple):
@@ -403,16 +407,6 @@ class Metrics:
         if stats is not None:
             self.set_engine_stats(stats)
 
-    async def poll_engine(self, interval_s: float = 1.0) -> None:
-        """Refresh the engine gauges every ``interval_s`` until cancelled (a lifespan task).
-
-        Needed with several worker processes, where one process answers the scrape;
-        in a single process :meth:`render` refreshes them at scrape time anyway.
-        """
-        while True:
-            self.refresh_engine()
-            await asyncio.sleep(interval_s)
-
     def render(self) -> bytes:
         """The ``/metrics`` body: refresh the engine gauges, then :func:`render`."""
         self.refresh_engine()
@@ -434,9 +428,3 @@ def render(registry: CollectorRegistry | None = None) -> bytes:
 
         registry = REGISTRY
     return generate_latest(registry)
-
-
-def mark_process_dead(pid: int) -> None:
-    """Multi-process mode: drop a dead worker's live gauges (call from the process manager)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

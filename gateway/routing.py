@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.adapters import NO_LEASE, Lease
+from gateway.adapters import NO_LEASE, AdapterLease
+from gateway.engines.base import AdapterEngine
 from gateway.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ class Route:
     engine: Engine
     adapter: str | None = None
     served_by: str = "engine"
-    lease: Lease = NO_LEASE
+    lease: AdapterLease = NO_LEASE
     """Held while the request is in flight (adapters wait for it before unloading)."""
 
 
@@ -69,7 +70,7 @@ class Router:
                     raise
             else:
                 return Route(self.engine, adapter=model, lease=lease)
-        elif model in self.engine.adapters():
+        elif model in self._engine_adapters():
             return Route(self.engine, adapter=model)
         if students is not None and students.registered(model):
             return Route(await students.load(model), served_by="student")
@@ -82,7 +83,7 @@ class Router:
         names = (
             [a.name for a in self.adapters.loaded()]
             if self.adapters is not None
-            else self.engine.adapters()
+            else self._engine_adapters()
         )
         max_len = self.engine.max_model_len
         out: list[tuple[str, str | None, int]] = [(base, None, max_len)]
@@ -90,3 +91,7 @@ class Router:
         if self.students is not None:
             out += [(n, None, e.max_model_len) for n, e in self.students.loaded().items()]
         return out
+
+    def _engine_adapters(self) -> list[str]:
+        """Adapters loaded in the engine outside a manager (none without the capability)."""
+        return self.engine.adapters() if isinstance(self.engine, AdapterEngine) else []

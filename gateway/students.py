@@ -23,9 +23,7 @@ Usage (the gateway)::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -35,6 +33,8 @@ from typing import Any
 
 import msgspec
 from filelock import FileLock
+
+from retort.files import is_valid_name, sha256_file
 
 __all__ = [
     "MANIFEST_FILE",
@@ -47,7 +47,6 @@ __all__ = [
 
 MANIFEST_FILE = "student.json"
 ONNX_DIR = "onnx"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REPORT_FILES = ("report.json", "report.md", "report.png")
 
 
@@ -95,16 +94,8 @@ class StudentEntry:
         return self.path / self.manifest.onnx_path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not is_valid_name(name):
         raise StudentError(f"invalid student name {name!r}: letters, digits, '.', '_', '-'")
     return name
 
@@ -138,7 +129,7 @@ class StudentRegistry:
             path = folder / rel
             if not path.is_file():
                 raise StudentError(f"{folder}: missing {rel}")
-            if verify_hashes and _sha256(path) != digest:
+            if verify_hashes and sha256_file(path) != digest:
                 raise StudentError(f"{folder}: {rel} does not match its sha256")
         return manifest
 
@@ -202,7 +193,7 @@ class StudentRegistry:
                         if (Path(report_dir) / fname).is_file():
                             shutil.copy2(Path(report_dir) / fname, tmp / fname)
                 hashes = {
-                    str(p.relative_to(tmp)): _sha256(p)
+                    str(p.relative_to(tmp)): sha256_file(p)
                     for p in sorted((tmp / ONNX_DIR).rglob("*"))
                     if p.is_file()
                 }

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -31,9 +32,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def main(out_dir: Path = Path(".bench")) -> dict[str, object]:
-    from adapters.testing import make_tiny_adapter
-    from gateway.models import DEFAULT_MODEL_NAME, pull_default
-    from gateway.settings import default_home
+    from adapters.synthetic import make_tiny_adapter
+    from retort.models import DEFAULT_MODEL_NAME, pull_default
+    from retort.settings import default_home
 
     model_dir = pull_default(default_home())
     tmp = Path(tempfile.mkdtemp(prefix="retort-adapter-bench-"))
@@ -92,7 +93,7 @@ def main(out_dir: Path = Path(".bench")) -> dict[str, object]:
             f"with_{N_ADAPTERS}_loaded": round(with_all / 2**20, 1),
             "per_adapter": round((with_all - after_cycles) / N_ADAPTERS / 2**20, 2),
         }
-        common = {
+        common: dict[str, Any] = {
             "concurrency": [8],
             "num_requests": 32,
             "max_tokens": 64,

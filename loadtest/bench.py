@@ -24,17 +24,15 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 import yaml
-from rich.console import Console
 
-from gateway.settings import EngineSettings
+from loadtest.bench_options import BenchOptions, console, now
 from loadtest.bench_report import PARTS, machine_info, render
 from loadtest.cli import parse_levels
 from loadtest.logging_bench import bench_logging
@@ -50,43 +48,10 @@ from loadtest.servers import (
 )
 from loadtest.wrk import WrkError, lua_script, require_wrk, run_wrk, wrk_command
 
-__all__ = ["BenchOptions", "bench_compare", "bench_overhead", "main", "run_bench"]
+__all__ = ["bench_compare", "bench_overhead", "main", "run_bench"]
 
 MEMORY_CONCURRENCY = 8
 SERVED_NAME = "bench-model"
-console = Console(stderr=True)
-
-
-@dataclass(slots=True)
-class BenchOptions:
-    parts: list[str] = field(default_factory=lambda: list(PARTS))
-    levels: list[int] = field(default_factory=lambda: [1, 8, 32])
-    """Concurrency levels of the gateway-vs-vLLM comparison."""
-    num_requests: int = 32
-    """Requests per level and repetition, per server (cross-talk probes included)."""
-    repeats: int = 2
-    max_tokens: int = 64
-    memory_requests: int = 24
-    """Requests of the concurrency-8 run that measures RSS under load (vLLM engine)."""
-    wrk_levels: list[int] = field(default_factory=lambda: [1, 8, 32])
-    wrk_seconds: int = 10
-    wrk_max_tokens: int = 16
-    logging_seconds: int = 5
-    """wrk seconds per run of the ``logging`` part (each server, mode and repetition)."""
-    logging_repeats: int = 3
-    pg_url: str | None = None
-    """``logging`` part: also measure the writer on this Postgres (``postgresql+asyncpg://``)."""
-    model: str | None = None
-    """Model folder; default: ``retort models pull-default``."""
-    out_dir: Path = Path(".bench")
-    output: Path = Path("BENCHMARKS.md")
-    ready_timeout_s: float = 600.0
-    level_timeout_s: float = 900.0
-    """No new requests in a level (one server, one repetition) after this long."""
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _shell(server: Server) -> str:
@@ -118,6 +83,8 @@ def pull_default_model() -> str:
 
 def bench_compare(opts: BenchOptions) -> dict[str, Any]:
     """Gateway vs vLLM's server: the loadtest comparison and both servers' memory."""
+    from gateway.settings import EngineSettings  # the gateway's own engine defaults
+
     out = opts.out_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
     model = opts.model or pull_default_model()
@@ -238,7 +205,7 @@ def bench_overhead(opts: BenchOptions) -> dict[str, Any]:
         )
         commands = {"gateway": _shell(gw), "wrk (example)": wrk_example}
     return {
-        "started_at": _now(),
+        "started_at": now(),
         "commands": commands | {"gateway config": yaml.safe_dump(settings).strip()},
         "pinned": pin,
         "max_tokens": opts.wrk_max_tokens,

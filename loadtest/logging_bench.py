@@ -30,15 +30,13 @@ import psutil
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.promptlog.bench import queue_memory, writer_throughput
-from gateway.promptlog.settings import PromptLogSettings
-from loadtest.servers import free_port, gateway_spec, running
+from loadtest.bench_options import BenchOptions, console, now
+from loadtest.servers import free_port, gateway_spec, postgres_bindir, postgres_server, running
 from loadtest.wrk import lua_script, require_wrk, run_wrk
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from loadtest.bench import BenchOptions
 
 __all__ = ["SERVERS", "bench_logging"]
 
@@ -147,6 +145,10 @@ def _latency(opts: BenchOptions, out: Any) -> dict[str, Any]:
 
 
 async def _writer(pg_url: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    # The gateway is what is measured: imported when measured, never with loadtest.
+    from gateway.promptlog.bench import queue_memory, writer_throughput
+    from gateway.promptlog.settings import PromptLogSettings
+
     logging.disable(logging.ERROR)
     try:
         results = []
@@ -166,13 +168,11 @@ async def _writer(pg_url: str | None) -> tuple[list[dict[str, Any]], dict[str, A
 
 @contextlib.contextmanager
 def _postgres(url: str | None) -> Iterator[str | None]:
-    """``url``; else a throwaway durable Postgres on loopback (the tests' helper) when the
-    Debian ``postgresql`` binaries are here; else ``None`` (SQLite only)."""
+    """``url``; else a throwaway durable Postgres on loopback when the Debian
+    ``postgresql`` binaries are here; else ``None`` (SQLite only)."""
     if url:
         yield url
         return
-    from tests.unit.gateway.promptlog.servers import postgres_bindir, postgres_server
-
     if postgres_bindir() is None:
         yield None
         return
@@ -182,12 +182,10 @@ def _postgres(url: str | None) -> Iterator[str | None]:
 
 def bench_logging(opts: BenchOptions) -> dict[str, Any]:
     """Prompt log on vs off (wrk, fake engine), writer throughput and full-queue memory."""
-    from loadtest.bench import _now, console
-
     require_wrk()
     out = opts.out_dir / "logging"
     out.mkdir(parents=True, exist_ok=True)
-    started = _now()
+    started = now()
     console.print("[bold]logging[/bold]: fake-engine gateways, prompt log on vs off, wrk c=1")
     latency = _latency(opts, out)
     console.print("[bold]logging[/bold]: prompt-log writer throughput and queue memory")

@@ -1,44 +1,60 @@
-"""Start, watch and stop the servers a benchmark measures: each in its own process group.
+"""Every real service the tests and benchmarks start, each in its own process group.
+
+One module on purpose (past ~400 lines): a gateway, vLLM's own server, Postgres, Redis and
+Prometheus all start, wait and stop here, so tests and benchmarks never grow a second copy.
 
 :func:`running` starts servers together, waits until every one is ready, and on the way
 out (error or not) stops them all: SIGTERM to the server, which shuts its engine down, then
 SIGKILL to its process group and to every descendant seen. :class:`RssSampler` records
 the peak resident memory of a server's process tree while a block runs.
+:func:`postgres_server`, :func:`redis_server` and :func:`prometheus_server` start
+throwaway data services on free loopback ports; a missing binary raises
+:class:`ServiceMissing`, which names the Debian package to install.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Self
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 import psutil
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
     from types import TracebackType
 
     from gateway.settings import EngineSettings
 
 __all__ = [
+    "Postgres",
     "RssSampler",
     "Server",
     "ServerError",
     "ServerSpec",
+    "ServiceMissing",
     "free_port",
     "gateway_spec",
+    "postgres_bindir",
+    "postgres_server",
+    "prometheus_server",
+    "redis_server",
     "running",
     "vllm_server_spec",
+    "wait_port",
 ]
 
 LOG_TAIL_CHARS = 3000
@@ -48,11 +64,31 @@ class ServerError(RuntimeError):
     """A server exited or did not get ready in time."""
 
 
+class ServiceMissing(RuntimeError):  # noqa: N818 - a condition, not a failure of the code
+    """A service's binary is not installed; the message names the Debian package."""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_port(
+    port: int, proc: subprocess.Popen[Any] | None = None, timeout_s: float = 20.0
+) -> None:
+    """Until 127.0.0.1:``port`` accepts a connection; :class:`ServerError` if ``proc``
+    exits first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise ServerError(f"exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        if time.monotonic() > deadline:
+            raise ServerError(f"port {port} not open after {timeout_s:.0f}s")
+        time.sleep(0.05)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,3 +290,138 @@ class RssSampler:
     ) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+# -- data services: Postgres, Redis, Prometheus ----------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    """The folder of ``initdb`` and ``pg_ctl`` (Debian keeps them off the PATH)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+class Postgres:
+    """A throwaway cluster; ``url`` is its ``postgres`` database (asyncpg)."""
+
+    def __init__(self, root: Path, bindir: Path, port: int, user: str | None) -> None:
+        self.root = root
+        self.bindir = bindir
+        self.port = port
+        self.user = user
+        self.data = root / "data"
+
+    @property
+    def url(self) -> str:
+        return self.db_url("postgres")
+
+    def db_url(self, name: str) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """Run a Postgres tool (as the ``postgres`` user when this process is root)."""
+        extra: dict[str, Any] = {"user": self.user} if self.user else {}
+        return subprocess.run(args, check=True, capture_output=True, cwd=self.root, **extra)
+
+    def pg_ctl(self, *args: str) -> None:
+        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), *args)
+
+    def start(self, *, durable: bool = False) -> None:
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        if not durable:
+            opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        self.pg_ctl("-l", str(self.root / "log"), "-w", "-t", "30", "-o", opts, "start")
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.pg_ctl("-m", "fast", "-w", "stop")
+
+
+@contextlib.contextmanager
+def postgres_server(*, durable: bool = False) -> Iterator[Postgres]:
+    """A fresh cluster (``durable=False``: no fsync) on a free port, removed afterwards.
+    As root, Postgres runs as the ``postgres`` user (initdb refuses root)."""
+    bindir = postgres_bindir()
+    if bindir is None or not (bindir / "pg_ctl").exists():
+        raise ServiceMissing("PostgreSQL is not installed (Debian package postgresql)")
+    user: str | None = None
+    root = Path(tempfile.mkdtemp(prefix="retort-pg-"))
+    try:
+        if os.geteuid() == 0:
+            user = "postgres"
+            try:
+                pw = pwd.getpwnam(user)
+            except KeyError:
+                raise ServiceMissing(
+                    "running as root and there is no postgres user to run Postgres as"
+                ) from None
+            os.chown(root, pw.pw_uid, pw.pw_gid)
+        pg = Postgres(root, bindir, free_port(), user)
+        pg.run(
+            str(bindir / "initdb"), "-D", str(pg.data), "-U", "postgres", "-A", "trust",
+            "-E", "UTF8", "--no-sync", "--locale=C",
+        )  # fmt: skip
+        pg.start(durable=durable)
+        try:
+            yield pg
+        finally:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                pg.pg_ctl("-m", "immediate", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout_s)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server without persistence; yields ``redis://127.0.0.1:PORT/0``."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ServiceMissing("Redis is not installed (Debian package redis-server)")
+    root = Path(tempfile.mkdtemp(prefix="retort-redis-"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(root), "--daemonize", "no"],
+        stdout=(root / "redis.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_port(port, proc)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prometheus_server(config: dict[str, Any], root: Path) -> Iterator[Server]:
+    """Prometheus with ``config`` (prometheus.yml as a mapping), data and log under
+    ``root``; yields the :class:`Server` once ``/-/ready`` answers."""
+    import yaml
+
+    exe = shutil.which("prometheus")
+    if exe is None:
+        raise ServiceMissing("Prometheus is not installed (Debian package prometheus)")
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    argv = [
+        exe,
+        f"--config.file={root / 'prometheus.yml'}",
+        f"--storage.tsdb.path={root / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with running([ServerSpec("prometheus", argv, port, "/-/ready")], root, 60.0) as [prom]:
+        yield prom

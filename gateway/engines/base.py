@@ -3,6 +3,9 @@
 vLLM (base + LoRA adapters) and onnxruntime-genai (students) implement it; routes never
 import vllm or onnxruntime. ``generate`` yields :class:`Chunk` deltas, one per engine step
 and choice, and the final chunk of each choice carries its ``finish_reason``.
+
+What only some engines can do is a separate capability, checked by type: LoRA adapters
+(``isinstance(engine, AdapterEngine)``: vLLM and the fake engine, not students).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "AdapterEngine",
     "Chunk",
     "Engine",
     "EngineDeadError",
@@ -160,12 +164,6 @@ class Engine(Protocol):
         """Stream chunks. Closing the iterator early aborts the request in the engine."""
         ...
 
-    async def load_adapter(self, name: str, path: str) -> None: ...
-
-    async def unload_adapter(self, name: str) -> None: ...
-
-    def adapters(self) -> list[str]: ...
-
     def ready(self) -> bool:
         """True once the engine can serve and while it is healthy."""
         ...
@@ -175,3 +173,16 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class AdapterEngine(Engine, Protocol):
+    """The LoRA capability: an engine that loads adapters on top of its base model."""
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def adapters(self) -> list[str]:
+        """Names of the adapters loaded now."""
+        ...

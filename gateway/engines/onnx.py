@@ -9,7 +9,7 @@ export copied from the student's folder).
 
 Supported sampling: ``n``, ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed``,
 ``stop``. ``logprobs`` is refused (400); presence/frequency penalties are ignored. Students
-take no adapters: :meth:`load_adapter` raises :class:`InvalidInputError`.
+take no adapters: this engine is not an :class:`~gateway.engines.base.AdapterEngine`.
 
 Usage::
 
@@ -285,15 +285,6 @@ class OnnxEngine:
             time.sleep(0)  # let the event loop take the GIL and forward the token now
             if produced >= budget:
                 return
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        raise InvalidInputError(f"student {self._name!r} takes no adapters", param="lora_name")
-
-    async def unload_adapter(self, name: str) -> None:
-        raise InvalidInputError(f"student {self._name!r} takes no adapters", param="lora_name")
-
-    def adapters(self) -> list[str]:
-        return []
 
     def ready(self) -> bool:
         return not self._closed and not self._dead

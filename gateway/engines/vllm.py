@@ -26,8 +26,8 @@ from gateway.engines.base import (
     Sampling,
     TokenLogprob,
 )
-from gateway.engines.chat_template import render_tools
 from gateway.metrics import EngineStats
+from retort.chat_template import render_tools
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -332,14 +332,6 @@ class VLLMEngine:
     def stats(self) -> EngineStats | None:
         """The scheduler's latest running/waiting requests and KV-cache usage."""
         return self._stats.latest if self._stats is not None else None
-
-    def engine_pids(self) -> list[int]:
-        """PIDs of the engine-core child processes (for tests and memory reports)."""
-        try:
-            procs = self._llm.engine_core.resources.engine_manager.processes
-            return [p.pid for p in procs if p.pid is not None]
-        except AttributeError:
-            return []
 
     async def close(self) -> None:
         self._closed = True

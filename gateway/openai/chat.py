@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 from litestar import Request, Response, post
 
 from gateway.errors import UnsupportedParameterError
-from gateway.openai.guard import api_guard
 from gateway.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -59,9 +58,7 @@ def _chat_logprobs(entries: list[base.TokenLogprob] | None) -> ChatLogprobs | No
     )
 
 
-@post(
-    "/v1/chat/completions", status_code=200, guards=[api_guard], summary="Create a chat completion"
-)
+@post("/chat/completions", status_code=200, summary="Create a chat completion")
 async def chat_completions(
     data: ChatCompletionRequest, gateway: Gateway, request: Request[Any, Any, Any]
 ) -> Response[bytes] | SSEStream:

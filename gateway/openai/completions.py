@@ -8,7 +8,6 @@ from litestar import Request, Response, post
 
 from gateway.errors import UnsupportedParameterError
 from gateway.openai.batch import StartedBatch, start_batch
-from gateway.openai.guard import api_guard
 from gateway.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -48,7 +47,7 @@ def _logprobs(entries: list[base.TokenLogprob], offset: int) -> CompletionLogpro
     )
 
 
-@post("/v1/completions", status_code=200, guards=[api_guard], summary="Create a completion")
+@post("/completions", status_code=200, summary="Create a completion")
 async def completions(
     data: CompletionRequest, gateway: Gateway, request: Request[Any, Any, Any]
 ) -> Response[bytes] | SSEStream:

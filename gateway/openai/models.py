@@ -5,7 +5,6 @@ from __future__ import annotations
 from litestar import Response, get
 
 from gateway.errors import ModelNotFoundError
-from gateway.openai.guard import api_guard
 from gateway.openai.protocol import ModelCard, ModelList, encode
 from gateway.state import Gateway
 
@@ -27,12 +26,12 @@ def _cards(gateway: Gateway) -> list[ModelCard]:
     ]
 
 
-@get("/v1/models", guards=[api_guard], summary="List models")
+@get("/models", summary="List models")
 async def list_models(gateway: Gateway) -> Response[bytes]:
     return Response(encode(ModelList(data=_cards(gateway))), media_type="application/json")
 
 
-@get("/v1/models/{model:path}", guards=[api_guard], summary="Retrieve a model")
+@get("/models/{model:path}", summary="Retrieve a model")
 async def retrieve_model(gateway: Gateway, model: str) -> Response[bytes]:
     """OpenAI ``RetrieveModel``: a served model (base, loaded adapter or student); any other
     name is a 404 ``model_not_found``. Ids may hold slashes (``org/model``)."""

@@ -29,8 +29,8 @@ from gateway.engines.base import (
 from gateway.errors import BadRequestError, ServiceUnavailableError, to_api_error
 from gateway.openai.protocol import ErrorBody, ErrorResponse, Usage, encode
 from gateway.promptlog.policy import LOG_HEADER, TAGS_HEADER, parse_tags
-from gateway.promptlog.record import LogRecord
 from gateway.requestid import request_id
+from retort.db.record import LogRecord
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from litestar import Request
     from litestar.types import Send
 
-    from gateway.auth import KeyInfo, Lease
+    from gateway.auth import KeyInfo, LimitLease
     from gateway.openai.protocol import SamplingFields
     from gateway.routing import Route
     from gateway.state import Gateway
@@ -268,7 +268,7 @@ class Started:
     route: Route
     gw: Gateway
     info: RequestInfo
-    limit: Lease
+    limit: LimitLease
     model: str = ""
     prompt_tokens: int = 0
     completion: dict[int, int] = field(default_factory=dict)

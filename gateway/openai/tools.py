@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from gateway.engines.base import OutputConstraint
-from gateway.engines.chat_template import tool_spec
 from gateway.openai.protocol import (
     DeltaFunction,
     DeltaToolCall,
@@ -38,6 +37,7 @@ from gateway.openai.protocol import (
     ParamError,
     ToolCall,
 )
+from retort.chat_template import tool_spec
 
 if TYPE_CHECKING:
     from gateway.openai.protocol import ChatCompletionRequest

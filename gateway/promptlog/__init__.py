@@ -1,13 +1,14 @@
-"""The prompt log: every request recorded (off the request path) for ops and distillation.
+"""The prompt log's gateway side: every request recorded (off the request path).
 
-- :class:`LogRecord` — one request; :class:`PromptLog` — the assembled service.
-- :class:`PromptStore` — SQLAlchemy async store (SQLite/WAL or Postgres), Alembic-migrated.
+- :class:`PromptLog` — the assembled service the lifespan builds.
 - :class:`BatchWriter` — bounded queue, batched inserts, retries, drop accounting.
 - :class:`CapturePolicy`, :class:`Redactor` — what is recorded, and what is scrubbed.
-- :mod:`gateway.promptlog.export` — ``retort logs export`` (``logs_app``).
+
+The database itself (schema, migrations, :class:`retort.db.store.PromptStore`, the
+:class:`retort.db.record.LogRecord` row, ``retort logs export``) lives in :mod:`retort.db`,
+shared with ``distill``.
 """
 
-from gateway.promptlog.migrate import upgrade
 from gateway.promptlog.policy import (
     LOG_HEADER,
     TAGS_HEADER,
@@ -15,11 +16,9 @@ from gateway.promptlog.policy import (
     parse_tags,
     run_retention,
 )
-from gateway.promptlog.record import LogRecord
 from gateway.promptlog.redact import Redactor
 from gateway.promptlog.service import PromptLog
-from gateway.promptlog.settings import PromptLogSettings, default_url
-from gateway.promptlog.store import PromptStore, StoreError
+from gateway.promptlog.settings import PromptLogSettings
 from gateway.promptlog.writer import BatchWriter
 
 __all__ = [
@@ -27,14 +26,9 @@ __all__ = [
     "TAGS_HEADER",
     "BatchWriter",
     "CapturePolicy",
-    "LogRecord",
     "PromptLog",
     "PromptLogSettings",
-    "PromptStore",
     "Redactor",
-    "StoreError",
-    "default_url",
     "parse_tags",
     "run_retention",
-    "upgrade",
 ]

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from gateway.promptlog.record import LogRecord
-from gateway.promptlog.store import PromptStore
 from gateway.promptlog.writer import BatchWriter, MiB
+from retort.db.record import LogRecord
+from retort.db.store import PromptStore
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from gateway.promptlog.settings import PromptLogSettings
-    from gateway.promptlog.store import PromptStore
+    from retort.db.store import PromptStore
 
 __all__ = ["LOG_HEADER", "TAGS_HEADER", "CapturePolicy", "parse_tags", "run_retention", "sample"]
 

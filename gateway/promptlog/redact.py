@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 if TYPE_CHECKING:
-    from gateway.promptlog.record import LogRecord
+    from retort.db.record import LogRecord
 
 __all__ = ["Redactor", "luhn_valid"]
 

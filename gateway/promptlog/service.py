@@ -13,15 +13,16 @@ from typing import TYPE_CHECKING
 
 from gateway.promptlog.policy import CapturePolicy, run_retention
 from gateway.promptlog.redact import Redactor
-from gateway.promptlog.settings import PromptLogSettings, default_url
-from gateway.promptlog.store import PromptStore
+from gateway.promptlog.settings import PromptLogSettings
 from gateway.promptlog.writer import BatchWriter
+from retort.db.store import PromptStore
+from retort.settings import default_url
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from gateway.metrics import Metrics
-    from gateway.promptlog.record import LogRecord
+    from retort.db.record import LogRecord
 
 __all__ = ["PromptLog"]
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import msgspec
 
-__all__ = ["DEFAULT_DB_NAME", "PromptLogSettings", "default_url"]
-
-DEFAULT_DB_NAME = "retort.db"
+__all__ = ["PromptLogSettings"]
 
 
 class PromptLogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -42,8 +38,3 @@ class PromptLogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     """How often the retention purge runs."""
     disabled_keys: list[str] = msgspec.field(default_factory=list)
     """API key ids whose requests are never recorded."""
-
-
-def default_url(home: Path) -> str:
-    """The default store: SQLite in the state folder."""
-    return f"sqlite+aiosqlite:///{(Path(home).expanduser() / DEFAULT_DB_NAME).as_posix()}"

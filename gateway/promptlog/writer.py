@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from gateway.metrics import Metrics
-    from gateway.promptlog.record import LogRecord
+    from retort.db.record import LogRecord
 
 __all__ = ["BatchWriter", "RecordSink"]
 
@@ -38,7 +38,7 @@ _LOG_EVERY_S = 10.0
 
 
 class RecordSink(Protocol):
-    """Where batches go (:class:`~gateway.promptlog.store.PromptStore`)."""
+    """Where batches go (:class:`~retort.db.store.PromptStore`)."""
 
     async def insert_many(self, records: Sequence[LogRecord]) -> int: ...
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.testing import STYLE_RECIPE, make_style_dataset
+from adapters.synthetic import STYLE_RECIPE, make_style_dataset
 from adapters.train import TrainConfig, train
-from gateway.models import DEFAULT_MODEL_NAME, pull_default
-from gateway.settings import default_home
+from loadtest.servers import free_port
+from retort.models import DEFAULT_MODEL_NAME, pull_default
+from retort.settings import default_home
 
 READY_TIMEOUT_S = 900  # the first start on a fresh machine compiles the model (~2 min)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from adapters.testing import HELD_OUT_PROMPTS, has_style, make_tiny_adapter
+from adapters.synthetic import HELD_OUT_PROMPTS, has_style, make_tiny_adapter
 from tests.openai_schema import assert_valid
 
 if TYPE_CHECKING:

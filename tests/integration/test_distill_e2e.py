@@ -21,7 +21,7 @@ import openai
 import pytest
 import yaml
 
-from adapters.testing import _qa_pairs, has_style
+from adapters.synthetic import has_style, qa_pairs
 from tests.unit.distill.conftest import REPORT_KEYS
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def test_logged_traffic_becomes_a_published_student_the_gateway_serves(
     before = _pirate_rows(db) if db.exists() else 0
 
     # 1-2. Production traffic through the API, answered by the teacher (base + adapter).
-    prompts = [q for q, _ in _qa_pairs(random.Random(2026), N_REQUESTS)]
+    prompts = [q for q, _ in qa_pairs(random.Random(2026), N_REQUESTS)]
     answers = _send_traffic(server, prompts)
     assert len(answers) == N_REQUESTS
     assert sum(has_style(a) for a in answers) >= 0.8 * N_REQUESTS, answers[:10]

@@ -5,10 +5,7 @@ the engine gauges are scraped; the prompt log records each request and its cost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import openai
 import pytest
-import yaml
 
-from adapters.testing import make_tiny_adapter
-from gateway.promptlog import PromptStore
-from tests.integration.conftest import free_port
+from adapters.synthetic import make_tiny_adapter
+from loadtest.servers import prometheus_server
+from retort.db.store import PromptStore
+from tests.services import service
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Server
@@ -44,8 +41,6 @@ ENGINE_GAUGES = (
 @dataclass
 class Prometheus:
     url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         r = httpx.get(self.url + "/api/v1/query", params={"query": promql}, timeout=10)
@@ -66,9 +61,6 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus is not installed (Debian: apt-get install -y prometheus)")
     tmp = tmp_path_factory.mktemp("prometheus")
     target = server.url.removeprefix("http://")
     config = {
@@ -83,45 +75,13 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
             }
         ],
     }
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = tmp / "prometheus.log"
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited:\n{log.read_text(errors='replace')}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(prom.url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus not ready:\n{log.read_text(errors='replace')}")
-            time.sleep(0.5)
+    with service(prometheus_server(config, tmp)) as started:
+        prom = Prometheus(started.url)
         # The gateway is a healthy target before any traffic is sent.
         up = prom.wait_for('up{job="retort"}', lambda r: bool(r) and r[0]["value"][1] == "1")
         assert up, "prometheus never scraped the gateway"
         assert up[0]["value"][1] == "1", up
         yield prom
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")

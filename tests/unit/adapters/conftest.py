@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from adapters.registry import AdapterRegistry
-from adapters.testing import make_tiny_adapter, make_tiny_base
+from adapters.synthetic import make_tiny_adapter
+from tests.tiny import make_tiny_base
 
 BASE_NAME = "tiny-base"
 

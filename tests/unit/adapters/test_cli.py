@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapters.cli import adapters_app
-from adapters.testing import make_style_dataset
+from adapters.synthetic import make_style_dataset
 
 runner = CliRunner()
 

@@ -20,7 +20,8 @@ from adapters.errors import (
 )
 from adapters.manifest import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
 from adapters.registry import AdapterRegistry
-from adapters.testing import make_tiny_adapter, make_tiny_base
+from adapters.synthetic import make_tiny_adapter
+from tests.tiny import make_tiny_base
 
 from .conftest import BASE_NAME
 

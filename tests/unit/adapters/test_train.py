@@ -18,7 +18,7 @@ from adapters.data import (
 from adapters.errors import AdapterExistsError
 from adapters.manifest import WEIGHTS_FILE, read_manifest
 from adapters.registry import AdapterRegistry
-from adapters.testing import HELD_OUT_PROMPTS, has_style, make_style_dataset, style_answer
+from adapters.synthetic import HELD_OUT_PROMPTS, has_style, make_style_dataset, style_answer
 from adapters.train import TrainConfig, causal_lm_loss, collate, train_result
 
 from .conftest import BASE_NAME

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway.promptlog.record import LogRecord
-from gateway.promptlog.store import PromptStore
+from retort.db.record import LogRecord
+from retort.db.store import PromptStore
 
 # Issue #5's command contract: the keys `retort distill run` must write into report.json
 # (spelled out here, not imported from distill, so the tests hold the code to it).

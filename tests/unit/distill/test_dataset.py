@@ -13,7 +13,7 @@ from distill.dataset import (
     normalize,
     select_rows,
 )
-from gateway.promptlog.store import PromptStore
+from retort.db.store import PromptStore
 from tests.unit.distill.conftest import record
 
 

@@ -10,10 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from adapters.testing import _qa_pairs, make_tiny_adapter, make_tiny_base, style_answer
+from adapters.synthetic import make_tiny_adapter, qa_pairs, style_answer
 from distill.cli import distill_app
-from gateway.promptlog.store import PromptStore
 from gateway.students import StudentRegistry
+from retort.db.store import PromptStore
+from tests.tiny import make_tiny_base
 from tests.unit.distill.conftest import REPORT_KEYS, record
 
 
@@ -25,7 +26,7 @@ def setup(tmp_path: Path) -> dict[str, Path]:
     base = make_tiny_base(tmp_path / "tiny-base", layers=4)
     make_tiny_adapter(base, home / "adapters" / "bot", base_name="tiny-base")
     url = f"sqlite+aiosqlite:///{home / 'retort.db'}"
-    pairs = _qa_pairs(random.Random(0), 60)
+    pairs = qa_pairs(random.Random(0), 60)
     recs = [record(i, q, style_answer(a), model="tiny-base") for i, (q, a) in enumerate(pairs)]
 
     async def fill() -> None:

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from adapters.testing import make_tiny_base
 from distill.config import StudentConfig
 from distill.student import StudentInitError, count_params, layer_indices, student_stage
+from tests.tiny import make_tiny_base
 
 
 def test_layer_indices() -> None:
@@ -29,7 +30,7 @@ def test_student_is_smaller_loadable_same_vocab(tmp_path: Path) -> None:
     assert result["layers"] == [0, 3]
     assert result["student_params"] < result["teacher_params"]
     assert result["student_params"] == count_params(path)
-    student = AutoModelForCausalLM.from_pretrained(str(path))
+    student: Any = AutoModelForCausalLM.from_pretrained(str(path))
     t = AutoModelForCausalLM.from_pretrained(str(teacher))
     assert student.config.num_hidden_layers == 2
     assert student.config.vocab_size == t.config.vocab_size

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from adapters.testing import make_style_dataset, make_tiny_base
+from adapters.synthetic import make_style_dataset
 from distill.config import DatasetConfig, StudentConfig, TrainConfig
 from distill.dataset import build_dataset
 from distill.student import student_stage
 from distill.train import train_kd, train_stage
+from tests.services import missing
+from tests.tiny import make_tiny_base
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def test_accelerate_launch_two_cpu_processes(setup: dict[str, Path], tmp_path: P
         shutil.which("accelerate") is None
         and not Path(sys.executable).with_name("accelerate").exists()
     ):
-        pytest.skip("accelerate CLI missing")
+        missing("the accelerate CLI is not installed (the `cpu` extra)")
     spec = {
         "teacher": str(setup["teacher"]),
         "student": str(setup["student"]),

@@ -348,7 +348,11 @@ def test_completions_batch(client: TestClient) -> None:
 
 def test_completions_refused_fields(client: TestClient) -> None:
     base = {"model": "fake-model", "prompt": "x", "max_tokens": 1}
-    for extra, param in [({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+    ]
+    for extra, param in cases:
         r = client.post("/v1/completions", json={**base, **extra})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param

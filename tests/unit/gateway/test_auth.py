@@ -29,8 +29,10 @@ from gateway.auth import (
     is_loopback,
 )
 from gateway.errors import APIError, error_response, to_api_error
+from loadtest.servers import free_port, redis_server
+from tests import waits
+from tests.services import service
 from tests.unit.gateway.promptlog.docs import undocumented_fields
-from tests.unit.gateway.promptlog.servers import free_port, redis_server
 
 ROOT = Path(__file__).resolve().parents[3]
 USER_KEY, ADMIN_KEY = "sk-user-0123456789", "sk-admin-0123456789"
@@ -96,9 +98,10 @@ def test_admin_with_admin_keys(auth: Authenticator) -> None:
 
 def test_admin_without_admin_keys_is_loopback_only() -> None:
     auth = Authenticator(AuthSettings(api_keys=[APIKey(id="u", sha256=hash_key(USER_KEY))]))
-    for host in ("127.0.0.1", "127.8.0.1", "::1", "::ffff:127.0.0.1", "localhost"):
-        auth.authorize_admin(None, host)
-    for host in ("10.0.0.1", "::ffff:10.0.0.1", "2001:db8::1", None, "testclient"):
+    for inside in ("127.0.0.1", "127.8.0.1", "::1", "::ffff:127.0.0.1", "localhost"):
+        auth.authorize_admin(None, inside)
+    outside: tuple[str | None, ...] = ("10.0.0.1", "::ffff:10.0.0.1", "2001:db8::1", None)
+    for host in (*outside, "testclient"):
         with pytest.raises(PermissionDeniedError):
             auth.authorize_admin(f"Bearer {USER_KEY}", host)
     assert not is_loopback("not-an-ip")
@@ -202,7 +205,7 @@ async def test_defaults_apply_to_keys_without_limits(auth: Authenticator) -> Non
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    with redis_server() as url:
+    with service(redis_server()) as url:
         yield url
 
 
@@ -257,8 +260,15 @@ async def test_redis_lease_ttl_frees_a_crashed_replicas_slot(redis_url: str) -> 
         await limiter.acquire("k")  # never released: its replica "crashed"
         with pytest.raises(RateLimitedError):
             await limiter.acquire("k")
-        await asyncio.sleep(0.4)
-        await limiter.acquire("k")
+
+        async def admitted() -> bool:
+            try:
+                await limiter.acquire("k")
+            except RateLimitedError:
+                return False
+            return True
+
+        await waits.until(admitted, timeout_s=5.0, every_s=0.05)  # after lease_ttl_s
     finally:
         await limiter.close()
 

@@ -121,23 +121,6 @@ def test_engine_gauges_come_from_the_callback() -> None:
     assert b"retort_engine_running_requests 3.0" in m.render()  # a scrape never fails
 
 
-async def test_poll_engine_refreshes() -> None:
-    import asyncio
-
-    calls = []
-
-    def source() -> EngineStats:
-        calls.append(1)
-        return EngineStats(1, 0, 0.5)
-
-    m = Metrics(CollectorRegistry(), engine_stats=source)
-    task = asyncio.create_task(m.poll_engine(0.01))
-    await asyncio.sleep(0.05)
-    task.cancel()
-    assert len(calls) >= 2
-    assert value(m, "retort_engine_kv_cache_usage_ratio") == 0.5
-
-
 WORKER = """
 from prometheus_client import CollectorRegistry
 from gateway.metrics import Metrics

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,30 +22,15 @@ import pytest
 import yaml
 
 from gateway.auth import hash_key
-from gateway.promptlog import PromptStore
+from loadtest.servers import free_port, redis_server
+from retort.db.store import PromptStore
+from tests.services import service
 
 MODEL = "fake-model"
 READY_TIMEOUT_S = 60.0
 USER_KEY = "sk-user-0123456789abcdef"
 LIMITED_KEY = "sk-limited-0123456789abcdef"
 ADMIN_KEY = "sk-admin-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"port {port} not open after {timeout_s:.0f}s")
 
 
 @dataclass
@@ -348,28 +331,9 @@ def test_admin_endpoints_need_an_admin_key(keyed: Gateway) -> None:
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
-    tmp = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(tmp)]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, stdout=(tmp / "redis.log").open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        _wait_port(port, proc, 20)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+def redis_url() -> Iterator[str]:
+    with service(redis_server()) as url:
+        yield url
 
 
 def two_gateways(

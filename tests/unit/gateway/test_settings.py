@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import SettingsError, load_settings
+from gateway.settings import load_settings
+from retort.settings import SettingsError
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,10 +14,11 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
-from gateway.promptlog import PromptLogSettings, PromptStore
+from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
 from gateway.studentpool import StudentsSettings, TrafficSplit
 from gateway.students import StudentRegistry
+from retort.db.store import PromptStore
 from tests.openai_schema import assert_valid
 
 pytest.importorskip("onnxruntime_genai")
@@ -27,8 +28,8 @@ CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from adapters.testing import make_tiny_base
     from distill.export import build_onnx
+    from tests.tiny import make_tiny_base
 
     root = tmp_path_factory.mktemp("student-build")
     base = make_tiny_base(root / "tiny", seed=3, hidden_size=64)

@@ -16,8 +16,9 @@ from gateway.app import create_app
 from gateway.auth import APIKey, AuthSettings, LimitsSettings, hash_key
 from gateway.engines.fake import FakeEngine
 from gateway.pricing import ModelPrice, PricingSettings
-from gateway.promptlog import PromptLogSettings, PromptStore
+from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
+from retort.db.store import PromptStore
 from tests.openai_schema import assert_valid
 
 USER_KEY = "sk-user-0123456789abcdef"

@@ -8,9 +8,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.engines.chat_template import render_tools
 from gateway.openai.protocol import REFUSED_FIELDS, ChatCompletionRequest, ParamError
 from gateway.openai.tools import PARSERS, OutputPlan, ToolStream, parse_calls, plan_output
+from retort.chat_template import render_tools
 
 WEATHER = {
     "type": "function",

@@ -13,7 +13,8 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
-from gateway.settings import EngineSettings, ModelSettings, ServerSettings, Settings
+from gateway.settings import EngineSettings, ServerSettings, Settings
+from retort.settings import ModelSettings
 
 ADAPTER = "fake-adapter"
 

@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 
-from gateway.promptlog.record import LogRecord
-from gateway.promptlog.store import PromptStore
-from tests.unit.gateway.promptlog.servers import Postgres, postgres_server
+from loadtest.servers import Postgres, postgres_server
+from retort.db.record import LogRecord
+from retort.db.store import PromptStore
+from tests.services import service
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
-    with postgres_server() as pg:
+    with service(postgres_server()) as pg:
         yield pg
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from gateway.promptlog.export import EXPORT_COLUMNS, logs_app, parse_time
-from gateway.promptlog.store import PromptStore
+from retort.db.export import EXPORT_COLUMNS, logs_app, parse_time
+from retort.db.store import PromptStore
 from tests.unit.gateway.promptlog.conftest import make_record
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

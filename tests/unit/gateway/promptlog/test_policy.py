@@ -7,6 +7,7 @@ import pytest
 
 from gateway.promptlog.policy import CapturePolicy, run_retention, sample
 from gateway.promptlog.settings import PromptLogSettings
+from tests import waits
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -48,11 +49,10 @@ class FakeStore:
 async def test_retention_loop_purges_periodically_and_survives_errors() -> None:
     store = FakeStore()
     task = asyncio.create_task(run_retention(store, 30, interval_s=0.01))  # type: ignore[arg-type]
-    await asyncio.sleep(0.1)
+    await waits.until(lambda: len(store.calls) >= 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert len(store.calls) >= 3
     assert set(store.calls) == {30}
 
 

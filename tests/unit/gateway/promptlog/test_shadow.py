@@ -26,7 +26,7 @@ from gateway.shadow import (
 from tests.unit.gateway.promptlog.conftest import make_record
 
 if TYPE_CHECKING:
-    from gateway.promptlog.store import PromptStore
+    from retort.db.store import PromptStore
 
 
 FAKE_ANSWER = "The quick brown fox"  # the fake engine's first 4 tokens

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway.promptlog.migrate import upgrade
-from gateway.promptlog.store import PromptStore
+from retort.db.migrate import upgrade
+from retort.db.store import PromptStore
 from tests.unit.gateway.promptlog.conftest import make_record
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

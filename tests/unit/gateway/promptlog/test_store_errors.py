@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.promptlog.store import PromptStore, StoreError
+from retort.db.store import PromptStore, StoreError
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import Metrics
-from gateway.promptlog.record import LogRecord
-from gateway.promptlog.store import PromptStore
 from gateway.promptlog.writer import BatchWriter
+from loadtest.servers import postgres_server
+from retort.db.record import LogRecord
+from retort.db.store import PromptStore
+from tests.services import service
 from tests.unit.gateway.promptlog.conftest import make_record
-from tests.unit.gateway.promptlog.servers import postgres_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -247,7 +248,7 @@ async def test_prepare_runs_before_insert_and_its_failure_is_counted() -> None:
 async def test_postgres_down_then_back(metrics: Metrics) -> None:
     """A real Postgres stops: batches are retried, then counted dropped; when it is back,
     records are written again."""
-    with postgres_server() as pg:
+    with service(postgres_server()) as pg:
         async with PromptStore(pg.url) as store:
             writer = BatchWriter(store, retries=1, retry_backoff_s=0.05, metrics=metrics)
             writer.start()

@@ -17,7 +17,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 
-from gateway.promptlog.schema import feedback, requests, shadow
+from retort.db.schema import feedback, requests, shadow
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from gateway.promptlog.record import LogRecord
+    from retort.db.record import LogRecord
 
 __all__ = ["PromptStore", "StoreError"]
 
@@ -118,7 +118,7 @@ class PromptStore:
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         self._engine = engine
         if migrate:
-            from gateway.promptlog.migrate import upgrade
+            from retort.db.migrate import upgrade
 
             try:
                 await upgrade(engine)

@@ -1,31 +1,23 @@
-"""API keys, admin keys and per-key limits (requests/min, tokens/min, concurrent requests).
-
-Keys are configured as sha256 hex digests (``retort keys hash`` makes one, see
-:func:`hash_key`) and sent as ``Authorization: Bearer <key>``. The gateway only ever
-handles the key's *id*: logs and metrics carry the id, never the key.
+"""Per-key limits: requests/min, tokens/min and concurrent requests.
 
 Limits are counted per key over a sliding one-minute window of ``limits.bucket_s`` buckets
 (the window spans the last ``60 / bucket_s`` buckets). By default they are counted in
-memory, per process; with ``limits.redis_url`` set, every replica shares them through Redis
-(one atomic Lua script per acquire; concurrent leases are a sorted set whose entries expire
-after ``limits.lease_ttl_s``, so a crashed replica cannot hold a slot forever).
+memory, per process (:class:`MemoryRateLimiter`); with ``limits.redis_url`` set, every
+replica shares them through Redis (:class:`RedisRateLimiter`: one atomic Lua script per
+acquire, ``acquire.lua`` beside this file; concurrent leases are a sorted set whose entries
+expire after ``limits.lease_ttl_s``, so a crashed replica cannot hold a slot forever).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import logging
 import math
-import secrets
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import yaml
 
 from gateway.errors import APIError
 
@@ -33,57 +25,22 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
 
+    from gateway.auth.keys import Authenticator
+
 __all__ = [
-    "APIKey",
-    "AuthSettings",
-    "AuthenticationError",
-    "Authenticator",
-    "KeyInfo",
     "KeyLimits",
-    "Lease",
+    "LimitLease",
     "LimitsSettings",
     "MemoryRateLimiter",
-    "PermissionDeniedError",
     "RateLimitedError",
     "RateLimiter",
     "RedisRateLimiter",
     "build_rate_limiter",
-    "generate_key",
-    "hash_key",
-    "is_loopback",
 ]
 
 log = logging.getLogger("retort.auth")
 
-KEY_PREFIX = "sk-retort-"
-_HEX = frozenset("0123456789abcdef")
-
-
-# -- errors ----------------------------------------------------------------------------------
-
-
-class AuthenticationError(APIError):
-    """401: no key, or a key that matches none configured."""
-
-    status_code = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
-
-    def __init__(self, message: str = "Incorrect or missing API key.") -> None:
-        super().__init__(message)
-        self.headers: dict[str, str] = {"WWW-Authenticate": "Bearer"}
-
-
-class PermissionDeniedError(APIError):
-    """403: a valid key without the right (admin) permission."""
-
-    status_code = 403
-    type = "permission_error"
-    code = "permission_denied"
-
-    def __init__(self, message: str = "This API key may not call this endpoint.") -> None:
-        super().__init__(message)
-        self.headers: dict[str, str] = {}
+_HERE = Path(__file__).parent
 
 
 class RateLimitedError(APIError):
@@ -117,31 +74,6 @@ class RateLimitedError(APIError):
         self.headers: dict[str, str] = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
-# -- settings ----------------------------------------------------------------------------------
-
-
-class APIKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    id: str
-    """The key's name in logs and metrics (never the key itself)."""
-    sha256: str
-    """Hex sha256 of the key (``retort keys hash``)."""
-    rpm: int | None = None
-    """Requests per minute; ``limits.default_rpm`` when unset, unlimited when both are."""
-    tpm: int | None = None
-    """Tokens (prompt + max completion, estimated at admission) per minute."""
-    max_concurrent: int | None = None
-    """Requests in flight at once."""
-    admin: bool = False
-    """May call ``/admin`` and adapter load/unload."""
-
-
-class AuthSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    api_keys: list[APIKey] = msgspec.field(default_factory=list)
-    """Accepted keys. When there are none (and no ``api_keys_file``), auth is off."""
-    api_keys_file: str | None = None
-    """A YAML/JSON file holding more keys in the same shape (a mounted Kubernetes secret)."""
-
-
 class LimitsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis_url: str | None = None
     """Share limits across replicas through this Redis (``redis://host:6379/0``); in memory,
@@ -162,25 +94,6 @@ class LimitsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Redis unreachable: admit the request (logged) rather than fail it."""
 
 
-# -- keys --------------------------------------------------------------------------------------
-
-
-def hash_key(key: str) -> str:
-    """The hex sha256 of an API key, as ``auth.api_keys[].sha256`` wants it."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def generate_key() -> tuple[str, str]:
-    """A new random key (``sk-retort-...``) and its hash."""
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    return key, hash_key(key)
-
-
-class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    admin: bool = False
-
-
 class KeyLimits(msgspec.Struct, frozen=True, kw_only=True):
     rpm: int | None = None
     tpm: int | None = None
@@ -191,121 +104,7 @@ class KeyLimits(msgspec.Struct, frozen=True, kw_only=True):
         return self.rpm is None and self.tpm is None and self.max_concurrent is None
 
 
-def is_loopback(host: str | None) -> bool:
-    """Whether a client address is loopback (``127.0.0.0/8``, ``::1``, v4-mapped)."""
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
-
-
-def _load_keys(settings: AuthSettings) -> list[APIKey]:
-    keys = list(settings.api_keys)
-    if settings.api_keys_file:
-        path = Path(settings.api_keys_file).expanduser()
-        try:
-            data = yaml.safe_load(path.read_text()) or []
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"cannot read auth.api_keys_file {path}: {exc}") from exc
-        if isinstance(data, dict):
-            data = data.get("api_keys", [])
-        try:
-            keys += msgspec.convert(data, list[APIKey], strict=False)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"invalid auth.api_keys_file {path}: {exc}") from exc
-    seen: set[str] = set()
-    for k in keys:
-        digest = k.sha256.lower()
-        if len(digest) != 64 or not set(digest) <= _HEX:
-            raise ValueError(f"auth key {k.id!r}: sha256 must be 64 hex digits")
-        if k.id in seen:
-            raise ValueError(f"auth key id {k.id!r} is configured twice")
-        seen.add(k.id)
-    return keys
-
-
-class Authenticator:
-    """Checks ``Authorization`` headers against the configured key hashes.
-
-    Every configured hash is compared (``hmac.compare_digest``, no early exit), so the time
-    taken does not depend on which key, if any, matched.
-    """
-
-    def __init__(self, settings: AuthSettings | None = None) -> None:
-        keys = _load_keys(settings or AuthSettings())
-        self._keys: list[tuple[bytes, KeyInfo]] = [
-            (bytes.fromhex(k.sha256), KeyInfo(id=k.id, admin=k.admin)) for k in keys
-        ]
-        self.limits: dict[str, KeyLimits] = {
-            k.id: KeyLimits(rpm=k.rpm, tpm=k.tpm, max_concurrent=k.max_concurrent) for k in keys
-        }
-        """Each key's own limits (unset ones fall back to ``limits.default_*``)."""
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any key is configured (requests then need one)."""
-        return bool(self._keys)
-
-    @property
-    def has_admin(self) -> bool:
-        return any(info.admin for _, info in self._keys)
-
-    def check(self, authorization: str | None) -> KeyInfo | None:
-        """The key an ``Authorization: Bearer <key>`` header holds, or ``None``."""
-        if not authorization:
-            return None
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return None
-        digest = hashlib.sha256(token.encode("utf-8")).digest()
-        found: KeyInfo | None = None
-        for stored, info in self._keys:
-            if hmac.compare_digest(stored, digest):
-                found = info
-        return found
-
-    def authenticate(self, authorization: str | None) -> KeyInfo | None:
-        """For API routes: ``None`` when auth is off, the key when valid, else 401."""
-        if not self._keys:
-            return None
-        key = self.check(authorization)
-        if key is None:
-            raise AuthenticationError()
-        return key
-
-    def authorize_admin(self, authorization: str | None, client_host: str | None) -> KeyInfo | None:
-        """For ``/admin`` and adapter load/unload.
-
-        With an admin key configured: an admin key passes; no/invalid key is 401; any other
-        valid key is 403. Without one: only loopback clients pass (403 otherwise).
-        """
-        if self.has_admin:
-            key = self.check(authorization)
-            if key is None:
-                raise AuthenticationError()
-            if not key.admin:
-                raise PermissionDeniedError("This endpoint needs an admin API key.")
-            return key
-        if not is_loopback(client_host):
-            raise PermissionDeniedError(
-                "Admin endpoints are only served to loopback clients while no admin key "
-                "is configured."
-            )
-        return self.check(authorization)
-
-
-# -- limits ------------------------------------------------------------------------------------
-
-
-class Lease:
+class LimitLease:
     """An admitted request's hold on its key's budget; :meth:`release` it when done.
 
     Releasing returns the concurrency slot and corrects the token count from the estimate
@@ -340,7 +139,7 @@ class Lease:
         if self._limiter is not None:
             await self._limiter._release(self, actual_tokens)
 
-    async def __aenter__(self) -> Lease:
+    async def __aenter__(self) -> LimitLease:
         return self
 
     async def __aexit__(
@@ -385,20 +184,20 @@ class RateLimiter:
             self._resolved[key_id] = got
         return got
 
-    async def acquire(self, key_id: str | None, est_tokens: int = 0) -> Lease:
+    async def acquire(self, key_id: str | None, est_tokens: int = 0) -> LimitLease:
         """Admit one request of ``key_id`` costing ``est_tokens`` (prompt + max completion),
         or raise :class:`RateLimitedError`. ``None`` (auth off) is never limited."""
         if key_id is None:
-            return Lease(None, None, est_tokens, 0)
+            return LimitLease(None, None, est_tokens, 0)
         limits = self.limits_for(key_id)
         if limits.unlimited:
-            return Lease(None, key_id, est_tokens, 0)
+            return LimitLease(None, key_id, est_tokens, 0)
         return await self._acquire(key_id, limits, max(0, int(est_tokens)))
 
-    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> Lease:
-        return Lease(None, key_id, est_tokens, 0)
+    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> LimitLease:
+        return LimitLease(None, key_id, est_tokens, 0)
 
-    async def _release(self, lease: Lease, actual_tokens: int | None) -> None:
+    async def _release(self, lease: LimitLease, actual_tokens: int | None) -> None:
         return None
 
     async def close(self) -> None:
@@ -443,7 +242,7 @@ class MemoryRateLimiter(RateLimiter):
         super().__init__(settings, key_limits)
         self._windows: dict[str, _KeyWindow] = {}
 
-    def _check(self, key_id: str, limits: KeyLimits, est: int, now: float) -> Lease:
+    def _check(self, key_id: str, limits: KeyLimits, est: int, now: float) -> LimitLease:
         w = self._windows.get(key_id)
         if w is None:
             w = self._windows[key_id] = _KeyWindow()
@@ -473,12 +272,12 @@ class MemoryRateLimiter(RateLimiter):
             w.tokens[b] = w.tokens.get(b, 0) + est
         if limits.max_concurrent is not None:
             w.concurrent += 1
-        return Lease(self, key_id, est, b)
+        return LimitLease(self, key_id, est, b)
 
-    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> Lease:
+    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> LimitLease:
         return self._check(key_id, limits, est_tokens, time.time())
 
-    async def _release(self, lease: Lease, actual_tokens: int | None) -> None:
+    async def _release(self, lease: LimitLease, actual_tokens: int | None) -> None:
         assert lease.key_id is not None
         w = self._windows.get(lease.key_id)
         if w is None:
@@ -490,83 +289,6 @@ class MemoryRateLimiter(RateLimiter):
             w.tokens[lease.bucket] = max(
                 0, w.tokens[lease.bucket] + int(actual_tokens) - lease.est_tokens
             )
-
-
-# KEYS: requests hash, tokens hash, concurrency zset.
-# ARGV: rpm, tpm, max_concurrent (0 = unlimited), est_tokens, bucket_ms, n_buckets,
-#       lease_ttl_ms, lease_id. Returns {admitted, bucket | retry_after_ms, reason}.
-_ACQUIRE_LUA = """
-local rkey, tkey, ckey = KEYS[1], KEYS[2], KEYS[3]
-local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local est, bucket_ms, nb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local ttl_ms, lease = tonumber(ARGV[7]), ARGV[8]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local b = math.floor(now / bucket_ms)
-local oldest = b - nb + 1
-local function window(key)
-  local flat = redis.call('HGETALL', key)
-  local buckets, total = {}, 0
-  for i = 1, #flat, 2 do
-    local bk, v = tonumber(flat[i]), tonumber(flat[i + 1])
-    if bk < oldest then
-      redis.call('HDEL', key, flat[i])
-    else
-      buckets[#buckets + 1] = {bk, v}
-      total = total + v
-    end
-  end
-  table.sort(buckets, function(x, y) return x[1] < y[1] end)
-  return buckets, total
-end
-local function retry(buckets, total, need, limit)
-  local acc = 0
-  for _, e in ipairs(buckets) do
-    acc = acc + e[2]
-    if total - acc + need <= limit then
-      return math.max(0, (e[1] + nb) * bucket_ms - now)
-    end
-  end
-  return nb * bucket_ms
-end
-if rpm > 0 then
-  local rb, rt = window(rkey)
-  if rt + 1 > rpm then return {0, retry(rb, rt, 1, rpm), 'rpm'} end
-end
-if tpm > 0 then
-  if est > tpm then return {0, nb * bucket_ms, 'tpm_too_large'} end
-  local tb, tt = window(tkey)
-  if tt + est > tpm then return {0, retry(tb, tt, est, tpm), 'tpm'} end
-end
-if maxc > 0 then
-  redis.call('ZREMRANGEBYSCORE', ckey, '-inf', now)
-  if redis.call('ZCARD', ckey) >= maxc then return {0, 1000, 'concurrency'} end
-  redis.call('ZADD', ckey, now + ttl_ms, lease)
-  redis.call('PEXPIRE', ckey, ttl_ms)
-end
-local keep_ms = (nb + 1) * bucket_ms
-if rpm > 0 then
-  redis.call('HINCRBY', rkey, b, 1)
-  redis.call('PEXPIRE', rkey, keep_ms)
-end
-if tpm > 0 then
-  redis.call('HINCRBY', tkey, b, est)
-  redis.call('PEXPIRE', tkey, keep_ms)
-end
-return {1, b, 'ok'}
-"""
-
-# KEYS: tokens hash, concurrency zset. ARGV: lease_id, bucket, token delta.
-_RELEASE_LUA = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-local delta = tonumber(ARGV[3])
-if delta ~= 0 and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
-  if redis.call('HINCRBY', KEYS[1], ARGV[2], delta) < 0 then
-    redis.call('HSET', KEYS[1], ARGV[2], 0)
-  end
-end
-return 1
-"""
 
 
 class RedisRateLimiter(RateLimiter):
@@ -589,8 +311,8 @@ class RedisRateLimiter(RateLimiter):
                 settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
             )
         self._redis = client
-        self._acquire_script = client.register_script(_ACQUIRE_LUA)
-        self._release_script = client.register_script(_RELEASE_LUA)
+        self._acquire_script = client.register_script((_HERE / "acquire.lua").read_text())
+        self._release_script = client.register_script((_HERE / "release.lua").read_text())
         self._last_error_log = 0.0
 
     def _keys(self, key_id: str) -> tuple[str, str, str]:
@@ -605,7 +327,7 @@ class RedisRateLimiter(RateLimiter):
             log.warning("rate limiter: Redis unavailable (%s); fail_open=%s", exc,
                         self.settings.fail_open)  # fmt: skip
 
-    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> Lease:
+    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> LimitLease:
         from redis.exceptions import RedisError
 
         lease_id = uuid.uuid4().hex
@@ -627,14 +349,14 @@ class RedisRateLimiter(RateLimiter):
         except (TimeoutError, RedisError, OSError) as exc:
             self._redis_failed(exc)
             if s.fail_open:
-                return Lease(None, key_id, est_tokens, 0)
+                return LimitLease(None, key_id, est_tokens, 0)
             raise RateLimitedError(1.0, "unavailable", "Rate limiter unavailable.") from exc
         if int(admitted) != 1:
             why = reason.decode() if isinstance(reason, bytes) else str(reason)
             raise RateLimitedError(int(value) / 1000.0, why)
-        return Lease(self, key_id, est_tokens, int(value), lease_id)
+        return LimitLease(self, key_id, est_tokens, int(value), lease_id)
 
-    async def _release(self, lease: Lease, actual_tokens: int | None) -> None:
+    async def _release(self, lease: LimitLease, actual_tokens: int | None) -> None:
         from redis.exceptions import RedisError
 
         assert lease.key_id is not None

@@ -1,6 +1,6 @@
 """Alembic environment for the prompt log; async engines (aiosqlite, asyncpg).
 
-Programmatic use (:func:`gateway.promptlog.migrate.upgrade`) hands over a connection in
+Programmatic use (:func:`retort.db.migrate.upgrade`) hands over a connection in
 ``config.attributes["connection"]``. Otherwise the URL comes from ``-x url=...`` or
 ``sqlalchemy.url`` and an async engine is made here.
 """
@@ -14,7 +14,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.promptlog.schema import metadata
+from retort.db.schema import metadata
 
 config = context.config
 

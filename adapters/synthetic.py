@@ -1,14 +1,16 @@
-"""Helpers for tests: a tiny base model, tiny adapters, and a style-teaching dataset.
+"""Synthetic task data and adapters, for the benchmarks (``distill.bench``,
+``loadtest.adapter_bench``) and the tests alike.
 
-- :func:`make_tiny_base`: a randomly initialized 2-layer Llama (hidden 64) with a small
-  byte-level BPE tokenizer and a ChatML template, built offline in well under a second.
 - :func:`make_tiny_adapter`: a valid peft LoRA for such a base, without training.
 - :func:`make_style_dataset`: synthetic chat JSONL teaching a fixed answer style the
   default model lacks (``pirate``: every answer starts with ``Ahoy!`` and ends with
   ``Arr!``); 30 steps of :func:`adapters.train.train` teach it to SmolLM2-135M-Instruct.
   :func:`has_style` checks an output; :data:`HELD_OUT_PROMPTS` are prompts not in the data.
 
-torch, transformers and peft are imported inside the functions that need them.
+- :func:`qa_pairs`: the question/answer pairs the datasets are made of.
+
+torch, transformers and peft are imported inside the functions that need them. The tiny
+random base model the unit tests use is in ``tests/tiny.py``.
 """
 
 from __future__ import annotations
@@ -22,26 +24,17 @@ from typing import Any, Literal
 from adapters.manifest import set_adapter_base
 
 __all__ = [
-    "CHATML_TEMPLATE",
     "HELD_OUT_PROMPTS",
     "STYLE_RECIPE",
     "Style",
     "has_style",
     "make_style_dataset",
     "make_tiny_adapter",
-    "make_tiny_base",
+    "qa_pairs",
     "style_answer",
 ]
 
 Style = Literal["pirate", "caps"]
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-"""ChatML without a default system prompt (the tiny base's template)."""
 
 HELD_OUT_PROMPTS: tuple[str, ...] = (
     "Name a fruit that is red.",
@@ -56,59 +49,6 @@ model from ``make_style_dataset(path, n=64)``: 30 steps at batch 8 (about 2.4 s/
 CPU cores), loss 3.19 -> 0.03, and greedy decoding of all three :data:`HELD_OUT_PROMPTS`
 (transformers and vLLM-CPU alike) starts with ``Ahoy!`` and ends with ``Arr!``; at the
 default lr 2e-4 only ``Ahoy!`` is learned in 30 steps."""
-
-_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_SPECIAL_ROLES = {
-    "bos_token": "<|im_start|>",
-    "eos_token": "<|im_end|>",
-    "pad_token": "<|endoftext|>",
-    "unk_token": "<|endoftext|>",
-}
-
-
-def make_tiny_base(path: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
-    """Write a tiny random Llama (config, safetensors, tokenizer, chat template) to ``path``."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [f"{q} {style_answer(a, 'pirate')}" for q, a in _qa_pairs(random.Random(seed), 64)]
-    corpus += ["user assistant system", *HELD_OUT_PROMPTS]
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=_SPECIALS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer_cls: Any = PreTrainedTokenizerFast
-    fast = tokenizer_cls(tokenizer_object=tok, **_SPECIAL_ROLES)
-    fast.chat_template = CHATML_TEMPLATE
-    fast.save_pretrained(str(path))
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-    )
-    model_cls: Any = LlamaForCausalLM
-    model_cls(config).save_pretrained(str(path), safe_serialization=True)
-    return path
 
 
 def make_tiny_adapter(
@@ -165,7 +105,7 @@ _SOUNDS = [
 ]  # fmt: skip
 
 
-def _qa_pairs(rng: random.Random, n: int) -> list[tuple[str, str]]:
+def qa_pairs(rng: random.Random, n: int) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     for i in range(n):
         kind = i % 5
@@ -212,7 +152,7 @@ def make_style_dataset(path: Path, n: int = 64, style: Style = "pirate", *, seed
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for question, answer in _qa_pairs(rng, n):
+        for question, answer in qa_pairs(rng, n):
             messages = [
                 {"role": "user", "content": question},
                 {"role": "assistant", "content": style_answer(answer, style)},

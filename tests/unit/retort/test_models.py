@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import models
+from retort import models
 
 
 @pytest.fixture

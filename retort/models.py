@@ -8,7 +8,6 @@ produce) a half-written model. Later calls verify the checksums and return at on
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -17,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 from filelock import FileLock
+
+from retort.files import sha256_file
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -36,14 +37,6 @@ MANIFEST = "retort-model.json"
 
 class ModelError(RuntimeError):
     """The default model cannot be provisioned."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_gguf() -> Path:
@@ -72,7 +65,7 @@ def verify_manifest(folder: Path, *, source_sha256: str | None = None) -> bool:
         return False
     for name, digest in files.items():
         p = folder / name
-        if not p.is_file() or _sha256(p) != digest:
+        if not p.is_file() or sha256_file(p) != digest:
             return False
     return bool(files)
 
@@ -109,14 +102,14 @@ def pull_default(home: Path, *, force: bool = False) -> Path:
     models.mkdir(parents=True, exist_ok=True)
     target = models / DEFAULT_MODEL_NAME
     with FileLock(str(models / f".{DEFAULT_MODEL_NAME}.lock")):
-        source_sha = _sha256(gguf)
+        source_sha = sha256_file(gguf)
         if not force and verify_manifest(target, source_sha256=source_sha):
             return target
         log.info("converting %s -> %s", gguf.name, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=models))
         try:
             _convert(gguf, tmp)
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {"source": gguf.name, "source_sha256": source_sha, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             if target.exists():

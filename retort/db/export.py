@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 import typer
 
-from gateway.engines.chat_template import render_tools, tool_spec
+from retort.chat_template import render_tools, tool_spec
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from gateway.promptlog.store import PromptStore
+    from retort.db.store import PromptStore
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -237,15 +237,9 @@ def resolve_url(url: str | None, config: Path | None = None) -> str:
     """``url``, else the configured ``promptlog.url``, else SQLite in the state folder."""
     if url:
         return url
-    from gateway.promptlog.settings import default_url
-    from gateway.settings import load_settings
+    from retort.settings import load_shared
 
-    settings = load_settings(config)
-    section = getattr(settings, "promptlog", None)
-    configured = getattr(section, "url", None)
-    if isinstance(configured, str) and configured:
-        return configured
-    return default_url(settings.home_path)
+    return load_shared(config).promptlog_url
 
 
 logs_app = typer.Typer(help="The prompt log: export for distillation.", no_args_is_help=True)
@@ -294,8 +288,8 @@ def export_command(
     """Export logged requests in a format HF `datasets` loads."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from gateway.promptlog.store import PromptStore, StoreError
-    from gateway.settings import SettingsError
+    from retort.db.store import PromptStore, StoreError
+    from retort.settings import SettingsError
 
     filters = ExportFilters(
         model=model,

@@ -1,0 +1,45 @@
+"""Who may call, and how much: API keys (:mod:`gateway.auth.keys`) and per-key limits
+(:mod:`gateway.auth.limits`, with its Redis scripts ``acquire.lua`` and ``release.lua``).
+The guards that apply them to routes are in :mod:`gateway.guards`."""
+
+from gateway.auth.keys import (
+    APIKey,
+    AuthenticationError,
+    Authenticator,
+    AuthSettings,
+    KeyInfo,
+    PermissionDeniedError,
+    generate_key,
+    hash_key,
+    is_loopback,
+)
+from gateway.auth.limits import (
+    KeyLimits,
+    LimitLease,
+    LimitsSettings,
+    MemoryRateLimiter,
+    RateLimitedError,
+    RateLimiter,
+    RedisRateLimiter,
+    build_rate_limiter,
+)
+
+__all__ = [
+    "APIKey",
+    "AuthSettings",
+    "AuthenticationError",
+    "Authenticator",
+    "KeyInfo",
+    "KeyLimits",
+    "LimitLease",
+    "LimitsSettings",
+    "MemoryRateLimiter",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "RateLimiter",
+    "RedisRateLimiter",
+    "build_rate_limiter",
+    "generate_key",
+    "hash_key",
+    "is_loopback",
+]

@@ -1,0 +1,1 @@
+"""Alembic migrations of the prompt log (run by :func:`retort.db.migrate.upgrade`)."""

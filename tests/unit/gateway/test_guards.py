@@ -1,0 +1,40 @@
+"""Guards sit on the /v1 and /admin route groups, never on single handlers."""
+
+from __future__ import annotations
+
+from gateway.app import create_app
+from gateway.engines.fake import FakeEngine
+from gateway.guards import admin_guard, api_guard
+from gateway.settings import EngineSettings, Settings
+
+ADMIN_UNDER_V1 = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+OPEN = {"/health", "/ready", "/metrics"}
+
+
+def _guards() -> dict[str, set[object]]:
+    app = create_app(
+        Settings(engine=EngineSettings(kind="fake")),
+        engine=FakeEngine(model_name="m", max_model_len=64),
+    )
+    out: dict[str, set[object]] = {}
+    for route in app.routes:
+        for handler in route.route_handlers:
+            if "OPTIONS" in handler.http_methods:
+                continue
+            assert not handler.guards, f"{route.path}: a guard on the handler itself"
+            owners = handler.ownership_layers
+            out[route.path] = {g for layer in owners for g in (layer.guards or [])}
+    return out
+
+
+def test_each_group_has_its_guard() -> None:
+    guards = _guards()
+    for path, found in guards.items():
+        if path in ADMIN_UNDER_V1 or path.startswith("/admin"):
+            assert found == {admin_guard}, path
+        elif path.startswith("/v1"):
+            assert found == {api_guard}, path
+        else:
+            assert not found, path
+    assert {"/v1/chat/completions", "/v1/models", "/admin/adapters"} <= guards.keys()
+    assert guards.keys() >= OPEN
