@@ -39,6 +39,10 @@ METRICS = {
     "retort_engine_running_requests",
     "retort_engine_waiting_requests",
     "retort_engine_kv_cache_usage_ratio",
+    "retort_shadow_requests_total",
+    "retort_shadow_agreement_ratio",
+    "retort_shadow_student_latency_seconds",
+    "retort_structured_output_failures_total",
 }
 
 

@@ -310,6 +310,10 @@ def _render_metrics() -> str:
     metrics.promptlog_dropped("queue_full")
     metrics.set_promptlog_queue_depth(2)
     metrics.set_engine_stats(EngineStats(running=2, waiting=1, kv_cache_usage=0.3))
+    metrics.shadow_request("support-bot", "support-bot-student", "agree")
+    metrics.shadow_agreement("support-bot", "support-bot-student", 0.9)
+    metrics.shadow_latency("support-bot", "support-bot-student", 0.2)
+    metrics.structured_output_failed("base", "json_schema")
     return metrics.render().decode()
 
 
