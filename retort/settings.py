@@ -123,6 +123,7 @@ class SharedSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limits: dict[str, Any] = _section()
     pricing: dict[str, Any] = _section()
     metrics: dict[str, Any] = _section()
+    shadow: dict[str, Any] = _section()
 
     @property
     def home_path(self) -> Path:
