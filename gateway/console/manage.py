@@ -180,9 +180,13 @@ async def _runs(request: Request[Any, Any, Any]) -> tuple[list[dict[str, Any]], 
     from distill.runs import list_runs
 
     runs = await list_runs(store, limit=RUNS_SHOWN)
-    for run in runs:
-        out = run.get("out_dir")
-        run["has_png"] = bool(out) and (Path(out) / "report.png").is_file()
+
+    def check_pngs() -> None:
+        for run in runs:
+            out = run.get("out_dir")
+            run["has_png"] = bool(out) and (Path(str(out)) / "report.png").is_file()
+
+    await asyncio.to_thread(check_pngs)
     return runs, None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import math
 import time
 from collections import deque
@@ -176,7 +177,7 @@ class Sampler:
             sp_tok: list[float] = []
             sp_cost: list[float] = []
             sp_ttft: list[float | None] = []
-            for a, b in zip(snaps, snaps[1:], strict=False):
+            for a, b in itertools.pairwise(snaps):
                 dt = max(b.t - a.t, 1e-9)
                 d = _delta(b.series.get(key, _Point()), a.series.get(key))
                 sp_req.append(d.requests / dt)

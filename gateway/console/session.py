@@ -145,7 +145,9 @@ class Sessions:
         return len(self._by_digest)
 
 
-def console_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+def console_guard(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
     """Admit a request to the console, or raise 401 (login) / 403.
 
     Sets ``connection.state.console_session`` (``None`` for a bearer-key request) and, when

@@ -3,6 +3,7 @@ queue; the JSONL export (``retort logs export``'s code path)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import tempfile
@@ -188,18 +189,22 @@ async def traffic(request: Request[Any, Any, Any]) -> Template:
     )
 
 
+def _scratch_file() -> Path:
+    fd, tmp = tempfile.mkstemp(prefix="retort-console-export-", suffix=".jsonl")
+    os.close(fd)
+    return Path(tmp)
+
+
 @get("/traffic/export.jsonl", name="console:export")
 async def export_jsonl(request: Request[Any, Any, Any]) -> File:
     """The filtered log as JSONL, written by ``retort logs export``'s writer."""
     store = _require_store(request)
     kwargs = TrafficFilters.from_query(request.query_params).store_kwargs()
-    fd, tmp = tempfile.mkstemp(prefix="retort-console-export-", suffix=".jsonl")
-    os.close(fd)
-    path = Path(tmp)
+    path = await asyncio.to_thread(_scratch_file)
     try:
         await export_logs(store, "jsonl", path, ExportFilters(**kwargs))
     except BaseException:
-        path.unlink(missing_ok=True)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
         raise
     return File(
         path=path,

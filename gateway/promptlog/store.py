@@ -185,9 +185,7 @@ class PromptStore:
                     request_id=request_id,
                     score=float(score),
                     comment=comment.replace("\x00", "\ufffd") if comment else comment,
-                    correction=(
-                        correction.replace("\x00", "\ufffd") if correction else correction
-                    ),
+                    correction=(correction.replace("\x00", "\ufffd") if correction else correction),
                     created=time.time(),
                 )
             )
@@ -410,8 +408,9 @@ class PromptStore:
     async def feedback_for(self, request_id: str) -> list[dict[str, Any]]:
         """A request's feedback rows, oldest first."""
         stmt = (
-            sa.select(feedback.c.score, feedback.c.comment, feedback.c.correction,
-                      feedback.c.created)  # fmt: skip
+            sa.select(
+                feedback.c.score, feedback.c.comment, feedback.c.correction, feedback.c.created
+            )
             .where(feedback.c.request_id == request_id)
             .order_by(feedback.c.id)
         )

@@ -16,7 +16,9 @@ SEED_ADAPTER = "support"
 """The adapter whose unrated requests make the rating queue."""
 
 
-def seed_records(n: int = 30, *, model: str = "fake-model", now: float | None = None) -> list[LogRecord]:
+def seed_records(
+    n: int = 30, *, model: str = "fake-model", now: float | None = None
+) -> list[LogRecord]:
     now = time.time() if now is None else now
     out = []
     for i in range(n):
@@ -50,7 +52,9 @@ def seed_records(n: int = 30, *, model: str = "fake-model", now: float | None = 
     return out
 
 
-async def seed_log(url: str, n: int = 30, *, model: str = "fake-model", rated: int = 2) -> list[LogRecord]:
+async def seed_log(
+    url: str, n: int = 30, *, model: str = "fake-model", rated: int = 2
+) -> list[LogRecord]:
     """Create (migrate) the log at ``url``, insert ``n`` records, rate the first ``rated``
     of the adapter's queue (so the queue starts after them)."""
     records = seed_records(n, model=model)

@@ -41,9 +41,11 @@ def admin(client: TestClient) -> TestClient:
 def test_traffic_lists_newest_first_and_paginates(admin: TestClient) -> None:
     page1 = admin.get("/console/traffic")
     assert page1.status_code == 200
-    assert "30 requests" in page1.text and "page 1 of 2" in page1.text
+    assert "30 requests" in page1.text
+    assert "page 1 of 2" in page1.text
     ids = _ids(page1.text)
-    assert ids[0] == "req-029" and len(ids) == 25
+    assert ids[0] == "req-029"
+    assert len(ids) == 25
     page2 = admin.get("/console/traffic?page=2")
     assert _ids(page2.text) == [f"req-{i:03d}" for i in range(4, -1, -1)]
 
@@ -76,10 +78,13 @@ def test_traffic_filters(admin: TestClient, query: str, expected: set[str]) -> N
 def test_traffic_filter_partial_for_htmx(admin: TestClient) -> None:
     r = admin.get("/console/traffic?adapter=sql", headers={"HX-Request": "true"})
     assert r.status_code == 200
-    assert "<html" not in r.text and "<table" in r.text
+    assert "<html" not in r.text
+    assert "<table" in r.text
 
 
-@pytest.mark.parametrize("query", ["since=yesterday-ish", "status=maybe", "page=0", "min_score=abc"])
+@pytest.mark.parametrize(
+    "query", ["since=yesterday-ish", "status=maybe", "page=0", "min_score=abc"]
+)
 def test_traffic_bad_filter_is_400_not_500(admin: TestClient, query: str) -> None:
     r = admin.get(f"/console/traffic?{query}")
     assert r.status_code == 400
@@ -100,17 +105,22 @@ def test_redacted_fields_stay_redacted(admin: TestClient) -> None:
     r = admin.post(
         "/v1/chat/completions",
         headers={"Authorization": f"Bearer {USER_KEY}", "x-request-id": "req-pii"},
-        json={"model": "fake-model", "messages": [{"role": "user", "content": "mail bob@example.com"}]},
+        json={
+            "model": "fake-model",
+            "messages": [{"role": "user", "content": "mail bob@example.com"}],
+        },
     )
     assert r.status_code == 200
     deadline = time.time() + 5
-    while time.time() < deadline and "/console/requests/req-pii" not in admin.get(
-        "/console/traffic?q=req-pii"
-    ).text:
+    while (
+        time.time() < deadline
+        and "/console/requests/req-pii" not in admin.get("/console/traffic?q=req-pii").text
+    ):
         time.sleep(0.05)
     page = admin.get("/console/requests/req-pii")
     assert page.status_code == 200
-    assert "[REDACTED:EMAIL]" in page.text and "bob@example.com" not in page.text
+    assert "[REDACTED:EMAIL]" in page.text
+    assert "bob@example.com" not in page.text
     assert "bob@example.com" not in admin.get("/console/traffic").text
 
 
@@ -121,16 +131,20 @@ def test_rating_stores_feedback_through_the_feedback_path(admin: TestClient) -> 
         data={"csrf_token": token, "score": "0.75", "comment": "close", "correction": "It is 8."},
         follow_redirects=False,
     )
-    assert r.status_code == 303 and r.headers["location"] == "/console/requests/req-004?saved=1"
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/requests/req-004?saved=1"
     page = admin.get(r.headers["location"]).text
-    assert "Rating saved." in page and "It is 8." in page and "0.75 (mean of 1)" in page
+    assert "Rating saved." in page
+    assert "It is 8." in page
+    assert "0.75 (mean of 1)" in page
     # the same rows /v1/feedback writes (and its correction field)
     api = admin.post(
         "/v1/feedback",
         headers={"Authorization": f"Bearer {USER_KEY}"},
         json={"request_id": "req-004", "score": 0.25, "correction": "8"},
     )
-    assert api.status_code == 201 and api.json()["correction"] == "8"
+    assert api.status_code == 201
+    assert api.json()["correction"] == "8"
     rows = _feedback(admin, "req-004")
     assert [(f["score"], f["comment"], f["correction"]) for f in rows] == [
         (0.75, "close", "It is 8."),
@@ -191,13 +205,15 @@ def test_export_is_the_filtered_log_as_jsonl(admin: TestClient) -> None:
     rows = [json.loads(line) for line in r.text.splitlines()]
     expected = sorted(k for k, v in RECORDS.items() if v.adapter == "sql" and v.status == "ok")
     assert [row["request_id"] for row in rows] == expected
-    assert rows[0]["messages"][1]["role"] == "user" and "score" in rows[0]
+    assert rows[0]["messages"][1]["role"] == "user"
+    assert "score" in rows[0]
     assert admin.get("/console/traffic/export.jsonl?since=bogus").status_code == 400
 
 
 def test_adapters_page_and_api_shaped_errors(admin: TestClient, tmp_path: Path) -> None:
     page = admin.get("/console/adapters")
-    assert page.status_code == 200 and "No adapters in the registry." in page.text
+    assert page.status_code == 200
+    assert "No adapters in the registry." in page.text
     token = csrf_of(page.text)
     missing = admin.post("/console/adapters/load", data={"csrf_token": token, "name": "nope"})
     assert missing.status_code == 404
@@ -206,24 +222,30 @@ def test_adapters_page_and_api_shaped_errors(admin: TestClient, tmp_path: Path) 
     bad.mkdir(parents=True)
     (bad / "adapter_config.json").write_text("{}")
     listed = admin.get("/console/adapters")
-    assert "broken" in listed.text and "invalid" in listed.text
+    assert "broken" in listed.text
+    assert "invalid" in listed.text
     invalid = admin.post("/console/adapters/load", data={"csrf_token": token, "name": "broken"})
     assert invalid.status_code == 400
-    assert "invalid_request_error" in invalid.text and "Invalid adapter" in invalid.text
+    assert "invalid_request_error" in invalid.text
+    assert "Invalid adapter" in invalid.text
     unload = admin.post("/console/adapters/nope/unload", data={"csrf_token": token})
-    assert unload.status_code == 404 and "is not loaded" in unload.text
+    assert unload.status_code == 404
+    assert "is not loaded" in unload.text
 
 
 def test_students_page_report_and_png(admin: TestClient) -> None:
     page = admin.get("/console/students")
     assert page.status_code == 200
-    assert "bot-student" in page.text and "0.970" in page.text and "440.2" in page.text
+    assert "bot-student" in page.text
+    assert "0.970" in page.text
+    assert "440.2" in page.text
     assert "No distillation runs recorded." in page.text
     detail = admin.get("/console/students/bot-student")
     assert detail.status_code == 200
     assert 'src="/console/students/bot-student/report.png"' in detail.text
     png = admin.get("/console/students/bot-student/report.png")
-    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.status_code == 200
+    assert png.headers["content-type"] == "image/png"
     assert admin.get("/console/students/nobody").status_code == 404
     assert admin.get("/console/students/..%2F..%2Fetc/report.png").status_code == 404
 
@@ -238,17 +260,31 @@ def test_distill_runs_link_to_their_reports(admin: TestClient, tmp_path: Path) -
     store: PromptStore = admin.app.state.gateway.promptlog.store
 
     async def record() -> str:
-        run_id = await start_run(store, key="support:abc", adapter=SEED_ADAPTER, model=None,
-                                 watermark={"created": None, "count": 30}, out_dir=str(out))  # fmt: skip
-        await finish_run(store, run_id, status="succeeded", student_model="bot-student",
-                         gate_passed=True, published=True, summary={"agreement": 0.9})  # fmt: skip
+        run_id = await start_run(
+            store,
+            key="support:abc",
+            adapter=SEED_ADAPTER,
+            model=None,
+            watermark={"created": None, "count": 30},
+            out_dir=str(out),
+        )
+        await finish_run(
+            store,
+            run_id,
+            status="succeeded",
+            student_model="bot-student",
+            gate_passed=True,
+            published=True,
+            summary={"agreement": 0.9},
+        )
         return run_id
 
     run_id = admin.blocking_portal.call(record)
     page = admin.get("/console/students")
     assert f'href="/console/runs/{run_id}"' in page.text
     run = admin.get(f"/console/runs/{run_id}")
-    assert run.status_code == 200 and "0.900" in run.text
+    assert run.status_code == 200
+    assert "0.900" in run.text
     assert admin.get(f"/console/runs/{run_id}/report.png").content.endswith(b"run")
     assert admin.get("/console/runs/nope").status_code == 404
 
@@ -264,7 +300,8 @@ def test_overview_shows_rates_per_model_and_adapter(admin: TestClient) -> None:
     page = admin.get("/console/")
     assert page.status_code == 200
     row = re.search(r"<th scope=\"row\">fake-model</th><td>none</td>\s*<td>(\d+)", page.text)
-    assert row and row.group(1) == "3"
+    assert row
+    assert row.group(1) == "3"
     assert ADMIN_KEY not in page.text
 
 

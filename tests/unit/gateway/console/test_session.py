@@ -21,12 +21,15 @@ def test_no_session_is_401_with_the_login_form(client: TestClient, path: str) ->
     r = client.get(path)
     assert r.status_code == 401
     assert r.headers["content-type"].startswith("text/html")
-    assert 'name="key"' in r.text and 'type="password"' in r.text
+    assert 'name="key"' in r.text
+    assert 'type="password"' in r.text
     assert "www-authenticate" not in r.headers
 
 
 def test_bearer_keys_follow_the_admin_rule(client: TestClient) -> None:
-    assert client.get("/console/traffic", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert (
+        client.get("/console/traffic", headers={"Authorization": "Bearer nope"}).status_code == 401
+    )
     user = client.get("/console/traffic", headers={"Authorization": f"Bearer {USER_KEY}"})
     assert user.status_code == 403
     admin = client.get("/console/traffic", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
@@ -37,7 +40,9 @@ def test_bearer_keys_follow_the_admin_rule(client: TestClient) -> None:
 def test_login_sets_a_strict_httponly_cookie_and_never_echoes_the_key(client: TestClient) -> None:
     login(client)
     cookie = client.cookies.get(SESSION_COOKIE)
-    assert cookie and cookie != ADMIN_KEY and ADMIN_KEY not in cookie
+    assert cookie
+    assert cookie != ADMIN_KEY
+    assert ADMIN_KEY not in cookie
     for path in PAGES:
         r = client.get(path)
         assert r.status_code == 200, path
@@ -54,9 +59,13 @@ def test_login_cookie_attributes(client: TestClient) -> None:
         data={"login_csrf": token.group(1), "key": ADMIN_KEY},
         follow_redirects=False,
     )
-    header = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and SESSION_COOKIE + "=" in v)
+    header = next(
+        v for k, v in r.headers.multi_items() if k == "set-cookie" and SESSION_COOKIE + "=" in v
+    )
     lowered = header.lower()
-    assert "httponly" in lowered and "samesite=strict" in lowered and "path=/console" in lowered
+    assert "httponly" in lowered
+    assert "samesite=strict" in lowered
+    assert "path=/console" in lowered
     assert ADMIN_KEY not in header
 
 
@@ -98,7 +107,11 @@ def test_state_changing_forms_need_the_session_csrf_token(client: TestClient) ->
 def test_csrf_header_is_accepted(client: TestClient) -> None:
     login(client)
     token = csrf_of(client.get("/console/adapters").text)
-    r = client.post("/console/adapters/load", data={"name": "nope"}, headers={"X-CSRF-Token": token, "HX-Request": "true"})
+    r = client.post(
+        "/console/adapters/load",
+        data={"name": "nope"},
+        headers={"X-CSRF-Token": token, "HX-Request": "true"},
+    )
     assert r.status_code == 404  # the API's answer for an unknown adapter, not a CSRF refusal
 
 
@@ -115,14 +128,23 @@ def test_session_cookie_of_another_process_is_refused(client: TestClient) -> Non
     assert client.get("/console/traffic").status_code == 401
 
 
-def test_without_admin_keys_loopback_only(open_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_admin_keys_loopback_only(
+    open_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     r = open_client.get("/console/traffic")
     assert r.status_code == 200
     assert open_client.cookies.get(SESSION_COOKIE)  # an anonymous session, for its CSRF token
     token = csrf_of(r.text)
-    rated = open_client.post("/console/requests/req-001/rate", data={"verdict": "down", "csrf_token": token}, follow_redirects=False)
+    rated = open_client.post(
+        "/console/requests/req-001/rate",
+        data={"verdict": "down", "csrf_token": token},
+        follow_redirects=False,
+    )
     assert rated.status_code == 303
-    assert open_client.post("/console/requests/req-001/rate", data={"verdict": "down"}).status_code == 403
+    assert (
+        open_client.post("/console/requests/req-001/rate", data={"verdict": "down"}).status_code
+        == 403
+    )
     # The same client seen as a remote host: refused, as /admin refuses it.
     import gateway.admin
 
@@ -141,4 +163,5 @@ def test_sessions_expire_and_are_bounded() -> None:
     s.create("c")
     s.create("d")
     assert len(s) == 2
-    assert s.get(None) is None and s.get("") is None
+    assert s.get(None) is None
+    assert s.get("") is None
