@@ -43,7 +43,11 @@ def _safe_next(value: Any) -> str:
 
 
 def _login_form(
-    request: Request[Any, Any, Any], *, status_code: int = 200, error: str | None = None
+    request: Request[Any, Any, Any],
+    *,
+    status_code: int = 200,
+    error: str | None = None,
+    next_path: Any = None,
 ) -> Template:
     token = secrets.token_urlsafe(32)
     page = render(
@@ -53,7 +57,7 @@ def _login_form(
         login_csrf=token,
         error=error,
         message=None,
-        next=_safe_next(request.query_params.get("next")),
+        next=_safe_next(next_path or request.query_params.get("next")),
         has_admin=gateway_of(request).auth.has_admin,
     )
     page.cookies.append(login_cookie(request, token))
@@ -80,9 +84,19 @@ async def login(request: Request[Any, Any, Any]) -> Template | Redirect:
     key = str(form.get("key") or "").strip()
     info = gw.auth.check(f"Bearer {key}") if 0 < len(key) <= MAX_KEY_CHARS else None
     if info is None:
-        return _login_form(request, status_code=401, error="That is not a valid API key.")
+        return _login_form(
+            request,
+            status_code=401,
+            error="That is not a valid API key.",
+            next_path=form.get("next"),
+        )
     if not info.admin:
-        return _login_form(request, status_code=403, error="That key is not an admin key.")
+        return _login_form(
+            request,
+            status_code=403,
+            error="That key is not an admin key.",
+            next_path=form.get("next"),
+        )
     sessions: Sessions = request.app.state.console.sessions
     sessions.drop(request.cookies.get(SESSION_COOKIE))
     token, _ = sessions.create(key_id=info.id)

@@ -10,7 +10,7 @@ from typing import Any
 from gateway.promptlog.record import LogRecord
 from gateway.promptlog.store import PromptStore
 
-__all__ = ["SEED_ADAPTER", "seed_log", "seed_records", "seed_student"]
+__all__ = ["SEED_ADAPTER", "seed_adapter", "seed_log", "seed_records", "seed_student"]
 
 SEED_ADAPTER = "support"
 """The adapter whose unrated requests make the rating queue."""
@@ -101,6 +101,38 @@ def seed_student(root: Path, name: str = "bot-student", *, png: bytes | None = N
     (folder / "report.json").write_bytes(msgspec.json.encode(report))
     (folder / "report.png").write_bytes(png if png is not None else _png())
     return folder
+
+
+def seed_adapter(raw: Path, *, base_model: str = "fake-model", rank: int = 8) -> Path:
+    """A raw peft LoRA folder (rank ``rank`` on q_proj and v_proj of two layers, random
+    weights) written with numpy and safetensors only: no torch, so it takes milliseconds.
+    Valid for a base the registry knows only by name (the fake engine's model)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    hidden = 64
+    tensors = {}
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{key}.lora_A.weight"] = rng.standard_normal((rank, hidden), np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((hidden, rank), np.float32)
+    raw.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(raw / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "base_model_name_or_path": base_model,
+    }
+    (raw / "adapter_config.json").write_text(json.dumps(config))
+    return raw
 
 
 def _png() -> bytes:
