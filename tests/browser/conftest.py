@@ -55,7 +55,7 @@ def _install_adapter(home: Path) -> None:
     registry.import_(raw, SEED_ADAPTER)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     chromium_path()
     tmp = tmp_path_factory.mktemp("console")
@@ -82,7 +82,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         gw.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(gateway: Gateway) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
@@ -101,7 +101,7 @@ def login(page: Any, base_url: str, key: str = ADMIN_KEY) -> None:
     page.wait_for_url(re.compile(r".*/console/?$"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def admin_state(browser: Any, gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A logged-in browser state (the session cookie), made once through the login form."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -132,4 +132,5 @@ def admin_get(gateway: Gateway, path: str) -> httpx.Response:
 
 def screenshot(page: Any, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=False)
