@@ -32,7 +32,8 @@ class FeedbackResponse(msgspec.Struct, kw_only=True, tag_field="object", tag="fe
     request_id: str
     score: float
     comment: str | None = None
-    correction: str | None = None
+    correction: str | msgspec.UnsetType = msgspec.UNSET
+    """Echoed only when the request gave one."""
 
 
 async def record_feedback(
@@ -67,6 +68,9 @@ async def record_feedback(
 async def feedback(data: FeedbackRequest, gateway: Gateway) -> Response[bytes]:
     rid = await record_feedback(gateway, data.request_id, data.score, data.comment, data.correction)
     body = FeedbackResponse(
-        request_id=rid, score=data.score, comment=data.comment, correction=data.correction
+        request_id=rid,
+        score=data.score,
+        comment=data.comment,
+        correction=data.correction if data.correction is not None else msgspec.UNSET,
     )
     return Response(msgspec.json.encode(body), status_code=201, media_type="application/json")
