@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from litestar import MediaType, Response
 from litestar.datastructures import Cookie
+from litestar.exceptions import HTTPException
 from litestar.response import Template
 
 from gateway.console.session import (
@@ -125,9 +126,18 @@ def error_json(exc: APIError) -> str:
     return msgspec.json.format(msgspec.json.encode(body), indent=2).decode()
 
 
+def _as_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, HTTPException) and not isinstance(exc, APIError):
+        err = APIError(str(exc.detail))  # Litestar's own: 404, 405, 413, a bad form...
+        err.status_code = exc.status_code
+        err.type = "invalid_request_error" if exc.status_code < 500 else "api_error"
+        return err
+    return to_api_error(exc)
+
+
 def console_exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
     """Console errors as HTML pages: 401 shows the login form, the rest an error page."""
-    err = to_api_error(exc)
+    err = _as_api_error(exc)
     if err.status_code >= 500:
         log.error("console: %s %s failed", request.method, request.url.path, exc_info=exc)
     engine = request.app.template_engine

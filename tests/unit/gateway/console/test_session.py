@@ -165,3 +165,14 @@ def test_sessions_expire_and_are_bounded() -> None:
     assert len(s) == 2
     assert s.get(None) is None
     assert s.get("") is None
+
+
+def test_framework_errors_keep_their_status() -> None:
+    from litestar.exceptions import ClientException, NotFoundException
+
+    from gateway.console.views import _as_api_error
+
+    assert _as_api_error(NotFoundException("gone")).status_code == 404
+    err = _as_api_error(ClientException("bad form", status_code=413))
+    assert (err.status_code, err.message, err.type) == (413, "bad form", "invalid_request_error")
+    assert _as_api_error(RuntimeError("boom")).status_code == 500
