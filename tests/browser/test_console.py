@@ -125,6 +125,8 @@ def test_load_and_unload_an_adapter(page: Any, gateway: Gateway) -> None:
     assert "registered" in row.inner_text()
     row.get_by_role("button", name=f"Load {SEED_ADAPTER}").click()
     page.get_by_role("status").filter(has_text=f"Loaded {SEED_ADAPTER}").wait_for()
+    # keyboard focus moves to the outcome of the action
+    page.wait_for_function("() => document.activeElement.textContent.startsWith('Loaded')")
     loaded = admin_get(gateway, "/admin/adapters").json()["data"]
     assert [a["loaded"] for a in loaded if a["name"] == SEED_ADAPTER] == [True]
     row.get_by_role("button", name=f"Pin {SEED_ADAPTER}").click()

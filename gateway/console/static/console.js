@@ -10,6 +10,18 @@
     }
   });
 
+  // After a partial update (adapter actions), move keyboard focus to its outcome, so that a
+  // keyboard or screen-reader user hears what happened and continues from there.
+  document.addEventListener("htmx:afterSwap", function (event) {
+    var target = event.detail.target;
+    if (!target || target.id !== "adapter-panel") return;
+    var outcome = target.querySelector("[role=alert], [role=status]");
+    if (outcome) {
+      outcome.setAttribute("tabindex", "-1");
+      outcome.focus();
+    }
+  });
+
   function typing(target) {
     if (!target || !target.tagName) return false;
     var tag = target.tagName.toLowerCase();
