@@ -98,8 +98,13 @@ def seed_student(root: Path, name: str = "bot-student", *, png: bytes | None = N
         report=report,
     )
     (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
-    (folder / "report.json").write_bytes(msgspec.json.encode(report))
-    (folder / "report.png").write_bytes(png if png is not None else _png())
+    if png is None:  # the real report writer: report.json, report.md, report.png
+        from distill.evaluate import write_report
+
+        write_report(folder, {**report, "teacher_model": "fake-model", "adapter": SEED_ADAPTER})
+    else:
+        (folder / "report.json").write_bytes(msgspec.json.encode(report))
+        (folder / "report.png").write_bytes(png)
     return folder
 
 
@@ -133,21 +138,3 @@ def seed_adapter(raw: Path, *, base_model: str = "fake-model", rank: int = 8) ->
     }
     (raw / "adapter_config.json").write_text(json.dumps(config))
     return raw
-
-
-def _png() -> bytes:
-    """A small real PNG (matplotlib, as the distillation report draws it)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 2), dpi=60)
-    ax.bar(["teacher", "student"], [41.5, 440.2])
-    ax.set_ylabel("tokens/s")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
