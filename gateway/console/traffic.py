@@ -310,15 +310,19 @@ async def queue_page(request: Request[Any, Any, Any]) -> Template:
     queue = _queue_of(request.query_params)
     store = store_of(request)
     rows: list[dict[str, Any]] = []
+    queues: dict[str, list[dict[str, Any]]] = {}
     error = None
     if store is None:
         error = "The prompt log is off (promptlog.enabled: false) or not open yet."
     elif queue:
         rows = await _queue_rows(store, queue)
+    else:
+        queues = await store.unrated_counts()
     return render(
         request,
         "queue.html",
         queue=queue,
+        queues=queues,
         rows=rows,
         error=error,
         names=_known_names(request),

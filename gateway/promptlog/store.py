@@ -405,6 +405,26 @@ class PromptStore:
             out.append(d)
         return out, total
 
+    async def unrated_counts(self) -> dict[str, list[dict[str, Any]]]:
+        """Requests without feedback, per adapter and per model (``n``, ``oldest``): the
+        console's rating queues."""
+        unrated = ~sa.exists().where(feedback.c.request_id == requests.c.request_id)
+        out: dict[str, list[dict[str, Any]]] = {}
+        async with self.engine.connect() as conn:
+            for name, col in (("adapter", requests.c.adapter), ("model", requests.c.model)):
+                stmt = (
+                    sa.select(
+                        col.label("name"),
+                        sa.func.count().label("n"),
+                        sa.func.min(requests.c.created).label("oldest"),
+                    )
+                    .where(unrated, col.is_not(None))
+                    .group_by(col)
+                    .order_by(col)
+                )
+                out[name] = [dict(r) for r in (await conn.execute(stmt)).mappings().all()]
+        return out
+
     async def feedback_for(self, request_id: str) -> list[dict[str, Any]]:
         """A request's feedback rows, oldest first."""
         stmt = (

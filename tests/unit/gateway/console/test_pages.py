@@ -168,6 +168,16 @@ def test_rating_unknown_request_is_404(admin: TestClient) -> None:
     assert r.status_code == 404
 
 
+def test_queue_page_lists_the_queues(admin: TestClient) -> None:
+    page = admin.get("/console/queue").text
+    unrated = [r for r in RECORDS.values() if r.request_id not in {"req-000", "req-003"}]
+    for adapter in (SEED_ADAPTER, "sql"):
+        n = sum(1 for r in unrated if r.adapter == adapter)
+        assert re.search(rf'\?adapter={adapter}">adapter {adapter}</a></th><td>{n}</td>', page)
+    n = sum(1 for r in unrated if r.model == "fake-model")
+    assert re.search(rf'\?model=fake-model">model fake-model</a></th><td>{n}</td>', page)
+
+
 def test_queue_is_unrated_oldest_first_and_rating_moves_on(admin: TestClient) -> None:
     queue = admin.get(f"/console/queue?adapter={SEED_ADAPTER}")
     unrated = [k for k, r in sorted(RECORDS.items()) if r.adapter == SEED_ADAPTER][2:]

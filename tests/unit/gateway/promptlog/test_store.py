@@ -188,6 +188,9 @@ async def test_page_filters_search_and_feedback(store: PromptStore) -> None:
     assert await ids(rated=False) == ["req-0", "req-2"]
     assert await ids(max_score=0.5) == ["req-1"]
     assert await ids(max_score=0.1) == []
+    counts = await store.unrated_counts()
+    assert [(q["name"], q["n"]) for q in counts["model"]] == [("base-model", 2)]
+    assert counts["adapter"] == []
     assert await store.feedback_for("req-1") == [
         {
             "score": 0.25,
