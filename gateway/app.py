@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from gateway.adapters import AdapterManager
 from gateway.admin import ADMIN_HANDLERS, LORA_HANDLERS
 from gateway.auth import Authenticator, build_rate_limiter
+from gateway.console import console_lifespan, console_router, template_config
 from gateway.engines.base import AdapterEngine, Engine
 from gateway.errors import exception_handler
 from gateway.feedback import feedback
@@ -310,11 +311,13 @@ def create_app(
             health,
             ready,
             metrics,
+            console_router(),
         ],
         dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
         exception_handlers={Exception: exception_handler},
         before_send=[add_request_id_header],
-        lifespan=[lifespan],
+        lifespan=[lifespan, console_lifespan],
+        template_config=template_config(),
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Retort", version="0.1.0", path="/schema"),
         debug=False,

@@ -103,14 +103,21 @@ class PromptLog:
             return False
         return self.writer.submit(record)
 
-    async def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> bool:
-        """Store feedback; ``False`` (404) when no request has that id. A request whose
-        record is still queued is flushed first, so feedback right after a response works."""
+    async def add_feedback(
+        self,
+        request_id: str,
+        score: float,
+        comment: str | None = None,
+        correction: str | None = None,
+    ) -> bool:
+        """Store feedback (``correction``: a corrected answer); ``False`` (404) when no
+        request has that id. A request whose record is still queued is flushed first, so
+        feedback right after a response works. ``/v1/feedback`` and the console use this."""
         if self.store is None:
             return False
         if self.writer is not None and self.writer.pending(request_id):
             await self.writer.flush()
-        return await self.store.add_feedback(request_id, score, comment)
+        return await self.store.add_feedback(request_id, score, comment, correction)
 
     async def close(self) -> None:
         """Flush the queue (bounded by ``close_timeout_s``), stop the purge, close the store."""

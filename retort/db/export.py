@@ -67,6 +67,11 @@ class ExportFilters(msgspec.Struct, kw_only=True):
     min_score: float | None = None
     status: str | None = None
     served_by: str | None = None
+    max_score: float | None = None
+    rated: bool | None = None
+    """Only rows with (``True``) or without (``False``) feedback."""
+    search: str | None = None
+    """Case-insensitive text in the messages, prompt, completion or request id."""
     limit: int | None = None
 
 

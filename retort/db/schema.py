@@ -52,6 +52,8 @@ feedback = sa.Table(
     sa.Column("score", sa.Double(), nullable=False),
     sa.Column("comment", sa.Text()),
     sa.Column("created", sa.Double(), nullable=False),
+    # A reviewer's corrected answer (migration 0003).
+    sa.Column("correction", sa.Text()),
     sa.Index("ix_feedback_request_id", "request_id"),
 )
 

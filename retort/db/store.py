@@ -191,8 +191,15 @@ class PromptStore:
             return True
         return isinstance(error, exc.StatementError) and not isinstance(error, exc.DBAPIError)
 
-    async def add_feedback(self, request_id: str, score: float, comment: str | None = None) -> bool:
-        """Store feedback on a logged request; ``False`` if no request has that id."""
+    async def add_feedback(
+        self,
+        request_id: str,
+        score: float,
+        comment: str | None = None,
+        correction: str | None = None,
+    ) -> bool:
+        """Store feedback (and an optional corrected answer) on a logged request;
+        ``False`` if no request has that id."""
         if score != score:  # NaN
             raise ValueError("score must be a number")
         async with self.engine.begin() as conn:
@@ -206,6 +213,7 @@ class PromptStore:
                     request_id=request_id,
                     score=float(score),
                     comment=comment.replace("\x00", "\ufffd") if comment else comment,
+                    correction=(correction.replace("\x00", "\ufffd") if correction else correction),
                     created=time.time(),
                 )
             )
@@ -234,6 +242,9 @@ class PromptStore:
         status: str | None,
         served_by: str | None,
         request_id: str | None,
+        max_score: float | None = None,
+        rated: bool | None = None,
+        search: str | None = None,
     ) -> sa.Select[Any]:
         fb = (
             sa.select(
@@ -263,6 +274,25 @@ class PromptStore:
             stmt = stmt.where(requests.c.served_by == served_by)
         if request_id is not None:
             stmt = stmt.where(requests.c.request_id == request_id)
+        if max_score is not None:
+            stmt = stmt.where(fb.c.score <= max_score)
+        if rated is not None:
+            stmt = stmt.where(fb.c.request_id.is_not(None) if rated else fb.c.request_id.is_(None))
+        if search:
+            needle = search.lower()
+            stmt = stmt.where(
+                sa.or_(
+                    *(
+                        sa.func.lower(col).contains(needle, autoescape=True)
+                        for col in (
+                            requests.c.completion,
+                            requests.c.prompt,
+                            sa.cast(requests.c.messages, sa.Text),
+                            requests.c.request_id,
+                        )
+                    )
+                )
+            )
         return stmt
 
     async def iter_rows(
@@ -276,13 +306,19 @@ class PromptStore:
         status: str | None = None,
         served_by: str | None = None,
         request_id: str | None = None,
+        max_score: float | None = None,
+        rated: bool | None = None,
+        search: str | None = None,
         limit: int | None = None,
         page_size: int = 1000,
     ) -> AsyncIterator[dict[str, Any]]:
         """Matching rows in insertion order, fetched in pages (for exports of any size).
 
         ``since`` is inclusive and ``until`` exclusive (unix seconds); ``min_score`` keeps
-        rows whose mean feedback score is at least that (rows without feedback drop out).
+        rows whose mean feedback score is at least that (rows without feedback drop out),
+        ``max_score`` at most that; ``rated`` keeps rows with (``True``) or without
+        (``False``) feedback; ``search`` matches text in the messages, prompt, completion or
+        request id (case-insensitive).
         """
         base = self._select(
             model=model,
@@ -293,6 +329,9 @@ class PromptStore:
             status=status,
             served_by=served_by,
             request_id=request_id,
+            max_score=max_score,
+            rated=rated,
+            search=search,
         )
         last_id: int | None = None
         remaining = limit
@@ -325,6 +364,9 @@ class PromptStore:
         status: str | None = None,
         served_by: str | None = None,
         request_id: str | None = None,
+        max_score: float | None = None,
+        rated: bool | None = None,
+        search: str | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """Like :meth:`iter_rows`, as a list."""
@@ -339,9 +381,90 @@ class PromptStore:
                 status=status,
                 served_by=served_by,
                 request_id=request_id,
+                max_score=max_score,
+                rated=rated,
+                search=search,
                 limit=limit,
             )
         ]
+
+    async def page(
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 50,
+        oldest_first: bool = False,
+        model: str | None = None,
+        adapter: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        min_score: float | None = None,
+        max_score: float | None = None,
+        rated: bool | None = None,
+        status: str | None = None,
+        served_by: str | None = None,
+        search: str | None = None,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """One page of matching rows (newest first unless ``oldest_first``) and how many
+        match in all: the console's traffic view. Filters as in :meth:`iter_rows`."""
+        base = self._select(
+            model=model,
+            adapter=adapter,
+            since=since,
+            until=until,
+            min_score=min_score,
+            status=status,
+            served_by=served_by,
+            request_id=None,
+            max_score=max_score,
+            rated=rated,
+            search=search,
+        )
+        order = requests.c.id.asc() if oldest_first else requests.c.id.desc()
+        stmt = base.order_by(order).offset(max(0, offset)).limit(max(0, limit))
+        count = sa.select(sa.func.count()).select_from(base.subquery())
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+            total = int(await conn.scalar(count) or 0)
+        out = []
+        for row in rows:
+            d = dict(row)
+            d.pop("id")
+            d["feedback_count"] = d["feedback_count"] or 0
+            out.append(d)
+        return out, total
+
+    async def unrated_counts(self) -> dict[str, list[dict[str, Any]]]:
+        """Requests without feedback, per adapter and per model (``n``, ``oldest``): the
+        console's rating queues."""
+        unrated = ~sa.exists().where(feedback.c.request_id == requests.c.request_id)
+        out: dict[str, list[dict[str, Any]]] = {}
+        async with self.engine.connect() as conn:
+            for name, col in (("adapter", requests.c.adapter), ("model", requests.c.model)):
+                stmt = (
+                    sa.select(
+                        col.label("name"),
+                        sa.func.count().label("n"),
+                        sa.func.min(requests.c.created).label("oldest"),
+                    )
+                    .where(unrated, col.is_not(None))
+                    .group_by(col)
+                    .order_by(col)
+                )
+                out[name] = [dict(r) for r in (await conn.execute(stmt)).mappings().all()]
+        return out
+
+    async def feedback_for(self, request_id: str) -> list[dict[str, Any]]:
+        """A request's feedback rows, oldest first."""
+        stmt = (
+            sa.select(
+                feedback.c.score, feedback.c.comment, feedback.c.correction, feedback.c.created
+            )
+            .where(feedback.c.request_id == request_id)
+            .order_by(feedback.c.id)
+        )
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(stmt)).mappings().all()]
 
     async def count(self) -> int:
         """Rows in ``requests``."""

@@ -23,7 +23,11 @@ async def test_migrations_create_the_schema_at_head(store: PromptStore) -> None:
         indexes = await conn.run_sync(
             lambda c: {i["name"] for i in sa.inspect(c).get_indexes("requests")}
         )
+        feedback_columns = await conn.run_sync(
+            lambda c: {col["name"] for col in sa.inspect(c).get_columns("feedback")}
+        )
     assert version == "0005"
+    assert "correction" in feedback_columns
     assert {"requests", "feedback", "distill_runs", "shadow", "alembic_version"} <= tables
     assert {"ix_requests_created", "ix_requests_model", "ix_requests_adapter"} <= indexes
 
@@ -152,3 +156,46 @@ async def test_sqlite_uses_wal(tmp_path: Path) -> None:
             mode = await conn.scalar(sa.text("PRAGMA journal_mode"))
         assert mode == "wal"
     assert (tmp_path / "sub/dir/retort.db").exists()
+
+
+async def test_page_filters_search_and_feedback(store: PromptStore) -> None:
+    """The console's traffic view: newest first, a total, text search, rated/unrated."""
+    await store.insert_many(
+        [
+            make_record(0, completion="100% sure_thing"),
+            make_record(1, messages=[{"role": "user", "content": "Where is PARIS?"}]),
+            make_record(2, prompt="a completion prompt", messages=None, endpoint="completions"),
+        ]
+    )
+    assert await store.add_feedback("req-1", 0.25, "meh", "Paris is in France.")
+    rows, total = await store.page(limit=2)
+    assert total == 3
+    assert [r["request_id"] for r in rows] == ["req-2", "req-1"]
+    rows, total = await store.page(offset=2, limit=2, oldest_first=True)
+    assert (total, [r["request_id"] for r in rows]) == (3, ["req-2"])
+
+    async def ids(**kw: object) -> list[str]:
+        found, n = await store.page(oldest_first=True, **kw)  # type: ignore[arg-type]
+        assert n == len(found)
+        return [r["request_id"] for r in found]
+
+    assert await ids(search="paris") == ["req-1"]  # case-insensitive, inside messages
+    assert await ids(search="100%") == ["req-0"]  # LIKE wildcards are literal
+    assert await ids(search="s_re") == []  # not "sure"
+    assert await ids(search="completion prompt") == ["req-2"]
+    assert await ids(search="req-2") == ["req-2"]
+    assert await ids(rated=True) == ["req-1"]
+    assert await ids(rated=False) == ["req-0", "req-2"]
+    assert await ids(max_score=0.5) == ["req-1"]
+    assert await ids(max_score=0.1) == []
+    counts = await store.unrated_counts()
+    assert [(q["name"], q["n"]) for q in counts["model"]] == [("base-model", 2)]
+    assert counts["adapter"] == []
+    assert await store.feedback_for("req-1") == [
+        {
+            "score": 0.25,
+            "comment": "meh",
+            "correction": "Paris is in France.",
+            "created": pytest.approx(time.time(), abs=60),
+        }
+    ]
