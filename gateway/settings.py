@@ -16,7 +16,7 @@ from gateway.metrics import MetricsSettings
 from gateway.pricing import PricingSettings
 from gateway.promptlog.settings import PromptLogSettings
 from gateway.studentpool import StudentsSettings
-from retort.settings import ModelSettings, load, resolve_home, state_dir
+from retort.settings import ModelSettings, StatePaths, load
 
 __all__ = [
     "AdaptersSettings",
@@ -84,7 +84,7 @@ class ShutdownSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     """On SIGTERM, how long requests and streams in flight may take to finish."""
 
 
-class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Settings(StatePaths, msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     home: str = ""
     """State folder (models/, adapters/, students/, retort.db); ``$RETORT_HOME`` or
     ``~/.cache/retort`` when empty."""
@@ -99,18 +99,6 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     students: StudentsSettings = msgspec.field(default_factory=StudentsSettings)
-
-    @property
-    def home_path(self) -> Path:
-        return resolve_home(self.home)
-
-    @property
-    def adapters_path(self) -> Path:
-        return state_dir(self.adapters.dir, self.home_path, "adapters")
-
-    @property
-    def students_path(self) -> Path:
-        return state_dir(self.students.dir, self.home_path, "students")
 
 
 def load_settings(
