@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import yaml
 
 __all__ = [
     "DatasetConfig",
@@ -174,15 +173,14 @@ def load_config(
     path: Path | str | None = None, overrides: dict[str, Any] | None = None
 ) -> DistillConfig:
     """The config from YAML ``path`` (or defaults), with ``overrides`` (nested dicts) on top."""
+    from retort.settings import SettingsError, read_yaml
+
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise DistillConfigError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise DistillConfigError(f"{path} must be a mapping")
-        data = loaded
+            data = read_yaml(path)
+        except SettingsError as exc:
+            raise DistillConfigError(str(exc)) from exc
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
             section = data.setdefault(key, {})

@@ -6,6 +6,9 @@ stopped, and a stage command (``retort distill train``) runs what it needs befor
 A full run (``retort distill run``) is recorded in the ``distill_runs`` table and keyed by
 a watermark over the log: when the selection matches exactly what the last succeeded run
 of the same key saw, nothing runs (``{"skipped": true, ...}``).
+
+Past ~400 lines on purpose: the stages are a table (:data:`_STAGE_TABLE`) of one short
+function each, read top to bottom in the order they run.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,18 +214,7 @@ def run(
         samples = _samples(out)
         write_report(out, report, samples)
     if run_id is not None:
-        summary = {
-            k: report.get(k)
-            for k in (
-                "agreement",
-                "rouge_l",
-                "teacher_tokens_per_s",
-                "student_tokens_per_s",
-                "teacher_params",
-                "student_params",
-                "total_seconds",
-            )
-        }
+        summary = {k: report.get(k) for k in (*METRIC_KEYS, "total_seconds")}
         asyncio.run(
             _with_store(
                 ctx.url,
@@ -246,95 +239,115 @@ def _samples(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _stages(
-    config: DistillConfig,
-    ctx: Context,
-    out: Path,
-    rows: list[dict[str, Any]],
-    stop_at: int,
-    timed: Any,
-    progress: bool,
-) -> dict[str, Any]:
-    from distill.dataset import build_dataset, load_splits
+@dataclass
+class _Run:
+    """One run's inputs and what its stages have produced so far."""
 
-    report: dict[str, Any] = {
-        "student_model": ctx.student_name,
-        "teacher_model": ctx.base_name,
-        "adapter": ctx.adapter,
-        "run_dir": str(out),
-    }
-    data = timed("dataset", build_dataset, rows, out, config.dataset)
-    report["dataset"] = data
-    if stop_at < STAGES.index("label"):
-        return report
+    config: DistillConfig
+    ctx: Context
+    out: Path
+    rows: list[dict[str, Any]]
+    timed: Any
+    progress: bool
+    report: dict[str, Any]
+    done: dict[str, Any] = field(default_factory=dict)
+    """Stage name -> its result."""
+
+
+def _dataset(r: _Run) -> bool:
+    from distill.dataset import build_dataset
+
+    data = r.timed("dataset", build_dataset, r.rows, r.out, r.config.dataset)
+    r.done["dataset"] = r.report["dataset"] = data
+    return True
+
+
+def _label(r: _Run) -> bool:
     from distill.teacher import teacher_stage
 
-    teacher = timed(
+    data = r.done["dataset"]
+    teacher = r.timed(
         "label",
         teacher_stage,
-        ctx.base_dir,
-        ctx.adapter_dir,
-        out,
-        config.teacher,
-        served_model=ctx.base_name,
-        adapter=ctx.adapter,
+        r.ctx.base_dir,
+        r.ctx.adapter_dir,
+        r.out,
+        r.config.teacher,
+        served_model=r.ctx.base_name,
+        adapter=r.ctx.adapter,
         dataset_models=data["models"],
         dataset_fingerprint=fingerprint(data),
     )
-    report["teacher"] = teacher
-    if stop_at < STAGES.index("student"):
-        return report
+    r.done["label"] = r.report["teacher"] = teacher
+    return True
+
+
+def _student(r: _Run) -> bool:
     from distill.student import student_stage
 
-    student = timed("student", student_stage, Path(teacher["model"]), out, config.student)
-    report["teacher_params"] = student["teacher_params"]
-    report["student_params"] = student["student_params"]
-    report["param_ratio"] = student["student_params"] / student["teacher_params"]
-    report["student_init"] = student
-    if stop_at < STAGES.index("train"):
-        return report
+    teacher = r.done["label"]
+    student = r.timed("student", student_stage, Path(teacher["model"]), r.out, r.config.student)
+    r.done["student"] = student
+    r.report["teacher_params"] = student["teacher_params"]
+    r.report["student_params"] = student["student_params"]
+    r.report["param_ratio"] = student["student_params"] / student["teacher_params"]
+    r.report["student_init"] = student
+    return True
+
+
+def _train(r: _Run) -> bool:
     from distill.train import train_stage
 
-    trained = timed(
+    teacher, student = r.done["label"], r.done["student"]
+    trained = r.timed(
         "train",
         train_stage,
         Path(teacher["model"]),
         Path(student["path"]),
         Path(teacher["labels"]),
-        out,
-        config.train,
-        progress=progress,
+        r.out,
+        r.config.train,
+        progress=r.progress,
     )
-    report["train"] = trained
-    if stop_at < STAGES.index("export"):
-        return report
+    r.done["train"] = r.report["train"] = trained
+    return True
+
+
+def _export(r: _Run) -> bool:
+    from distill.dataset import load_splits
     from distill.export import export_stage
 
+    teacher, trained = r.done["label"], r.done["train"]
     train_split, eval_split = load_splits(Path(teacher["labels"]))
+    r.done["eval_split"] = eval_split
     sample_prompts = [e["messages"] for e in (eval_split + train_split) if e.get("messages")]
-    exported = timed(
-        "export", export_stage, Path(trained["model"]), out, config.export, sample_prompts
+    exported = r.timed(
+        "export", export_stage, Path(trained["model"]), r.out, r.config.export, sample_prompts
     )
-    report["export"] = exported
-    report["precision"] = exported["precision"]
-    report["student_size_bytes"] = exported["size_bytes"]
-    report["teacher_size_bytes"] = sum(
+    r.done["export"] = r.report["export"] = exported
+    r.report["precision"] = exported["precision"]
+    r.report["student_size_bytes"] = exported["size_bytes"]
+    r.report["teacher_size_bytes"] = sum(
         p.stat().st_size for p in Path(teacher["model"]).glob("*.safetensors")
     )
-    if stop_at < STAGES.index("eval"):
-        return report
+    return True
+
+
+def _eval(r: _Run) -> bool:
     from distill.evaluate import eval_stage, gate
 
-    metrics = timed(
+    teacher, trained, exported = r.done["label"], r.done["train"], r.done["export"]
+    metrics = r.timed(
         "eval",
         eval_stage,
         Path(exported["onnx"]),
         Path(teacher["model"]),
-        eval_split,
-        out,
-        config.eval,
+        r.done["eval_split"],
+        r.out,
+        r.config.eval,
         fingerprint=fingerprint([trained, exported]),
     )
+    report = r.report
     report["eval"] = metrics
     report["agreement"] = metrics["agreement"]
     report["rouge_l"] = metrics["rouge_l"]
@@ -349,24 +362,30 @@ def _stages(
         if report["teacher_tokens_per_s"]
         else None
     )
-    g = gate(report, config.gate)
+    g = gate(report, r.config.gate)
     report["gate"] = g
     report["gate_passed"] = g["passed"]
     report["published"] = False
-    if stop_at < STAGES.index("publish") or not config.publish:
-        return report
-    if not g["passed"]:
-        _log(progress, "gate failed: not publishing")
-        return report
+    return True
+
+
+def _publish(r: _Run) -> bool:
+    if not r.config.publish:
+        return False
+    report = r.report
+    if not report["gate_passed"]:
+        _log(r.progress, "gate failed: not publishing")
+        return False
     from distill.evaluate import write_report
     from gateway.students import StudentRegistry
 
+    ctx, exported = r.ctx, r.done["export"]
     report["published"] = True
     report["student_path"] = str(ctx.students_root / ctx.student_name)
-    write_report(out, report, _samples(out))
+    write_report(r.out, report, _samples(r.out))
     summary = {k: report.get(k) for k in METRIC_KEYS}
     try:
-        timed(
+        r.timed(
             "publish",
             StudentRegistry(ctx.students_root).publish,
             ctx.student_name,
@@ -375,10 +394,47 @@ def _stages(
             adapter=ctx.adapter,
             precision=exported["precision"],
             report=summary,
-            report_dir=out,
+            report_dir=r.out,
         )
     except BaseException:
         report["published"] = False
         report.pop("student_path", None)
         raise
+    return True
+
+
+_STAGE_TABLE: tuple[tuple[Stage, Callable[[_Run], bool]], ...] = (
+    ("dataset", _dataset),
+    ("label", _label),
+    ("student", _student),
+    ("train", _train),
+    ("export", _export),
+    ("eval", _eval),
+    ("publish", _publish),
+)
+"""The stages in order; each reads what the ones before it left in ``_Run.done`` and
+returns whether the run goes on."""
+assert tuple(name for name, _ in _STAGE_TABLE) == STAGES
+
+
+def _stages(
+    config: DistillConfig,
+    ctx: Context,
+    out: Path,
+    rows: list[dict[str, Any]],
+    stop_at: int,
+    timed: Any,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run the stages up to ``STAGES[stop_at]``; returns the report."""
+    report: dict[str, Any] = {
+        "student_model": ctx.student_name,
+        "teacher_model": ctx.base_name,
+        "adapter": ctx.adapter,
+        "run_dir": str(out),
+    }
+    state = _Run(config, ctx, out, rows, timed, progress, report)
+    for _, stage in _STAGE_TABLE[: stop_at + 1]:
+        if not stage(state):
+            break
     return report

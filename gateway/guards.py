@@ -33,13 +33,7 @@ def api_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandle
         connection.scope.setdefault("state", {})[KEY_STATE] = key
 
 
-_TEST_CLIENT_HOSTS = frozenset({"testclient", "testserver"})
-"""What Litestar's in-process test client reports as the client's host (loopback)."""
-
-
 def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     gw: Gateway = connection.app.state.gateway
     host = connection.client.host if connection.client else None
-    if host in _TEST_CLIENT_HOSTS:
-        host = "127.0.0.1"
     gw.auth.authorize_admin(connection.headers.get("authorization"), host)

@@ -17,7 +17,7 @@ from gateway.pricing import PricingSettings
 from gateway.promptlog.settings import PromptLogSettings
 from gateway.shadow import ShadowSettings
 from gateway.studentpool import StudentsSettings
-from retort.settings import ModelSettings, load, resolve_home, state_dir
+from retort.settings import ModelSettings, StatePaths, load
 
 __all__ = [
     "AdaptersSettings",
@@ -85,7 +85,7 @@ class ShutdownSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     """On SIGTERM, how long requests and streams in flight may take to finish."""
 
 
-class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Settings(StatePaths, msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     home: str = ""
     """State folder (models/, adapters/, students/, retort.db); ``$RETORT_HOME`` or
     ``~/.cache/retort`` when empty."""
@@ -101,18 +101,6 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     students: StudentsSettings = msgspec.field(default_factory=StudentsSettings)
     shadow: ShadowSettings = msgspec.field(default_factory=ShadowSettings)
-
-    @property
-    def home_path(self) -> Path:
-        return resolve_home(self.home)
-
-    @property
-    def adapters_path(self) -> Path:
-        return state_dir(self.adapters.dir, self.home_path, "adapters")
-
-    @property
-    def students_path(self) -> Path:
-        return state_dir(self.students.dir, self.home_path, "students")
 
 
 def load_settings(

@@ -1,4 +1,8 @@
-"""Render ``BENCHMARKS.md`` from the benchmark parts' JSON: machine, commands, numbers, targets."""
+"""Render ``BENCHMARKS.md`` from the benchmark parts' JSON: machine, commands, numbers, targets.
+
+Past ~400 lines on purpose: one renderer per section of ``BENCHMARKS.md``, in the order the
+file reads, so a section's numbers and its prose stay side by side.
+"""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 import yaml
@@ -26,6 +26,7 @@ __all__ = [
     "ModelSettings",
     "SettingsError",
     "SharedSettings",
+    "StatePaths",
     "default_home",
     "default_url",
     "load",
@@ -88,6 +89,34 @@ class ModelSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``auto`` with a 400; ``required`` and named functions need no parser."""
 
 
+class _HasDir(Protocol):
+    @property
+    def dir(self) -> str: ...
+
+
+class StatePaths:
+    """Where the state lives, for any settings struct with ``home``, ``adapters.dir`` and
+    ``students.dir`` (the gateway's :class:`~gateway.settings.Settings` and
+    :class:`SharedSettings` alike)."""
+
+    __slots__ = ()
+    home: str
+    adapters: _HasDir
+    students: _HasDir
+
+    @property
+    def home_path(self) -> Path:
+        return resolve_home(self.home)
+
+    @property
+    def adapters_path(self) -> Path:
+        return state_dir(self.adapters.dir, self.home_path, "adapters")
+
+    @property
+    def students_path(self) -> Path:
+        return state_dir(self.students.dir, self.home_path, "students")
+
+
 class _Dir(msgspec.Struct, kw_only=True):
     dir: str = ""
 
@@ -104,7 +133,7 @@ def _section() -> Any:
     return msgspec.field(default_factory=dict)
 
 
-class SharedSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class SharedSettings(StatePaths, msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What every component reads from the gateway's config: the state folder, the base
     model, the largest LoRA rank the engine takes, the registries' roots and the prompt
     log's URL. The gateway's other sections are opaque here (the gateway validates them
@@ -124,18 +153,6 @@ class SharedSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pricing: dict[str, Any] = _section()
     metrics: dict[str, Any] = _section()
     shadow: dict[str, Any] = _section()
-
-    @property
-    def home_path(self) -> Path:
-        return resolve_home(self.home)
-
-    @property
-    def adapters_path(self) -> Path:
-        return state_dir(self.adapters.dir, self.home_path, "adapters")
-
-    @property
-    def students_path(self) -> Path:
-        return state_dir(self.students.dir, self.home_path, "students")
 
     @property
     def promptlog_url(self) -> str:

@@ -1,13 +1,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from litestar.testing import TestClient
+from litestar.testing.transport import TestClientTransport
 
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
 from gateway.settings import EngineSettings, ServerSettings, Settings
+
+
+@pytest.fixture(autouse=True)
+def in_process_client_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Litestar's in-process client names its peer ``testclient``; it is this process, so
+    it says ``127.0.0.1`` here (the admin guard knows no test-only host names)."""
+    parse = TestClientTransport.parse_request
+
+    def parse_request(self: TestClientTransport[Any], request: Any) -> dict[str, Any]:
+        scope = parse(self, request)
+        scope["client"] = ("127.0.0.1", 50000)
+        return scope
+
+    monkeypatch.setattr(TestClientTransport, "parse_request", parse_request)
 
 
 @pytest.fixture
