@@ -110,8 +110,4 @@ async def list_runs(
     store: PromptStore, *, adapter: str | None = None, limit: int = 50
 ) -> list[dict[str, Any]]:
     """Runs, newest first."""
-    stmt = sa.select(distill_runs).order_by(distill_runs.c.id.desc()).limit(limit)
-    if adapter is not None:
-        stmt = stmt.where(distill_runs.c.adapter == adapter)
-    async with store.engine.connect() as conn:
-        return [dict(r) for r in (await conn.execute(stmt)).mappings().all()]
+    return await store.list_distill_runs(adapter=adapter, limit=limit)

@@ -177,9 +177,7 @@ async def _runs(request: Request[Any, Any, Any]) -> tuple[list[dict[str, Any]], 
     store = store_of(request)
     if store is None:
         return [], "The prompt log is off, so there is no record of distillation runs."
-    from distill.runs import list_runs
-
-    runs = await list_runs(store, limit=RUNS_SHOWN)
+    runs = await store.list_distill_runs(limit=RUNS_SHOWN)
 
     def check_pngs() -> None:
         for run in runs:

@@ -17,7 +17,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 
-from retort.db.schema import feedback, requests, shadow
+from retort.db.schema import distill_runs, feedback, requests, shadow
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -154,6 +154,16 @@ class PromptStore:
         async with self.engine.begin() as conn:
             await conn.execute(requests.insert(), rows)
         return len(rows)
+
+    async def list_distill_runs(
+        self, *, adapter: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """``distill_runs`` rows, newest first (``retort distill runs``, the console)."""
+        stmt = sa.select(distill_runs).order_by(distill_runs.c.id.desc()).limit(limit)
+        if adapter is not None:
+            stmt = stmt.where(distill_runs.c.adapter == adapter)
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(stmt)).mappings().all()]
 
     async def insert_shadow(self, rows: list[dict[str, Any]]) -> int:
         """Store shadow pairs (:class:`gateway.shadow.ShadowPair` rows)."""

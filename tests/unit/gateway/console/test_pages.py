@@ -24,7 +24,7 @@ def _ids(html: str) -> list[str]:
 
 
 def _feedback(client: TestClient, request_id: str) -> list[dict[str, object]]:
-    store = client.app.state.retort.db.store
+    store = client.app.state.gateway.promptlog.store
 
     async def read() -> list[dict[str, object]]:
         return await store.feedback_for(request_id)
@@ -267,7 +267,7 @@ def test_distill_runs_link_to_their_reports(admin: TestClient, tmp_path: Path) -
     out.mkdir()
     (out / "report.json").write_text(json.dumps({"student_model": "bot-student", "agreement": 0.9}))
     (out / "report.png").write_bytes(b"\x89PNG\r\n\x1a\nrun")
-    store: PromptStore = admin.app.state.retort.db.store
+    store: PromptStore = admin.app.state.gateway.promptlog.store
 
     async def record() -> str:
         run_id = await start_run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import pytest
 from litestar.testing import TestClient
@@ -146,9 +147,16 @@ def test_without_admin_keys_loopback_only(
         == 403
     )
     # The same client seen as a remote host: refused, as /admin refuses it.
-    import gateway.admin
+    from litestar.testing.transport import TestClientTransport
 
-    monkeypatch.setattr(gateway.admin, "_TEST_CLIENT_HOSTS", frozenset())
+    parse = TestClientTransport.parse_request
+
+    def remote(self: Any, request: Any) -> dict[str, Any]:
+        scope = parse(self, request)
+        scope["client"] = ("10.1.2.3", 50000)
+        return scope
+
+    monkeypatch.setattr(TestClientTransport, "parse_request", remote)
     assert open_client.get("/console/traffic").status_code == 403
     assert open_client.get("/admin/adapters").status_code == 403
 
