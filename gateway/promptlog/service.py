@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from gateway.promptlog.policy import CapturePolicy, run_retention
 from gateway.promptlog.redact import Redactor
+from gateway.promptlog.responses import ResponseStore
 from gateway.promptlog.settings import PromptLogSettings, default_url
 from gateway.promptlog.store import PromptStore
 from gateway.promptlog.writer import BatchWriter
@@ -38,10 +39,13 @@ class PromptLog:
         *,
         store: PromptStore | None = None,
         writer: BatchWriter | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.writer = writer
+        self.responses = ResponseStore(store, redactor) if store is not None else None
+        """Stored responses (``/v1/responses`` with ``store``), redacted like the log."""
         self.policy = CapturePolicy.from_settings(settings)
         self._retention: asyncio.Task[None] | None = None
 
@@ -75,7 +79,7 @@ class PromptLog:
             prepare=prepare if redactor is not None else None,
         )
         writer.start()
-        self = cls(settings, store=store, writer=writer)
+        self = cls(settings, store=store, writer=writer, redactor=redactor)
         if settings.retention_days:
             self._retention = asyncio.create_task(
                 run_retention(store, settings.retention_days, interval_s=settings.purge_interval_s),
