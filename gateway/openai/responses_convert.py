@@ -40,11 +40,15 @@ __all__ = [
     "ChatCall",
     "append_tool_call",
     "chat_param_to_responses",
+    "chat_tool_choice",
+    "chat_tools",
     "check_refused",
+    "finish",
     "input_messages",
     "logprobs_from_chat",
     "new_id",
     "output_messages",
+    "response_format_of",
     "response_from_chat",
     "skeleton",
     "to_chat",
@@ -234,7 +238,7 @@ def output_messages(output: list[OutputItem]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- tools, format
 
 
-def _chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Responses' flat function tools as chat's nested ones."""
     out: list[dict[str, Any]] = []
     for j, tool in enumerate(tools):
@@ -253,7 +257,7 @@ def _chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_tool_choice(
+def chat_tool_choice(
     choice: str | dict[str, Any], tools: list[dict[str, Any]]
 ) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
     """The chat ``tool_choice`` and the tools it leaves (``allowed_tools`` filters them)."""
@@ -285,7 +289,7 @@ def _chat_tool_choice(
     raise _unsupported("tool_choice.type", f"`{kind}` tool choices are not served")
 
 
-def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
+def response_format_of(req: ResponsesRequest) -> dict[str, Any] | None:
     fmt = req.text.format if req.text is not None else None
     if fmt is None or fmt.type == "text":
         return None
@@ -341,17 +345,17 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]] | None = None) 
     if req.top_logprobs is not None or LOGPROBS_INCLUDE in (req.include or ()):
         body["logprobs"] = True
         body["top_logprobs"] = req.top_logprobs or 0
-    fmt = _response_format(req)
+    fmt = response_format_of(req)
     if fmt is not None:
         if not _chat_has("response_format"):
             raise _unsupported("text.format", "structured outputs are not served yet")
         body["response_format"] = fmt
-    tools = _chat_tools(req.tools or [])
+    tools = chat_tools(req.tools or [])
     choice = req.tool_choice
     if choice is not None:
         if not _chat_has("tool_choice"):
             raise _unsupported("tool_choice", "tool choice is not served yet")
-        body["tool_choice"], tools = _chat_tool_choice(choice, tools)
+        body["tool_choice"], tools = chat_tool_choice(choice, tools)
     if tools:
         if not _chat_has("tools"):
             raise _unsupported("tools", "function tools are not served yet")

@@ -274,10 +274,12 @@ class EventEncoder:
     def failed(
         self, message: str, *, code: str | None = None, param: str | None = None
     ) -> tuple[Response, list[bytes]]:
-        """The stream failed: ``error``, then ``response.failed`` with what was generated."""
-        out = [self._emit(ErrorEvent, code=code, message=message, param=param)]
+        """The stream failed: the open items end ``incomplete``, then ``error``, then
+        ``response.failed`` with what was generated."""
+        out: list[bytes] = []
         resp = self.response
         resp.output = self._final_items("incomplete", out, at_least_one=False)
+        out.append(self._emit(ErrorEvent, code=code, message=message, param=param))
         resp.usage = usage_from_chat(self.usage)
         resp.status = "failed"
         resp.error = ResponseError(code="server_error", message=message)
