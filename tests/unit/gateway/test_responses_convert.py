@@ -233,7 +233,12 @@ def test_text_format_mapping() -> None:
                              "strict": True, "description": "A thing."}})  # fmt: skip
     assert response_format_of(r) == {
         "type": "json_schema",
-        "json_schema": {"name": "thing", "schema": schema, "description": "A thing.", "strict": True},
+        "json_schema": {
+            "name": "thing",
+            "schema": schema,
+            "description": "A thing.",
+            "strict": True,
+        },
     }
     assert response_format_of(req(text={"format": {"type": "json_object"}})) == {
         "type": "json_object"
@@ -380,7 +385,9 @@ def chat_body(message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:
 def test_response_from_chat_text() -> None:
     r = req(instructions="sys", metadata={"a": "b"}, max_output_tokens=64, tools=[WEATHER])
     resp = response_from_chat(
-        chat_body({"role": "assistant", "content": "Paris."}), skeleton(r, "resp_1", 5, store=True), 6
+        chat_body({"role": "assistant", "content": "Paris."}),
+        skeleton(r, "resp_1", 5, store=True),
+        6,
     )
     body = msgspec.to_builtins(resp)
     assert_valid("Response", body)
@@ -396,7 +403,11 @@ def test_response_from_chat_text() -> None:
     assert body["usage"]["total_tokens"] == 10
     assert body["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
     assert body["tools"] == [{**WEATHER}]
-    assert (body["instructions"], body["metadata"], body["max_output_tokens"]) == ("sys", {"a": "b"}, 64)
+    assert (body["instructions"], body["metadata"], body["max_output_tokens"]) == (
+        "sys",
+        {"a": "b"},
+        64,
+    )
 
 
 def test_response_from_chat_tool_calls_and_length() -> None:
@@ -409,7 +420,9 @@ def test_response_from_chat_tool_calls_and_length() -> None:
         ],
     }  # fmt: skip
     body = msgspec.to_builtins(
-        response_from_chat(chat_body(msg, "tool_calls"), skeleton(req(), "resp_2", 5, store=False), 6)
+        response_from_chat(
+            chat_body(msg, "tool_calls"), skeleton(req(), "resp_2", 5, store=False), 6
+        )
     )
     assert_valid("Response", body)
     (call,) = body["output"]
