@@ -1,4 +1,4 @@
-"""Schemathesis fuzzing of chat, completions and models: no input may produce a 5xx.
+"""Schemathesis fuzzing of chat, completions, responses and models: no input may produce a 5xx.
 
 The gateway runs for real (uvicorn on a loopback port) over the deterministic fake engine,
 so hundreds of cases finish in seconds. Positive and negative (schema-violating) cases
@@ -23,7 +23,7 @@ from gateway.engines.fake import FakeEngine
 from gateway.settings import EngineSettings, ServerSettings, Settings
 from tests.openai_schema import assert_valid
 
-EXAMPLES_PER_OPERATION = 200  # x 2 POST operations + models: well over 500 cases
+EXAMPLES_PER_OPERATION = 200  # x 3 POST operations, models, responses GET/DELETE: > 500 cases
 
 
 def _serve() -> str:
@@ -56,7 +56,9 @@ schema.config.generation.update(
 seen: Counter[str] = Counter()
 
 
-@schema.include(path_regex="^/v1/(chat/completions|completions|models)$").parametrize()
+@schema.include(
+    path_regex="^/v1/(chat/completions|completions|models|responses(/[^/]+)?)$"
+).parametrize()
 @settings(
     max_examples=EXAMPLES_PER_OPERATION,
     deadline=None,
@@ -73,6 +75,12 @@ def test_no_server_errors(case: schemathesis.Case) -> None:
     if response.status_code >= 400:
         assert_valid("ErrorResponse", response.json())
         assert "Traceback" not in response.text
+    elif (
+        case.operation.path.startswith("/v1/responses")
+        and case.method != "DELETE"
+        and response.headers.get("content-type", "").startswith("application/json")
+    ):
+        assert_valid("Response", response.json())
 
 
 def test_enough_cases_ran() -> None:
