@@ -26,6 +26,7 @@ from gateway.openai.chat import chat_completions
 from gateway.openai.guard import api_guard
 from gateway.openai.protocol import encode
 from gateway.openai.responses_convert import (
+    LOGPROBS_INCLUDE,
     chat_param_to_responses,
     new_id,
     output_messages,
@@ -203,10 +204,30 @@ async def _events(
                 await aclose()
 
 
+def _check_get_query(request: Request[Any, Any, Any]) -> None:
+    """``stream`` (replaying a background response's events) and ``include`` values other
+    than logprobs (kept in the stored body when asked for at creation) are refused."""
+    query = request.query_params
+    if query.get("stream", "false").lower() not in ("false", "0", ""):
+        raise BadRequestError(
+            "Unsupported parameter: 'stream': stored responses are returned whole.",
+            param="stream",
+            code="unsupported_parameter",
+        )
+    for value in query.getall("include", []) + query.getall("include[]", []):
+        if value != LOGPROBS_INCLUDE:
+            raise BadRequestError(
+                f"Unsupported parameter: 'include': only `{LOGPROBS_INCLUDE}` can be included.",
+                param="include",
+                code="unsupported_parameter",
+            )
+
+
 @get("/v1/responses/{response_id:str}", guards=[api_guard], summary="Get a model response")
 async def get_response(
     response_id: str, gateway: Gateway, request: Request[Any, Any, Any]
 ) -> Response[bytes]:
+    _check_get_query(request)
     store = _readable_store(gateway)
     found = await store.get(response_id, _key_id(request)) if store is not None else None
     if found is None:

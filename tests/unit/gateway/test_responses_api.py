@@ -159,6 +159,13 @@ def test_create_retrieve_delete(served: Served) -> None:
     assert body["output"][0]["content"][0]["text"] == resp.output_text
     assert client.responses.retrieve(resp.id).output_text == resp.output_text
 
+    include = {"include": "message.output_text.logprobs"}
+    assert served.http("GET", f"/v1/responses/{resp.id}", params=include).status_code == 200
+    for query in ({"stream": "true"}, {"include": "file_search_call.results"}):
+        refused = served.http("GET", f"/v1/responses/{resp.id}", params=query)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "unsupported_parameter"
+
     deleted = served.http("DELETE", f"/v1/responses/{resp.id}")
     assert deleted.status_code == 200
     assert deleted.json() == {"object": "response", "id": resp.id, "deleted": True}
