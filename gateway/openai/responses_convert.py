@@ -352,6 +352,8 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]] | None = None) 
         body["response_format"] = fmt
     tools = chat_tools(req.tools or [])
     choice = req.tool_choice
+    if not tools and choice in ("auto", "none"):
+        choice = None  # without tools, the model calls none either way
     if choice is not None:
         if not _chat_has("tool_choice"):
             raise _unsupported("tool_choice", "tool choice is not served yet")

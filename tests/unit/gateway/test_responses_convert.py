@@ -217,6 +217,8 @@ def test_output_changing_fields_are_refused_by_name(fields: dict[str, Any], para
         {"text": {"verbosity": "medium"}},
         {"text": {"format": {"type": "text"}}},
         {"include": ["message.output_text.logprobs"]},
+        {"tool_choice": "auto"},
+        {"tool_choice": "none", "parallel_tool_calls": True},
         {"store": False, "service_tier": "auto", "prompt_cache_key": "k", "safety_identifier": "s"},
     ],
 )
