@@ -203,6 +203,42 @@ async def unload_student(name: str, gateway: Gateway) -> Response[bytes]:
     return _json({"name": name, "loaded": False})
 
 
+@get(
+    "/admin/students/{name:str}/shadow",
+    guards=[admin_guard],
+    summary="A student's shadow evaluation: agreement, latency and cost against its teacher",
+)
+async def student_shadow(name: str, gateway: Gateway, limit: int = 20) -> Response[bytes]:
+    """The latest pairs (up to ``limit``) and a summary over the last ``shadow.window``."""
+    runner = gateway.shadow
+    if runner is None or gateway.promptlog is None or gateway.promptlog.store is None:
+        raise ServiceUnavailableError(
+            "Shadow evaluation is off (shadow.teachers, with the prompt log on).",
+            code="shadow_disabled",
+        )
+    store = gateway.promptlog.store
+    window = await store.shadow_pairs(student=name, limit=runner.settings.window)
+    compared = [p for p in window if p["agree"] is not None]
+    lat_s = sorted(p["student_latency_s"] for p in compared)
+    lat_t = sorted(p["teacher_latency_s"] for p in compared)
+
+    def p95(xs: list[float]) -> float | None:
+        return xs[min(len(xs) - 1, int(0.95 * len(xs)))] if xs else None
+
+    summary = {
+        "student": name,
+        "pairs": len(window),
+        "compared": len(compared),
+        "errors": sum(1 for p in window if p["outcome"] == "error"),
+        "agreement": sum(1 for p in compared if p["agree"]) / len(compared) if compared else None,
+        "student_p95_latency_s": p95(lat_s),
+        "teacher_p95_latency_s": p95(lat_t),
+        "student_cost_usd": sum(p["student_cost_usd"] or 0.0 for p in compared),
+        "teacher_cost_usd": sum(p["teacher_cost_usd"] for p in compared),
+    }
+    return _json({"summary": summary, "pairs": window[: max(0, min(limit, 200))]})
+
+
 ADMIN_HANDLERS = [
     list_adapters,
     load_adapter,
@@ -213,4 +249,5 @@ ADMIN_HANDLERS = [
     list_students,
     load_student,
     unload_student,
+    student_shadow,
 ]

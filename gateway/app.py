@@ -28,12 +28,13 @@ from gateway.feedback import feedback
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
-from gateway.openai.models import list_models
+from gateway.openai.models import list_models, retrieve_model
 from gateway.openai.responses import RESPONSE_HANDLERS
 from gateway.pricing import Pricer
 from gateway.promptlog import PromptLog
 from gateway.requestid import add_request_id_header
 from gateway.routing import Router
+from gateway.shadow import ShadowRunner
 from gateway.state import Gateway
 from gateway.studentpool import StudentPool
 
@@ -141,13 +142,26 @@ async def ready(state: State) -> Response[dict[str, str]]:
     return Response({"status": "ready"})
 
 
-async def _open_promptlog(gw: Gateway, settings: Settings, metrics: Metrics) -> None:
+async def _open_promptlog(
+    gw: Gateway, settings: Settings, metrics: Metrics, students: StudentPool
+) -> None:
     """Open the prompt log; while its database is unreachable, retry (requests are served
-    meanwhile, and their records counted in ``retort_promptlog_dropped_total``)."""
+    meanwhile, and their records counted in ``retort_promptlog_dropped_total``). Shadow
+    evaluation, which stores its pairs beside the log, starts with it."""
     delay = 1.0
     while True:
         try:
-            gw.promptlog = await PromptLog.open(settings.promptlog, settings.home_path, metrics)
+            plog = await PromptLog.open(settings.promptlog, settings.home_path, metrics)
+            gw.promptlog = plog
+            if settings.shadow.teachers and plog.store is not None:
+                gw.shadow = ShadowRunner(
+                    settings.shadow,
+                    students,
+                    plog.store,
+                    metrics=metrics,
+                    pricer=gw.pricer,
+                    redact=plog.redactor.redact if plog.redactor is not None else None,
+                )
             return
         except Exception as exc:
             log.error("prompt log: cannot open the store (retrying in %.0fs): %s", delay, exc)
@@ -197,7 +211,7 @@ def create_app(
         tasks: list[asyncio.Task[None]] = []
         holder: dict[str, Any] = {}
         if settings.promptlog.enabled:
-            tasks.append(asyncio.create_task(_open_promptlog(gw, settings, app_metrics)))
+            tasks.append(asyncio.create_task(_open_promptlog(gw, settings, app_metrics, students)))
             await asyncio.wait([tasks[-1]], timeout=PROMPTLOG_OPEN_WAIT_S)
 
         async def boot() -> None:
@@ -248,6 +262,8 @@ def create_app(
                 log.warning("shutdown: %d requests still in flight after the drain", gw.inflight)
             for t in tasks:
                 t.cancel()
+            if gw.shadow is not None:
+                await gw.shadow.drain(wait_s=10.0)
             if gw.promptlog is not None:
                 try:
                     await gw.promptlog.close()
@@ -270,6 +286,7 @@ def create_app(
             completions,
             *RESPONSE_HANDLERS,
             list_models,
+            retrieve_model,
             feedback,
             health,
             ready,

@@ -21,7 +21,7 @@ from gateway.engines.base import (
     InvalidInputError,
     PromptTooLongError,
 )
-from gateway.openai.protocol import ErrorBody, ErrorResponse, PromptError, encode
+from gateway.openai.protocol import ErrorBody, ErrorResponse, ParamError, PromptError, encode
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -33,6 +33,7 @@ __all__ = [
     "ModelNotFoundError",
     "NotFoundError",
     "ServiceUnavailableError",
+    "UnsupportedParameterError",
     "error_response",
     "exception_handler",
 ]
@@ -69,6 +70,19 @@ class ModelNotFoundError(NotFoundError):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist.", param="model")
+
+
+class UnsupportedParameterError(BadRequestError):
+    """A known OpenAI field that changes the output and that this gateway does not honour."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, param: str, why: str = "") -> None:
+        super().__init__(
+            f"Unsupported parameter: '{param}' is not supported by this server"
+            + (f": {why}" if why else "."),
+            param=param,
+        )
 
 
 class ConflictError(APIError):
@@ -133,6 +147,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
         msg = str(exc)
         return BadRequestError(msg, param=_param_from_msgspec(msg))
+    if isinstance(exc, ParamError):
+        return BadRequestError(str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, PromptError):
         return BadRequestError(str(exc), param="prompt")
     if isinstance(exc, PromptTooLongError):

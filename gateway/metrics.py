@@ -254,6 +254,37 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.structured_output_failures_total = Counter(
+            "structured_output_failures",
+            "Answers whose constrained output did not parse (JSON cut by max_tokens, or no "
+            "tool call found), by kind (json_schema, json_object, tool_call).",
+            ("model", "kind"),
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.shadow_requests_total = Counter(
+            "shadow_requests",
+            "Shadow requests to a candidate student, by outcome (agree, disagree, dropped, error).",
+            ("teacher", "student", "outcome"),
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.shadow_agreement_ratio = Gauge(
+            "shadow_agreement_ratio",
+            "Share of the last shadow pairs (shadow.window) where the student agreed.",
+            ("teacher", "student"),
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.shadow_student_latency_seconds = Histogram(
+            "shadow_student_latency_seconds",
+            "The student's latency on shadow requests (whole answer).",
+            ("teacher", "student"),
+            namespace=NAMESPACE,
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=r,
+        )
         self._dropped = {
             reason: self.promptlog_dropped_total.labels(reason) for reason in DROP_REASONS
         }
@@ -262,6 +293,18 @@ class Metrics:
         self._inflight: dict[str, Gauge] = {}
 
     # -- requests -------------------------------------------------------------------------
+
+    def shadow_request(self, teacher: str, student: str, outcome: str) -> None:
+        self.shadow_requests_total.labels(teacher, student, outcome).inc()
+
+    def shadow_agreement(self, teacher: str, student: str, ratio: float) -> None:
+        self.shadow_agreement_ratio.labels(teacher, student).set(ratio)
+
+    def shadow_latency(self, teacher: str, student: str, seconds: float) -> None:
+        self.shadow_student_latency_seconds.labels(teacher, student).observe(seconds)
+
+    def structured_output_failed(self, model: str, kind: str) -> None:
+        self.structured_output_failures_total.labels(model, kind).inc()
 
     def _request_children(
         self, model: str, adapter: str, status: str, key_id: str | None

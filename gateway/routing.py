@@ -49,16 +49,18 @@ class Router:
     def base_name(self) -> str:
         return self.engine.model_name
 
-    async def resolve(self, model: str) -> Route:
+    async def resolve(self, model: str, *, split: bool = True) -> Route:
+        """``split=False`` keeps the request off a traffic split to a student (requests the
+        student cannot honour: constrained output, tools, logit bias)."""
         students = self.students
         if model in self._base_names:
-            if students is not None and (student := students.split_for(model)) is not None:
+            if split and students is not None and (student := students.split_for(model)):
                 return Route(student, served_by="student")
             return Route(self.engine)
         if students is not None and (student := students.get(model)) is not None:
             return Route(student, served_by="student")
         if self.adapters is not None:
-            if students is not None and (student := students.split_for(model)) is not None:
+            if split and students is not None and (student := students.split_for(model)):
                 return Route(student, served_by="student")
             try:
                 lease = await self.adapters.acquire(model)

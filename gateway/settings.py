@@ -19,6 +19,7 @@ from gateway.auth import AuthSettings, LimitsSettings
 from gateway.metrics import MetricsSettings
 from gateway.pricing import PricingSettings
 from gateway.promptlog.settings import PromptLogSettings
+from gateway.shadow import ShadowSettings
 from gateway.studentpool import StudentsSettings
 
 __all__ = [
@@ -61,6 +62,11 @@ class ModelSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``$RETORT_HOME/models``), a local folder, or a Hugging Face model id passed to vLLM as given."""
     served_name: str | None = None
     """Name clients put in ``model``; defaults to the folder name or the model id."""
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = "hermes"
+    """How ``tool_choice: auto`` reads tool calls from the model's text: ``hermes``
+    (``<tool_call>{...}</tool_call>``: Hermes, Qwen 2.5, SmolLM2, most fine-tunes) or
+    ``llama3_json`` (a bare ``{"name", "parameters"}`` object: Llama 3.x). ``null`` refuses
+    ``auto`` with a 400; ``required`` and named functions need no parser."""
 
 
 class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -121,6 +127,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     students: StudentsSettings = msgspec.field(default_factory=StudentsSettings)
+    shadow: ShadowSettings = msgspec.field(default_factory=ShadowSettings)
 
     @property
     def students_path(self) -> Path:

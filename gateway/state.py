@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from gateway.promptlog import PromptLog
     from gateway.routing import Router
     from gateway.settings import Settings
+    from gateway.shadow import ShadowRunner
 
 __all__ = ["Gateway"]
 
@@ -45,6 +46,8 @@ class Gateway:
         """Per-key limits (``limits:``), in memory or shared through Redis."""
         self.pricer = pricer if pricer is not None else Pricer()
         self.promptlog = promptlog
+        self.shadow: ShadowRunner | None = None
+        """Shadow evaluation of candidate students (``shadow.teachers``), once the log is open."""
         """The prompt log; ``None`` until the lifespan has opened it."""
         self.started_at = int(time.time())
         self.draining = False

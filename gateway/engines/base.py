@@ -7,9 +7,9 @@ and choice, and the final chunk of each choice carries its ``finish_reason``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Chunk",
@@ -19,10 +19,22 @@ __all__ = [
     "EngineNotReadyError",
     "GenerateRequest",
     "InvalidInputError",
+    "OutputConstraint",
     "PromptTooLongError",
     "Sampling",
     "TokenLogprob",
+    "refuse_unsupported",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConstraint:
+    """Constrained decoding: the output is JSON matching ``json_schema``, or any JSON object
+    when the schema is ``None`` (``response_format`` and forced tool calls)."""
+
+    json_schema: Mapping[str, Any] | None = None
+    param: str = "response_format"
+    """The request field it came from, named by the 400 when the engine rejects it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +54,11 @@ class Sampling:
     """``None``: no logprobs; ``k``: the sampled token's logprob plus the top ``k``."""
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` (speed measurements; as vLLM's ``ignore_eos``)."""
+    logit_bias: Mapping[int, float] | None = None
+    """Token id -> bias added to its logit (OpenAI's ``logit_bias``)."""
+    constraint: OutputConstraint | None = None
+    """Grammar-constrained output; an engine that cannot honour it raises
+    :class:`InvalidInputError` rather than ignore it."""
 
 
 @dataclass(slots=True)
@@ -49,8 +66,13 @@ class GenerateRequest:
     request_id: str
     prompt: str | list[int] | None = None
     """Raw completion prompt (text or token ids). Exactly one of prompt/messages is set."""
-    messages: list[dict[str, str]] | None = None
-    """Chat messages, rendered with the model's own chat template by the engine."""
+    messages: list[dict[str, Any]] | None = None
+    """Chat messages, rendered with the model's own chat template by the engine. Besides
+    ``role``/``content``, assistant messages may carry ``tool_calls`` (arguments as dicts)
+    and tool messages ``tool_call_id``, as transformers' templates expect."""
+    tools: list[dict[str, Any]] | None = None
+    """Function tools (OpenAI's ``{"type": "function", "function": {...}}``), rendered into the
+    prompt by the chat template's ``tools`` argument."""
     sampling: Sampling = field(default_factory=Sampling)
     adapter: str | None = None
 
@@ -105,6 +127,21 @@ class PromptTooLongError(ValueError):
         )
         self.prompt_tokens = prompt_tokens
         self.max_model_len = max_model_len
+
+
+def refuse_unsupported(request: GenerateRequest, who: str) -> None:
+    """For engines without constrained decoding, logit bias or tools: a 400 naming the
+    field, never an answer that silently ignores it."""
+    s = request.sampling
+    if s.constraint is not None:
+        raise InvalidInputError(
+            f"{who}: constrained output ({s.constraint.param}) is not supported",
+            param=s.constraint.param,
+        )
+    if s.logit_bias:
+        raise InvalidInputError(f"{who}: logit_bias is not supported", param="logit_bias")
+    if request.tools:
+        raise InvalidInputError(f"{who}: tools are not supported", param="tools")
 
 
 @runtime_checkable

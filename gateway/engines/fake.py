@@ -16,6 +16,7 @@ from gateway.engines.base import (
     GenerateRequest,
     PromptTooLongError,
     TokenLogprob,
+    refuse_unsupported,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class FakeEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         if self._dead:
             raise EngineDeadError("engine is dead")
+        refuse_unsupported(request, "the fake engine")
         n_prompt = self.prompt_tokens(request)
         if n_prompt >= self._max_len:
             raise PromptTooLongError(n_prompt, self._max_len)

@@ -37,6 +37,7 @@ from gateway.engines.base import (
     GenerateRequest,
     InvalidInputError,
     PromptTooLongError,
+    refuse_unsupported,
 )
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class OnnxEngine:
             raise InvalidInputError("student models do not return logprobs", param="logprobs")
         if request.adapter is not None:
             raise InvalidInputError("student models take no adapters", param="model")
+        refuse_unsupported(request, "student models")
         ids = await asyncio.to_thread(self.encode, request)
         n_prompt = len(ids)
         if n_prompt == 0:

@@ -21,10 +21,12 @@ from gateway.engines.base import (
     EngineNotReadyError,
     GenerateRequest,
     InvalidInputError,
+    OutputConstraint,
     PromptTooLongError,
     Sampling,
     TokenLogprob,
 )
+from gateway.engines.chat_template import render_tools
 from gateway.metrics import EngineStats
 
 if TYPE_CHECKING:
@@ -42,7 +44,7 @@ try:
     from vllm.exceptions import VLLMClientError
     from vllm.inputs.engine import tokens_input
     from vllm.lora.request import LoRARequest
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
     from vllm.v1.metrics.loggers import StatLoggerBase
@@ -101,6 +103,16 @@ def engine_args(settings: EngineSettings, model: str, served_name: str) -> dict[
     return args
 
 
+def _structured(c: OutputConstraint | None) -> Any:
+    """vLLM's structured outputs (grammar-constrained decoding) for a constraint."""
+    if c is None:
+        return None
+    # Compact JSON: a small model given free whitespace can spend its budget on it.
+    if c.json_schema is None:
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    return StructuredOutputsParams(json=dict(c.json_schema), disable_any_whitespace=True)
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -120,6 +132,8 @@ class VLLMEngine:
         self._lora_ids = itertools.count(1)
         self._locks: dict[str, asyncio.Lock] = {}
         self._closed = False
+        template = getattr(self._tokenizer, "chat_template", None)
+        self._template_takes_tools = isinstance(template, str) and "tools" in template
 
     @classmethod
     def start(cls, settings: EngineSettings, model: str, served_name: str) -> VLLMEngine:
@@ -161,9 +175,17 @@ class VLLMEngine:
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
-            ids = self._tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True
+            messages, tools = render_tools(
+                request.messages, request.tools, self._template_takes_tools
             )
+            try:
+                ids = self._tokenizer.apply_chat_template(
+                    messages, tools=tools, add_generation_prompt=True, tokenize=True
+                )
+            except Exception as exc:  # the template's own checks (jinja raise_exception)
+                raise InvalidInputError(
+                    f"the model's chat template rejected the messages: {exc}", param="messages"
+                ) from exc
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
@@ -188,6 +210,8 @@ class VLLMEngine:
             frequency_penalty=s.frequency_penalty,
             logprobs=s.logprobs,
             ignore_eos=s.ignore_eos,
+            logit_bias=dict(s.logit_bias) if s.logit_bias else None,
+            structured_outputs=_structured(s.constraint),
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -229,8 +253,12 @@ class VLLMEngine:
         try:
             params = self._params(s, n_prompt)
         except VLLMClientError as exc:
-            raise InvalidInputError(str(exc), param=getattr(exc, "parameter", None)) from exc
+            param = getattr(exc, "parameter", None) or (
+                s.constraint.param if s.constraint is not None else None
+            )
+            raise InvalidInputError(str(exc), param=param) from exc
         produced = [0] * s.n
+        constraint_param = s.constraint.param if s.constraint is not None else None
         stream = self._llm.generate(
             tokens_input(ids), params, request.request_id, lora_request=lora
         )
@@ -250,10 +278,18 @@ class VLLMEngine:
             raise
         except VLLMEngineDeadError as exc:
             raise EngineDeadError("the engine process died") from exc
-        except (EngineError, ValueError):
-            raise
         except VLLMClientError as exc:
-            raise InvalidInputError(str(exc), param=getattr(exc, "parameter", None)) from exc
+            param = getattr(exc, "parameter", None) or constraint_param
+            raise InvalidInputError(str(exc), param=param) from exc
+        except EngineError:
+            raise
+        except ValueError as exc:
+            if constraint_param is not None:
+                # The structured-output backend rejected the schema (vLLM's request checks).
+                raise InvalidInputError(
+                    f"the schema cannot be enforced: {exc}", param=constraint_param
+                ) from exc
+            raise
         except Exception as exc:
             if self.dead():
                 raise EngineDeadError("the engine process died") from exc

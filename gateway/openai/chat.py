@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response, post
 
+from gateway.errors import UnsupportedParameterError
 from gateway.openai.guard import api_guard
 from gateway.openai.protocol import (
     ChatChoice,
@@ -28,9 +29,12 @@ from gateway.openai.serving import (
     start,
     stream_events,
 )
+from gateway.openai.tools import OutputPlan, ToolStream, plan_output
 from gateway.state import Gateway
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gateway.engines import base
     from gateway.openai.protocol import Usage
 
@@ -61,27 +65,45 @@ def _chat_logprobs(entries: list[base.TokenLogprob] | None) -> ChatLogprobs | No
 async def chat_completions(
     data: ChatCompletionRequest, gateway: Gateway, request: Request[Any, Any, Any]
 ) -> Response[bytes] | SSEStream:
-    """OpenAI ``CreateChatCompletion``, rendered with the model's own chat template."""
-    sampling = data.to_sampling()
+    """OpenAI ``CreateChatCompletion``, rendered with the model's own chat template;
+    ``response_format`` and ``tools`` as :mod:`gateway.openai.tools` plans them."""
+    if (refused := data.refused()) is not None:
+        raise UnsupportedParameterError(refused)
+    plan = plan_output(data, gateway.settings.model.tool_call_parser)
+    sampling = data.to_sampling(plan.constraint)
     info = request_info(gateway, request, "chat", data, messages=data.chat_messages())
-    started = await start(gateway, info, data.model, sampling=sampling, id_prefix="chatcmpl")
+    started = await start(
+        gateway, info, data.model, sampling=sampling, id_prefix="chatcmpl", tools=plan.tools
+    )
     want_logprobs = sampling.logprobs is not None
+
+    def failed_output() -> None:
+        if gateway.metrics is not None:
+            gateway.metrics.structured_output_failed(started.model, plan.json_kind or "tool_call")
 
     if not data.stream:
         agg = await aggregate(started)
+        choices = []
+        for i in range(sampling.n):
+            parsed, finish = plan.finish(agg.text(i), agg.finish[i])
+            if not parsed.valid:
+                failed_output()
+            message = ResponseMessage(content=parsed.content)
+            if parsed.tool_calls:
+                message.tool_calls = parsed.tool_calls
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    finish_reason=finish,
+                    logprobs=_chat_logprobs(agg.logprobs[i]) if want_logprobs else None,
+                )
+            )
         body = ChatCompletionResponse(
             id=started.id,
             created=started.created,
             model=data.model,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=ResponseMessage(content=agg.text(i)),
-                    finish_reason=agg.finish[i],
-                    logprobs=_chat_logprobs(agg.logprobs[i]) if want_logprobs else None,
-                )
-                for i in range(sampling.n)
-            ],
+            choices=choices,
             usage=agg.usage,
         )
         return Response(encode(body), media_type="application/json", headers=started.cost_headers())
@@ -101,9 +123,24 @@ async def chat_completions(
         chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         for i in range(sampling.n)
     ]
+    if plan.mode == "text":
+        render = _plain_render(chunk, want_logprobs)
+    else:
+        render = _tool_render(chunk, plan, sampling.n, failed_output)
     events = stream_events(
         started,
-        lambda c: chunk(
+        render,
+        prologue=prologue,
+        usage_event=(lambda u: chunk([], u)) if data.include_usage() else None,
+    )
+    return SSEStream(events)
+
+
+def _plain_render(
+    chunk: Callable[[list[ChatStreamChoice]], bytes], want_logprobs: bool
+) -> Callable[[base.Chunk], bytes]:
+    def render(c: base.Chunk) -> bytes:
+        return chunk(
             [
                 ChatStreamChoice(
                     index=c.index,
@@ -112,8 +149,49 @@ async def chat_completions(
                     logprobs=_chat_logprobs(c.logprobs or []) if want_logprobs else None,
                 )
             ]
-        ),
-        prologue=prologue,
-        usage_event=(lambda u: chunk([], u)) if data.include_usage() else None,
-    )
-    return SSEStream(events)
+        )
+
+    return render
+
+
+def _tool_render(
+    chunk: Callable[[list[ChatStreamChoice]], bytes],
+    plan: OutputPlan,
+    n: int,
+    failed_output: Callable[[], None],
+) -> Callable[[base.Chunk], bytes]:
+    """Stream choices through :class:`ToolStream`: a chunk may yield no event (text held
+    back), one, or, at the end of a choice, the calls and then the finish."""
+    streams = [ToolStream(plan) for _ in range(n)]
+
+    def render(c: base.Chunk) -> bytes:
+        ts = streams[c.index]
+        out = b""
+        content, calls = ts.feed(c.text)
+        if content is not None or calls:
+            out += chunk(
+                [
+                    ChatStreamChoice(
+                        index=c.index, delta=DeltaMessage(content=content, tool_calls=calls)
+                    )
+                ]
+            )
+        if c.finish_reason is not None:
+            rest, final_calls, finish, valid = ts.finish(c.finish_reason)
+            if not valid:
+                failed_output()
+            if rest is not None or final_calls:
+                out += chunk(
+                    [
+                        ChatStreamChoice(
+                            index=c.index,
+                            delta=DeltaMessage(content=rest, tool_calls=final_calls or None),
+                        )
+                    ]
+                )
+            out += chunk(
+                [ChatStreamChoice(index=c.index, delta=DeltaMessage(), finish_reason=finish)]
+            )
+        return out
+
+    return render

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response, post
 
+from gateway.errors import UnsupportedParameterError
+from gateway.openai.batch import StartedBatch, start_batch
 from gateway.openai.guard import api_guard
 from gateway.openai.protocol import (
     CompletionChoice,
@@ -18,6 +20,7 @@ from gateway.openai.protocol import (
 )
 from gateway.openai.serving import (
     SSEStream,
+    Started,
     aggregate,
     request_info,
     sse,
@@ -49,12 +52,32 @@ def _logprobs(entries: list[base.TokenLogprob], offset: int) -> CompletionLogpro
 async def completions(
     data: CompletionRequest, gateway: Gateway, request: Request[Any, Any, Any]
 ) -> Response[bytes] | SSEStream:
-    """OpenAI ``CreateCompletion``: one prompt (text or token ids), ``n`` choices."""
+    """OpenAI ``CreateCompletion``: a prompt (text or token ids) or a batch of them, ``n``
+    choices each; choice ``k * n + i`` answers prompt ``k``."""
+    if (refused := data.refused()) is not None:
+        raise UnsupportedParameterError(refused)
     sampling = data.to_sampling()
-    prompt = data.prompt_input()
-    info = request_info(gateway, request, "completions", data, prompt=prompt)
-    started = await start(gateway, info, data.model, sampling=sampling, id_prefix="cmpl")
-    echo = prompt if data.echo and isinstance(prompt, str) else ""
+    prompts = data.prompt_inputs()
+    started: Started | StartedBatch
+    if len(prompts) == 1:
+        info = request_info(gateway, request, "completions", data, prompt=prompts[0])
+        started = await start(gateway, info, data.model, sampling=sampling, id_prefix="cmpl")
+    else:
+        infos = []
+        for k, p in enumerate(prompts):
+            info = request_info(gateway, request, "completions", data, prompt=p)
+            if k:
+                info.request_id = f"{info.request_id}-{k}"
+                info.id_generated = False
+            infos.append(info)
+        started = await start_batch(gateway, infos, data.model, sampling=sampling, id_prefix="cmpl")
+    per_prompt = sampling.n
+    sampling = started.sampling
+    echoes = [p if data.echo and isinstance(p, str) else "" for p in prompts]
+
+    def echo_of(i: int) -> str:
+        return echoes[i // per_prompt]
+
     want_logprobs = sampling.logprobs is not None
 
     if not data.stream:
@@ -66,9 +89,9 @@ async def completions(
             choices=[
                 CompletionChoice(
                     index=i,
-                    text=echo + agg.text(i),
+                    text=echo_of(i) + agg.text(i),
                     finish_reason=agg.finish[i],
-                    logprobs=_logprobs(agg.logprobs[i], len(echo)) if want_logprobs else None,
+                    logprobs=_logprobs(agg.logprobs[i], len(echo_of(i))) if want_logprobs else None,
                 )
                 for i in range(sampling.n)
             ],
@@ -76,7 +99,7 @@ async def completions(
         )
         return Response(encode(body), media_type="application/json", headers=started.cost_headers())
 
-    offsets = [len(echo)] * sampling.n
+    offsets = [len(echo_of(i)) for i in range(sampling.n)]
 
     def render(c: base.Chunk) -> bytes:
         lp = None
@@ -96,19 +119,18 @@ async def completions(
             )
         )
 
-    prologue = []
-    if echo:
-        prologue = [
-            sse(
-                CompletionStreamChunk(
-                    id=started.id,
-                    created=started.created,
-                    model=data.model,
-                    choices=[CompletionStreamChoice(index=i, text=echo, logprobs=None)],
-                )
+    prologue = [
+        sse(
+            CompletionStreamChunk(
+                id=started.id,
+                created=started.created,
+                model=data.model,
+                choices=[CompletionStreamChoice(index=i, text=echo_of(i), logprobs=None)],
             )
-            for i in range(sampling.n)
-        ]
+        )
+        for i in range(sampling.n)
+        if echo_of(i)
+    ]
     events = stream_events(
         started,
         render,

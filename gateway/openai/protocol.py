@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.engines.base import Sampling
+from gateway.engines.base import OutputConstraint, Sampling
 
 __all__ = [
+    "REFUSED_FIELDS",
     "ChatChoice",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
@@ -31,15 +32,30 @@ __all__ = [
     "CompletionStreamChoice",
     "CompletionStreamChunk",
     "ContentPart",
+    "DeltaFunction",
     "DeltaMessage",
+    "DeltaToolCall",
     "ErrorBody",
     "ErrorResponse",
+    "FunctionCall",
+    "FunctionDef",
+    "JsonObjectFormat",
+    "JsonSchemaFormat",
+    "JsonSchemaResponseFormat",
     "ModelCard",
     "ModelList",
+    "NamedToolChoice",
+    "ParamError",
     "PromptError",
+    "ResponseFormat",
     "ResponseMessage",
+    "SamplingFields",
     "StreamOptions",
+    "TextFormat",
     "TokenLogprob",
+    "ToolCall",
+    "ToolChoice",
+    "ToolDef",
     "TopLogprob",
     "Usage",
 ]
@@ -60,10 +76,31 @@ class StreamOptions(Struct, kw_only=True):
 
 
 class ContentPart(Struct, kw_only=True):
-    """One part of a message's content. Only text parts reach a text-only model."""
+    """One part of a message's content. A text-only model reads text parts; any other
+    part (an image, audio, a file) is refused rather than dropped."""
 
     type: str
     text: str | None = None
+
+
+TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
+
+FunctionName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+"""OpenAI's rule for function and response-format names."""
+
+
+class FunctionCall(Struct, kw_only=True):
+    name: str
+    arguments: str
+    """JSON, as the model generated it."""
+
+
+class ToolCall(Struct, kw_only=True):
+    """``ChatCompletionMessageToolCall``: in an assistant message or a response."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(Struct, kw_only=True):
@@ -71,16 +108,72 @@ class ChatMessage(Struct, kw_only=True):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text or "" for p in self.content if p.type in ("text", "input_text"))
+        return "".join(p.text or "" for p in self.content if p.type in TEXT_PARTS)
 
 
-class _SamplingFields(Struct, kw_only=True):
+class FunctionDef(Struct, kw_only=True):
+    """``FunctionObject``."""
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(Struct, kw_only=True):
+    """``ChatCompletionTool``: only function tools exist for a self-hosted model."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    """``ChatCompletionNamedToolChoice``: force a call of this function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(Struct, kw_only=True):
+    name: FunctionName
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class TextFormat(Struct, kw_only=True, tag_field="type", tag="text"):
+    pass
+
+
+class JsonObjectFormat(Struct, kw_only=True, tag_field="type", tag="json_object"):
+    pass
+
+
+class JsonSchemaResponseFormat(Struct, kw_only=True, tag_field="type", tag="json_schema"):
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaResponseFormat
+LogitBias = Annotated[dict[str, Annotated[float, Meta(ge=-100, le=100)]], Meta(max_length=300)]
+
+
+class SamplingFields(Struct, kw_only=True):
+    """The sampling fields chat and completions share."""
+
     model: str
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -92,13 +185,42 @@ class _SamplingFields(Struct, kw_only=True):
     stop: Stop | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = None
+    """Token id (as a string) -> bias in [-100, 100], added to the logits."""
     user: str | None = None
     metadata: Metadata | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> Sampling:
+    def token_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` keyed by token id; raises :class:`ParamError` for a bad key."""
+        if not self.logit_bias:
+            return None
+        out: dict[int, float] = {}
+        for key, bias in self.logit_bias.items():
+            try:
+                tid = int(key)
+            except ValueError:
+                raise ParamError(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                ) from None
+            if tid < 0:
+                raise ParamError(f"logit_bias token id {tid} is negative", param="logit_bias")
+            out[tid] = float(bias)
+        return out
+
+    def refused(self) -> str | None:
+        """The first field set that changes the output and that this gateway does not
+        honour (see :data:`REFUSED_FIELDS`); ``None`` when there is none."""
+        return None
+
+    def _sampling(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        constraint: OutputConstraint | None = None,
+    ) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return Sampling(
             n=self.n or 1,
@@ -110,57 +232,176 @@ class _SamplingFields(Struct, kw_only=True):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
+            logit_bias=self.token_bias(),
+            constraint=constraint,
         )
 
 
-class ChatCompletionRequest(_SamplingFields, kw_only=True):
-    """``CreateChatCompletionRequest``: the fields this gateway acts on."""
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    """``CreateChatCompletionRequest``: the fields this gateway acts on, and the ones it
+    refuses (typed ``Any`` here only so that they are seen, never ignored)."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: NonNegInt | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Known fields that change the output and are not honoured: refused (REFUSED_FIELDS).
+    audio: Any = None
+    modalities: list[str] | None = None
+    functions: Any = None
+    function_call: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
 
-    def to_sampling(self) -> Sampling:
-        budget = self.max_completion_tokens
-        if budget is None:
-            budget = self.max_tokens
+    def refused(self) -> str | None:
+        for name in REFUSED_FIELDS["chat"]:
+            value = getattr(self, name)
+            if name == "modalities":
+                if value and any(m != "text" for m in value):
+                    return name
+            elif value is not None:
+                return name
+        return None
+
+    def budget(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else (self.max_tokens)
+        )
+
+    def to_sampling(self, constraint: OutputConstraint | None = None) -> Sampling:
         k = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(budget, k)
+        return self._sampling(self.budget(), k, constraint)
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The messages as chat templates take them: text content, and for tool round trips
+        the assistant's ``tool_calls`` (arguments parsed) and the tool's ``tool_call_id``.
+        Raises :class:`ParamError` for non-text content or arguments that are not JSON."""
+        out: list[dict[str, Any]] = []
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.type not in TEXT_PARTS:
+                        raise ParamError(
+                            f"content parts of type {part.type!r} are not supported: "
+                            "this model reads text only",
+                            param=f"messages[{i}].content[{j}].type",
+                        )
+            msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                msg["name"] = m.name
+            if m.role == "tool":
+                if m.tool_call_id is None:
+                    raise ParamError(
+                        "a message with role 'tool' needs a tool_call_id",
+                        param=f"messages[{i}].tool_call_id",
+                    )
+                msg["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                calls = []
+                for j, call in enumerate(m.tool_calls):
+                    try:
+                        args = msgspec.json.decode(call.function.arguments or "{}")
+                    except msgspec.DecodeError:
+                        raise ParamError(
+                            "tool call arguments must be JSON",
+                            param=f"messages[{i}].tool_calls[{j}].function.arguments",
+                        ) from None
+                    calls.append(
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.function.name, "arguments": args},
+                        }
+                    )
+                msg["tool_calls"] = calls
+            out.append(msg)
+        return out
 
 
-class CompletionRequest(_SamplingFields, kw_only=True):
+class CompletionRequest(SamplingFields, kw_only=True):
     """``CreateCompletionRequest``: one prompt string (or one token list)."""
 
-    prompt: str | Annotated[list[str | int], Meta(min_length=1)]
-    """A string, a one-string list, or a list of token ids. Batches are not supported."""
+    prompt: str | Annotated[list[Any], Meta(min_length=1)]
+    """A string, a list of token ids, or a batch: a list of strings or of token-id lists."""
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     echo: bool | None = False
     max_tokens: NonNegInt | None = 16
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refused(self) -> str | None:
+        if self.suffix:
+            return "suffix"
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of"
+        return None
 
     def to_sampling(self) -> Sampling:
         return self._sampling(self.max_tokens, self.logprobs)
 
-    def prompt_input(self) -> str | list[int]:
-        """The single prompt; raises ``ValueError`` for batches or mixed lists."""
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts: one for a string or a token list, several for a batch. Raises
+        :class:`PromptError` for mixed or malformed lists."""
         p = self.prompt
         if isinstance(p, str):
-            return p
-        if all(isinstance(t, int) for t in p):
-            return [int(t) for t in p]
-        if len(p) == 1 and isinstance(p[0], str):
-            return p[0]
+            return [p]
+        if all(_is_token(t) for t in p):
+            return [[int(t) for t in p]]
+        if len(p) > MAX_BATCH_PROMPTS:
+            raise PromptError(f"a batch holds at most {MAX_BATCH_PROMPTS} prompts, got {len(p)}")
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(isinstance(x, list) and x and all(_is_token(t) for t in x) for x in p):
+            return [[int(t) for t in x] for x in p]
         raise PromptError(
-            "`prompt` must be a string, a list holding one string, or a list of token ids; "
-            "batched prompts are not supported: send one request per prompt"
+            "`prompt` must be a string, a list of token ids, a list of strings, "
+            "or a list of token-id lists"
         )
+
+
+MAX_BATCH_PROMPTS = 64
+"""Prompts in one batched completion request (each is an engine request)."""
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
 
 
 class PromptError(ValueError):
     """The ``prompt`` field has a shape this gateway does not serve."""
+
+
+class ParamError(ValueError):
+    """A field's value is well-typed but unusable (HTTP 400 naming ``param``)."""
+
+    def __init__(self, message: str, *, param: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+REFUSED_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": (
+        "audio",
+        "modalities",
+        "functions",
+        "function_call",
+        "web_search_options",
+        "reasoning_effort",
+        "verbosity",
+    ),
+    "completions": ("suffix", "best_of"),  # best_of only when it differs from n
+}
+"""OpenAI request fields that change the output and that this gateway does not honour.
+A request that sets one gets a 400 (``code: unsupported_parameter``) naming it; every other
+output-changing field is honoured (README, "Never silently ignored")."""
 
 
 # ---------------------------------------------------------------- responses
@@ -194,6 +435,8 @@ class ResponseMessage(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
+    """Left out when the model called no tool (the spec allows no null)."""
 
 
 class ChatChoice(Struct, kw_only=True):
@@ -213,9 +456,25 @@ class ChatCompletionResponse(
     usage: Usage | None = None
 
 
+class DeltaFunction(Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(Struct, kw_only=True, omit_defaults=True):
+    """``ChatCompletionMessageToolCallChunk``: the first fragment of a call carries its id,
+    type and name; the arguments fragments concatenate to JSON."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction | None = None
+
+
 class DeltaMessage(Struct, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(Struct, kw_only=True):

@@ -21,7 +21,12 @@ import anyio
 import msgspec
 from litestar import Request, Response, delete, get, post
 
-from gateway.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
+from gateway.errors import (
+    BadRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+    to_api_error,
+)
 from gateway.openai.chat import chat_completions
 from gateway.openai.guard import api_guard
 from gateway.openai.protocol import encode
@@ -139,9 +144,13 @@ async def create_response(
     resp = skeleton(data, resp_id, int(time.time()), store=stored)
     try:
         result = await chat_completions.fn(data=call.chat, gateway=gateway, request=request)
-    except APIError as exc:
-        exc.param = chat_param_to_responses(exc.param)
-        raise
+    except Exception as exc:
+        # The chat path names its own fields (`response_format`, `messages`, ...).
+        err = to_api_error(exc)
+        err.param = chat_param_to_responses(err.param)
+        if err is exc:
+            raise
+        raise err from exc
 
     def record(final: ResponseObject) -> StoredResponse:
         return StoredResponse(

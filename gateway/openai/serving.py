@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 import msgspec
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from litestar.types import Send
 
     from gateway.auth import KeyInfo, Lease
-    from gateway.openai.protocol import _SamplingFields
+    from gateway.openai.protocol import SamplingFields
     from gateway.routing import Route
     from gateway.state import Gateway
 
@@ -49,6 +49,7 @@ __all__ = [
     "ENDPOINT_STATE",
     "KEY_STATE",
     "Aggregate",
+    "Generation",
     "RequestInfo",
     "SSEStream",
     "Started",
@@ -178,51 +179,49 @@ class RequestInfo:
         latency_s: float = 0.0,
         cost_usd: float = 0.0,
         error: str | None = None,
-    ) -> None:
-        """Queue this request's log record (a no-op unless it is captured)."""
+    ) -> LogRecord | None:
+        """Queue this request's log record (a no-op unless it is captured); returns it."""
         plog = gw.promptlog
         if not self.capture or plog is None:
-            return
+            return None
         prompt = self.prompt
         if isinstance(prompt, list):
             prompt = None
             params = {**self.params, "prompt_token_ids": self.prompt}
         else:
             params = self.params
-        plog.submit(
-            LogRecord(
-                request_id=self.request_id,
-                created=self.created,
-                model=model,
-                endpoint=self.endpoint,
-                key_id=self.key_id,
-                adapter=route.adapter if route is not None else None,
-                served_by="student"
-                if route is not None and route.served_by == "student"
-                else "engine",
-                messages=self.messages,
-                prompt=prompt,
-                params=params,
-                completion=completion,
-                finish_reason=finish_reason,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                ttft_s=ttft_s,
-                latency_s=latency_s,
-                cost_usd=cost_usd,
-                status="error" if error is not None else "ok",
-                error=error,
-                tags=self.tags,
-                user=self.user,
-            )
+        record = LogRecord(
+            request_id=self.request_id,
+            created=self.created,
+            model=model,
+            endpoint=self.endpoint,
+            key_id=self.key_id,
+            adapter=route.adapter if route is not None else None,
+            served_by="student" if route is not None and route.served_by == "student" else "engine",
+            messages=self.messages,
+            prompt=prompt,
+            params=params,
+            completion=completion,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttft_s=ttft_s,
+            latency_s=latency_s,
+            cost_usd=cost_usd,
+            status="error" if error is not None else "ok",
+            error=error,
+            tags=self.tags,
+            user=self.user,
         )
+        plog.submit(record)
+        return record
 
 
 def request_info(
     gw: Gateway,
     request: Request[Any, Any, Any],
     endpoint: Literal["chat", "completions"],
-    data: _SamplingFields,
+    data: SamplingFields,
     *,
     messages: list[dict[str, str]] | None = None,
     prompt: str | list[int] | None = None,
@@ -350,7 +349,7 @@ class Started:
                         self.info.key_id,
                         self.info.endpoint,
                     )
-                self.info.record(
+                record = self.info.record(
                     gw,
                     model=self.model,
                     route=route,
@@ -363,6 +362,16 @@ class Started:
                     cost_usd=self.cost_usd,
                     error=self.error if self.failed else None,
                 )
+                if record is not None and gw.shadow is not None:
+                    s = self.sampling
+                    gw.shadow.submit(
+                        record,
+                        s,
+                        shadowable=s.constraint is None
+                        and not s.logit_bias
+                        and s.logprobs is None
+                        and "tools" not in record.params,
+                    )
             finally:
                 route.lease.release()
                 gw.request_finished()
@@ -379,6 +388,7 @@ async def start(
     *,
     sampling: Sampling,
     id_prefix: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Started:
     """Admit the request (drain, limits), resolve the model, submit it to its engine and
     wait for the first chunk. Failures after admission are logged, flagged as failed."""
@@ -390,7 +400,10 @@ async def start(
     route: Route | None = None
     it: AsyncIterator[Chunk] | None = None
     try:
-        route = await routes.resolve(model)
+        # Constrained, biased or tool requests stay on the engine that honours them: a
+        # traffic split never sends them to a student.
+        plain = sampling.constraint is None and not sampling.logit_bias and not tools
+        route = await routes.resolve(model, split=plain)
         if not route.engine.ready():
             raise ServiceUnavailableError("The engine is not ready.")
         engine_id = info.request_id if info.id_generated else uuid.uuid4().hex
@@ -398,6 +411,7 @@ async def start(
             request_id=engine_id,
             prompt=info.prompt,
             messages=info.messages,
+            tools=tools,
             sampling=sampling,
             adapter=route.adapter,
         )
@@ -475,7 +489,20 @@ class Aggregate:
         return "".join(self.texts[i])
 
 
-async def aggregate(started: Started) -> Aggregate:
+class Generation(Protocol):
+    """What the encoders read: a :class:`Started` or a batch of them."""
+
+    sampling: Sampling
+    failed: bool
+
+    def chunks(self) -> AsyncIterator[Chunk]: ...
+
+    def aborted(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def aggregate(started: Generation) -> Aggregate:
     n = started.sampling.n
     agg = Aggregate(
         texts=[[] for _ in range(n)],
@@ -508,7 +535,7 @@ def usage_of(prompt_tokens: int, completion: list[int]) -> Usage:
 
 
 async def stream_events(
-    started: Started,
+    started: Generation,
     render: Callable[[Chunk], bytes],
     *,
     prologue: list[bytes] | None = None,
@@ -523,7 +550,9 @@ async def stream_events(
         async for c in started.chunks():
             prompt_tokens = c.prompt_tokens
             completion[c.index] = c.completion_tokens
-            yield render(c)
+            event = render(c)
+            if event:
+                yield event
         if usage_event is not None:
             yield usage_event(usage_of(prompt_tokens, completion))
     except (anyio.get_cancelled_exc_class(), GeneratorExit):

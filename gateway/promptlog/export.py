@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 import typer
 
+from gateway.engines.chat_template import render_tools, tool_spec
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -103,9 +105,18 @@ def export_row(row: dict[str, Any]) -> dict[str, Any]:
     out = {name: row.get(name) for name in EXPORT_COLUMNS}
     messages = row.get("messages")
     if messages is not None:
+        params = row.get("params") or {}
+        tools = params.get("tools") if params.get("tool_choice") != "none" else None
+        # Tools and tool round trips become text as the gateway renders them for templates
+        # without tools (a Hermes system prompt, <tool_call> and <tool_response> turns), so
+        # the export stays {role, content} strings and a student learns tool-call traffic.
+        msgs, _ = render_tools(
+            [{**m, "content": _content_text(m.get("content"))} for m in messages],
+            [tool_spec(t) for t in tools] if tools else None,
+            template_takes_tools=False,
+        )
         out["messages"] = [
-            {"role": str(m.get("role", "")), "content": _content_text(m.get("content"))}
-            for m in messages
+            {"role": str(m.get("role", "")), "content": str(m.get("content") or "")} for m in msgs
         ]
     out["params"] = _ENCODER.encode(row.get("params") or {}).decode()
     out["tags"] = _ENCODER.encode(row.get("tags") or {}).decode()

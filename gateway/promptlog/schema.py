@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["distill_runs", "feedback", "metadata", "requests", "responses"]
+__all__ = ["distill_runs", "feedback", "metadata", "requests", "responses", "shadow"]
 
 metadata = sa.MetaData()
 
@@ -77,6 +77,32 @@ distill_runs = sa.Table(
     sa.Column("summary", _JSON),
     sa.Column("error", sa.Text()),
     sa.Index("ix_distill_runs_key", "key"),
+)
+
+# One row per shadow comparison (gateway/shadow.py): a teacher's live answer and its
+# candidate student's answer to the same request, compared by the task's measure.
+shadow = sa.Table(
+    "shadow",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("created", sa.Double(), nullable=False),
+    sa.Column("teacher", sa.String(256), nullable=False),
+    sa.Column("student", sa.String(256), nullable=False),
+    sa.Column("measure", sa.String(16), nullable=False),
+    sa.Column("score", sa.Double()),
+    sa.Column("agree", sa.Boolean()),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("teacher_text", sa.Text(), nullable=False),
+    sa.Column("student_text", sa.Text(), nullable=False),
+    sa.Column("teacher_latency_s", sa.Double(), nullable=False),
+    sa.Column("student_latency_s", sa.Double()),
+    sa.Column("teacher_cost_usd", sa.Double(), nullable=False),
+    sa.Column("student_cost_usd", sa.Double()),
+    sa.Column("student_tokens", sa.Integer(), nullable=False),
+    sa.Column("error", sa.Text()),
+    sa.Index("ix_shadow_request_id", "request_id"),
+    sa.Index("ix_shadow_pair_created", "teacher", "student", "created"),
 )
 
 # Stored Responses API objects (``store: true``): the response as returned, and the

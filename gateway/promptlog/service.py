@@ -39,14 +39,15 @@ class PromptLog:
         *,
         store: PromptStore | None = None,
         writer: BatchWriter | None = None,
-        redactor: Redactor | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.writer = writer
-        self.responses = ResponseStore(store, redactor) if store is not None else None
+        self.responses = ResponseStore(store) if store is not None else None
         """Stored responses (``/v1/responses`` with ``store``), redacted like the log."""
         self.policy = CapturePolicy.from_settings(settings)
+        self.redactor: Redactor | None = None
+        """The log's redaction, for what is stored beside it (shadow pairs)."""
         self._retention: asyncio.Task[None] | None = None
 
     @classmethod
@@ -79,7 +80,10 @@ class PromptLog:
             prepare=prepare if redactor is not None else None,
         )
         writer.start()
-        self = cls(settings, store=store, writer=writer, redactor=redactor)
+        self = cls(settings, store=store, writer=writer)
+        self.redactor = redactor
+        if self.responses is not None:
+            self.responses.redactor = redactor
         if settings.retention_days:
             self._retention = asyncio.create_task(
                 run_retention(store, settings.retention_days, interval_s=settings.purge_interval_s),

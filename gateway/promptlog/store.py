@@ -17,7 +17,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 
-from gateway.promptlog.schema import feedback, requests, responses
+from gateway.promptlog.schema import feedback, requests, responses, shadow
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -155,6 +155,34 @@ class PromptStore:
             await conn.execute(requests.insert(), rows)
         return len(rows)
 
+    async def insert_shadow(self, rows: list[dict[str, Any]]) -> int:
+        """Store shadow pairs (:class:`gateway.shadow.ShadowPair` rows)."""
+        if not rows:
+            return 0
+        async with self.engine.begin() as conn:
+            await conn.execute(shadow.insert(), rows)
+        return len(rows)
+
+    async def shadow_pairs(
+        self,
+        *,
+        teacher: str | None = None,
+        student: str | None = None,
+        request_id: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Stored shadow pairs, newest first."""
+        q = sa.select(shadow).order_by(shadow.c.created.desc(), shadow.c.id.desc()).limit(limit)
+        if teacher is not None:
+            q = q.where(shadow.c.teacher == teacher)
+        if student is not None:
+            q = q.where(shadow.c.student == student)
+        if request_id is not None:
+            q = q.where(shadow.c.request_id == request_id)
+        async with self.engine.connect() as conn:
+            result = await conn.execute(q)
+            return [dict(r._mapping) for r in result]
+
     @staticmethod
     def is_data_error(error: BaseException) -> bool:
         """Whether ``error`` is about the rows themselves (retrying the batch cannot help,
@@ -191,6 +219,7 @@ class PromptStore:
         async with self.engine.begin() as conn:
             await conn.execute(feedback.delete().where(feedback.c.request_id.in_(old_ids)))
             await conn.execute(responses.delete().where(responses.c.created < cutoff))
+            await conn.execute(shadow.delete().where(shadow.c.created < cutoff))
             result = await conn.execute(requests.delete().where(requests.c.created < cutoff))
         return int(result.rowcount or 0)
 

@@ -57,7 +57,7 @@ seen: Counter[str] = Counter()
 
 
 @schema.include(
-    path_regex="^/v1/(chat/completions|completions|models|responses(/[^/]+)?)$"
+    path_regex="^/v1/(chat/completions|completions|models(/.*)?|responses(/[^/]+)?)$"
 ).parametrize()
 @settings(
     max_examples=EXAMPLES_PER_OPERATION,

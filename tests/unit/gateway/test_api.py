@@ -218,7 +218,7 @@ def test_malformed_json_is_400(client: TestClient, raw: bytes) -> None:
 
 
 def test_completions_bad_prompts(client: TestClient) -> None:
-    for prompt in [["a", "b"], ["a", 1], [], None, 3]:
+    for prompt in [["a", 1], [], None, 3, [[1, 2], "a"], [[]], [True], ["x"] * 65]:
         r = client.post("/v1/completions", json={"model": "fake-model", "prompt": prompt})
         assert r.status_code == 400, (prompt, r.text)
         assert r.json()["error"]["param"] == "prompt"
@@ -315,3 +315,69 @@ def test_metrics_per_model_and_adapter(client: TestClient, engine: FakeEngine) -
     assert 'retort_requests_total{adapter="sql",model="fake-model",status="ok"} 1.0' in text
     assert "retort_time_to_first_token_seconds_bucket" in text
     assert 'retort_inflight_requests{model="fake-model"} 0.0' in text
+
+
+def test_completions_batch(client: TestClient) -> None:
+    body = {"model": "fake-model", "prompt": ["one two", "three"], "n": 2, "max_tokens": 3}
+    r = client.post("/v1/completions", json={**body, "echo": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert_valid("CreateCompletionResponse", out)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    single = client.post("/v1/completions", json={**body, "prompt": "three"}).json()
+    answers = [c["text"] for c in single["choices"]]  # choice i of any prompt
+    assert [c["text"] for c in out["choices"]] == [
+        "one two" + answers[0],
+        "one two" + answers[1],
+        "three" + answers[0],
+        "three" + answers[1],
+    ]
+    assert out["usage"]["completion_tokens"] == 12
+    assert out["usage"]["prompt_tokens"] == 3  # 2 + 1 whitespace tokens
+    tokens = client.post("/v1/completions", json={**body, "prompt": [[1, 2], [3]]}).json()
+    assert len(tokens["choices"]) == 4
+    stream = client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [e for e in events(stream.text) if e != "[DONE]"]
+    text: dict[int, str] = {}
+    for c in chunks:
+        for choice in c["choices"]:
+            text[choice["index"]] = text.get(choice["index"], "") + choice["text"]
+    assert text == {0: answers[0], 1: answers[1], 2: answers[0], 3: answers[1]}
+    assert events(stream.text)[-1] == "[DONE]"
+
+
+def test_completions_refused_fields(client: TestClient) -> None:
+    base = {"model": "fake-model", "prompt": "x", "max_tokens": 1}
+    for extra, param in [({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of")]:
+        r = client.post("/v1/completions", json={**base, **extra})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
+        assert r.json()["error"]["code"] == "unsupported_parameter"
+    assert client.post("/v1/completions", json={**base, "best_of": 1}).status_code == 200
+
+
+def test_retrieve_model(client: TestClient) -> None:
+    r = client.get("/v1/models/fake-model")
+    assert r.status_code == 200
+    assert_valid("Model", r.json())
+    r = client.get("/v1/models/nope")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+
+
+def test_engine_without_constraints_refuses_them(client: TestClient) -> None:
+    """The fake engine (like a student) cannot constrain its output: a 400 naming the
+    field, never a free-text answer that ignores it."""
+    fmt = {"type": "json_object"}
+    tool = {"type": "function", "function": {"name": "f"}}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"response_format": fmt}, "response_format"),
+        ({"tools": [tool], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [tool]}, "tools"),
+        ({"logit_bias": {"3": 10}}, "logit_bias"),
+    ]
+    for extra, param in cases:
+        r = client.post("/v1/chat/completions", json={**CHAT, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert_valid("ErrorResponse", r.json())
+        assert r.json()["error"]["param"] == param

@@ -310,6 +310,12 @@ def test_stored_responses_are_redacted(served: Served) -> None:
         ({"max_output_tokens": 8}, "max_output_tokens", None),
         ({"temperature": 3}, "temperature", None),
         ({"model": "no-such-model"}, "model", "model_not_found"),
+        # Refused by the chat path, named as the Responses API names them:
+        ({"text": {"format": {"type": "json_object"}}}, "text.format", None),  # fake engine
+        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "nonsense"}}]},
+         "tools[0].parameters", None),
+        ({"tools": [{"type": "function", "name": "f"}],
+          "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", None),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_shaped_errors(

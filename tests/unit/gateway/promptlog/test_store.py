@@ -23,8 +23,15 @@ async def test_migrations_create_the_schema_at_head(store: PromptStore) -> None:
         indexes = await conn.run_sync(
             lambda c: {i["name"] for i in sa.inspect(c).get_indexes("requests")}
         )
-    assert version == "0003"
-    assert {"requests", "feedback", "distill_runs", "responses", "alembic_version"} <= tables
+    assert version == "0005"
+    assert {
+        "requests",
+        "feedback",
+        "distill_runs",
+        "responses",
+        "shadow",
+        "alembic_version",
+    } <= tables
     assert {"ix_requests_created", "ix_requests_model", "ix_requests_adapter"} <= indexes
 
 

@@ -1,7 +1,7 @@
 """The responses table (stored Responses API objects).
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0002 (0003, feedback correction, is on the console branch: chain it before this one)
 Create Date: 2026-11-30
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0003"
+revision: str = "0004"
 down_revision: str | None = "0002"
 branch_labels: str | None = None
 depends_on: str | None = None

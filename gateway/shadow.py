@@ -1,0 +1,359 @@
+"""Shadow evaluation: a share of a teacher's live requests is also answered, in the
+background, by a candidate student, and the two answers are compared and stored.
+
+The user always gets the teacher's answer. The shadow copy starts only after the user's
+response has been sent and accounted for (from the request's accounting, once the prompt-log
+record exists), never counts against the user's limits, and is dropped (and counted) when
+the student already has ``max_inflight`` shadow requests. Requests a student cannot honour
+(constrained output, tools, logit bias, logprobs) are not shadowed.
+
+Each pair is a row of the ``shadow`` table beside the prompt log (same request id), with both
+answers, latencies and costs, the measure, its score and the verdict. Metrics:
+``retort_shadow_requests_total{teacher,student,outcome}`` (agree, disagree, dropped, error),
+``retort_shadow_agreement_ratio{teacher,student}`` over the last ``window`` pairs and
+``retort_shadow_student_latency_seconds{teacher,student}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from gateway.engines.base import GenerateRequest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from gateway.engines.base import Sampling
+    from gateway.metrics import Metrics
+    from gateway.pricing import Pricer
+    from gateway.promptlog.record import LogRecord
+    from gateway.promptlog.store import PromptStore
+    from gateway.studentpool import StudentPool
+
+__all__ = [
+    "MEASURES",
+    "ShadowPair",
+    "ShadowRunner",
+    "ShadowSettings",
+    "ShadowTarget",
+    "choose_measure",
+    "compare",
+    "normalize",
+    "rouge_l",
+]
+
+log = logging.getLogger("retort.shadow")
+
+Measure = Literal["auto", "exact", "rouge_l", "json", "tool_calls"]
+MEASURES: tuple[str, ...] = ("exact", "rouge_l", "json", "tool_calls")
+
+
+class ShadowTarget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    student: str
+    """The candidate student (a registered student's name)."""
+    share: float = 0.1
+    """Share of the teacher's requests also sent to the student, 0..1 (deterministic by
+    request id, so replicas agree)."""
+    measure: Measure = "auto"
+    """How answers are compared: ``exact`` (normalized text), ``rouge_l`` (at least
+    ``min_rouge_l``), ``json`` (equal JSON values), ``tool_calls`` (same names and
+    arguments), or ``auto``: json for JSON answers, exact for short label-like answers (up to
+    ``short_words`` words), rouge_l for open text."""
+    min_rouge_l: float = 0.7
+    short_words: int = 8
+
+
+class ShadowSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    teachers: dict[str, ShadowTarget] = msgspec.field(default_factory=dict)
+    """Teacher (the base model's name or an adapter) -> its shadow student."""
+    max_inflight: int = 4
+    """Shadow requests a student runs at once; past it a pair is dropped and counted."""
+    window: int = 200
+    """Pairs in the sliding window of ``retort_shadow_agreement_ratio``."""
+
+
+# ---------------------------------------------------------------- measures (pure)
+
+
+def normalize(text: str) -> str:
+    """Lowercase, collapse whitespace, strip surrounding punctuation."""
+    return " ".join(text.lower().split()).strip(" .!?,;:\"'")
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 1.0 if a == b else 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def _json(text: str) -> Any:
+    try:
+        return msgspec.json.decode(text.strip())
+    except msgspec.DecodeError:
+        return _NOT_JSON
+
+
+_NOT_JSON = object()
+
+
+def _calls(text: str) -> list[tuple[str, Any]] | None:
+    """Tool calls in an answer: a JSON list of ``{name, arguments|parameters}`` or Hermes
+    ``<tool_call>`` blocks; ``None`` when there are none."""
+    from gateway.openai.tools import PARSERS, parse_calls
+
+    value = _json(text)
+    objs: list[Any] | None = None
+    if isinstance(value, list):
+        objs = value
+    else:
+        names = {str(o.get("name")) for o in _loose_calls(text)}
+        parsed = parse_calls(PARSERS["hermes"], text, names)
+        if parsed.tool_calls:
+            return [(c.function.name, _json(c.function.arguments)) for c in parsed.tool_calls]
+    if not objs:
+        return None
+    out = []
+    for o in objs:
+        if not isinstance(o, dict) or "name" not in o:
+            return None
+        out.append((str(o["name"]), o.get("arguments", o.get("parameters"))))
+    return out
+
+
+def _loose_calls(text: str) -> list[dict[str, Any]]:
+    out = []
+    for part in text.split("<tool_call>")[1:]:
+        value = _json(part.split("</tool_call>")[0])
+        if isinstance(value, dict):
+            out.append(value)
+    return out
+
+
+def choose_measure(target: ShadowTarget, teacher_text: str) -> str:
+    """The measure for one pair (``auto`` decided from the teacher's answer)."""
+    if target.measure != "auto":
+        return target.measure
+    if _calls(teacher_text) is not None:
+        return "tool_calls"
+    value = _json(teacher_text)
+    if value is not _NOT_JSON and isinstance(value, dict | list):
+        return "json"
+    if len(teacher_text.split()) <= target.short_words:
+        return "exact"
+    return "rouge_l"
+
+
+def compare(
+    measure: str, teacher: str, student: str, min_rouge_l: float = 0.7
+) -> tuple[float, bool]:
+    """``(score, agree)`` of a student's answer against its teacher's."""
+    if measure == "exact":
+        same = normalize(teacher) == normalize(student)
+        return (1.0 if same else 0.0), same
+    if measure == "json":
+        a, b = _json(teacher), _json(student)
+        same = a is not _NOT_JSON and a == b
+        return (1.0 if same else 0.0), same
+    if measure == "tool_calls":
+        a_calls, b_calls = _calls(teacher), _calls(student)
+        same = a_calls is not None and a_calls == b_calls
+        return (1.0 if same else 0.0), same
+    if measure == "rouge_l":
+        score = rouge_l(student, teacher)
+        return score, score >= min_rouge_l
+    raise ValueError(f"unknown measure {measure!r}")
+
+
+# ---------------------------------------------------------------- running pairs
+
+
+@dataclass(slots=True)
+class ShadowPair:
+    """One stored comparison (a row of the ``shadow`` table)."""
+
+    request_id: str
+    created: float
+    teacher: str
+    student: str
+    measure: str
+    score: float | None
+    agree: bool | None
+    outcome: str
+    teacher_text: str
+    student_text: str
+    teacher_latency_s: float
+    student_latency_s: float | None
+    teacher_cost_usd: float
+    student_cost_usd: float | None
+    student_tokens: int
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def _sampled(request_id: str, share: float) -> bool:
+    if share >= 1.0:
+        return True
+    if share <= 0.0:
+        return False
+    h = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big")
+    return h / 2**64 < share
+
+
+class ShadowRunner:
+    """Starts shadow requests in the background and records their outcome."""
+
+    def __init__(
+        self,
+        settings: ShadowSettings,
+        students: StudentPool,
+        store: PromptStore,
+        *,
+        metrics: Metrics | None = None,
+        pricer: Pricer | None = None,
+        redact: Callable[[str], str] | None = None,
+    ) -> None:
+        for teacher, target in settings.teachers.items():
+            if not 0.0 <= target.share <= 1.0:
+                raise ValueError(f"shadow.teachers[{teacher!r}].share must be within [0, 1]")
+        self.settings = settings
+        self.students = students
+        self.store = store
+        self.metrics = metrics
+        self.pricer = pricer
+        self.redact = redact
+        self._inflight: dict[str, int] = {}
+        self._windows: dict[tuple[str, str], deque[bool]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def target_for(self, teacher: str) -> ShadowTarget | None:
+        return self.settings.teachers.get(teacher)
+
+    def submit(self, record: LogRecord, sampling: Sampling, *, shadowable: bool) -> bool:
+        """Consider one finished teacher request; returns whether a shadow was started.
+        Never blocks and never raises."""
+        try:
+            if record.status != "ok" or record.served_by != "engine" or not shadowable:
+                return False
+            teacher = record.adapter or record.model
+            target = self.settings.teachers.get(teacher)
+            if target is None or not _sampled(record.request_id, target.share):
+                return False
+            if self._inflight.get(target.student, 0) >= self.settings.max_inflight:
+                self._count(teacher, target.student, "dropped")
+                return False
+            self._inflight[target.student] = self._inflight.get(target.student, 0) + 1
+            task = asyncio.get_running_loop().create_task(
+                self._run(teacher, target, record, sampling)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return True
+        except Exception:  # a shadow must never hurt the request it copies
+            log.exception("shadow submission failed")
+            return False
+
+    async def _run(
+        self, teacher: str, target: ShadowTarget, record: LogRecord, sampling: Sampling
+    ) -> None:
+        student_text = ""
+        tokens = 0
+        error: str | None = None
+        t0 = time.perf_counter()
+        try:
+            engine = self.students.get(target.student) or await self.students.load(target.student)
+            prompt_tokens = 0
+            req = GenerateRequest(
+                request_id=f"shadow-{uuid.uuid4().hex}",
+                prompt=record.prompt if record.messages is None else None,
+                messages=record.messages,
+                sampling=sampling,
+            )
+            parts: list[str] = []
+            async for c in engine.generate(req):
+                if c.index == 0:
+                    parts.append(c.text)
+                    tokens = c.completion_tokens
+                prompt_tokens = c.prompt_tokens
+            student_text = "".join(parts)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._inflight[target.student] = max(0, self._inflight.get(target.student, 1) - 1)
+        latency = time.perf_counter() - t0
+        cost = None
+        if error is None and self.pricer is not None:
+            cost = self.pricer.cost(target.student, None, prompt_tokens, tokens)
+        measure = choose_measure(target, record.completion)
+        score: float | None = None
+        agree: bool | None = None
+        if error is None:
+            score, agree = compare(measure, record.completion, student_text, target.min_rouge_l)
+            outcome = "agree" if agree else "disagree"
+        else:
+            outcome = "error"
+        pair = ShadowPair(
+            request_id=record.request_id,
+            created=time.time(),
+            teacher=teacher,
+            student=target.student,
+            measure=measure,
+            score=score,
+            agree=agree,
+            outcome=outcome,
+            teacher_text=record.completion,
+            student_text=student_text,
+            teacher_latency_s=record.latency_s,
+            student_latency_s=latency if error is None else None,
+            teacher_cost_usd=record.cost_usd,
+            student_cost_usd=cost,
+            student_tokens=tokens,
+            error=error,
+        )
+        self._count(teacher, target.student, outcome)
+        if agree is not None:
+            window = self._windows.setdefault(
+                (teacher, target.student), deque(maxlen=self.settings.window)
+            )
+            window.append(agree)
+            if self.metrics is not None:
+                self.metrics.shadow_agreement(teacher, target.student, sum(window) / len(window))
+                self.metrics.shadow_latency(teacher, target.student, latency)
+        if self.redact is not None:
+            pair.teacher_text = self.redact(pair.teacher_text)
+            pair.student_text = self.redact(pair.student_text)
+        try:
+            await self.store.insert_shadow([pair.row()])
+        except Exception:
+            log.exception("storing shadow pair %s failed", record.request_id)
+
+    def _count(self, teacher: str, student: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.shadow_request(teacher, student, outcome)
+
+    async def drain(self, wait_s: float = 30.0) -> None:
+        """Wait for shadow requests in flight (shutdown, tests)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=wait_s)
