@@ -8,6 +8,7 @@ are generated from the gateway's own OpenAPI document at ``/schema/openapi.json`
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from schemathesis import GenerationMode
 
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
+from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, ServerSettings, Settings
 from tests.openai_schema import assert_valid
 
@@ -33,6 +35,8 @@ def _serve() -> str:
     settings_ = Settings(
         engine=EngineSettings(kind="fake", max_model_len=256),
         server=ServerSettings(max_body_bytes=256 * 1024),
+        # Its own database: stored responses and log records never reach $RETORT_HOME.
+        promptlog=PromptLogSettings(url=f"sqlite+aiosqlite:///{tempfile.mkdtemp()}/retort.db"),
     )
     app = create_app(settings_, engine=FakeEngine(model_name="fake-model", max_model_len=256))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
