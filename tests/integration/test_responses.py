@@ -136,7 +136,8 @@ def test_json_schema_text_format(first: Server) -> None:
 def test_function_tool_call(first: Server) -> None:
     """Depends on the chat path's ``tools`` and ``tool_choice`` (issue 10, part 2)."""
     tool = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+            "parameters": {"type": "object",
+                           "properties": {"city": {"type": "string", "maxLength": 40}},
                            "required": ["city"], "additionalProperties": False},
             "strict": True}  # fmt: skip
     body = {
@@ -144,7 +145,8 @@ def test_function_tool_call(first: Server) -> None:
         "input": "What is the weather in Paris?",
         "tools": [tool],
         "tool_choice": "required",
-        "max_output_tokens": 64,
+        "parallel_tool_calls": False,
+        "max_output_tokens": 80,
     }
     r = httpx.post(first.url + "/v1/responses", json=body, timeout=120)
     if "tools" not in ChatCompletionRequest.__struct_fields__:
