@@ -34,6 +34,7 @@ from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, ReportsStats
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
 from gateway.openai.models import list_models, retrieve_model
+from gateway.openai.responses import RESPONSE_HANDLERS
 from gateway.pricing import Pricer
 from gateway.promptlog import PromptLog
 from gateway.requestid import add_request_id_header
@@ -300,6 +301,7 @@ def create_app(
                 route_handlers=[
                     chat_completions,
                     completions,
+                    *RESPONSE_HANDLERS,
                     list_models,
                     retrieve_model,
                     feedback,

@@ -142,6 +142,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.endpoint_requests_total = Counter(
+            "endpoint_requests",
+            "Completed requests by API endpoint (chat, completions, responses) and status.",
+            ("endpoint", "status"),
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.request_duration_seconds = Histogram(
             "request_duration_seconds",
             "Request latency from arrival to the last byte.",
@@ -286,6 +293,7 @@ class Metrics:
             reason: self.promptlog_dropped_total.labels(reason) for reason in DROP_REASONS
         }
         self._children: dict[tuple[str, str, str, str | None], _RequestChildren] = {}
+        self._by_endpoint: dict[tuple[str, str], Counter] = {}
         self._inflight: dict[str, Gauge] = {}
 
     # -- requests -------------------------------------------------------------------------
@@ -332,6 +340,7 @@ class Metrics:
         latency_s: float,
         cost_usd: float,
         key_id: str | None = None,
+        endpoint: str | None = None,
     ) -> None:
         """Record one finished request (call once, after its last byte).
 
@@ -341,6 +350,13 @@ class Metrics:
         """
         c = self._request_children(model, adapter or NO_ADAPTER, status, key_id)
         c.requests.inc()
+        if endpoint is not None:
+            by_endpoint = self._by_endpoint.get((endpoint, status))
+            if by_endpoint is None:
+                by_endpoint = self._by_endpoint[(endpoint, status)] = (
+                    self.endpoint_requests_total.labels(endpoint, status)
+                )
+            by_endpoint.inc()
         c.duration.observe(latency_s)
         if prompt_tokens:
             c.prompt_tokens.inc(prompt_tokens)

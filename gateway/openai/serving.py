@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COST_HEADER",
     "DONE",
+    "ENDPOINT_STATE",
     "KEY_STATE",
     "Aggregate",
     "Generation",
@@ -113,8 +114,11 @@ class SSEStream(Stream):
 
 KEY_STATE = "retort_key"
 """``scope["state"]`` key where the API guard leaves the caller's :class:`KeyInfo`."""
+ENDPOINT_STATE = "retort_endpoint"
+"""``scope["state"]`` key naming the API endpoint when a route serves through another's
+handler (``/v1/responses`` through chat): the log record and the endpoint metric use it."""
 COST_HEADER = "x-retort-cost-usd"
-_ID_PREFIXES = ("chatcmpl-", "cmpl-")
+_ID_PREFIXES = ("chatcmpl-", "cmpl-", "resp_")
 _DEFAULT_EST_COMPLETION = 256
 """Completion tokens assumed for the rate limiter when a request sets no ``max_tokens``."""
 
@@ -132,7 +136,7 @@ class RequestInfo:
     """What a request looks like before generation: for the log, limits and metrics."""
 
     request_id: str
-    endpoint: Literal["chat", "completions"]
+    endpoint: Literal["chat", "completions", "responses"]
     created: float
     t_start: float
     key: KeyInfo | None = None
@@ -228,7 +232,7 @@ def request_info(
     key: KeyInfo | None = state.get(KEY_STATE)
     info = RequestInfo(
         request_id=rid,
-        endpoint=endpoint,
+        endpoint=state.get(ENDPOINT_STATE, endpoint),
         created=time.time(),
         t_start=time.perf_counter(),
         key=key,
@@ -343,6 +347,7 @@ class Started:
                         latency,
                         self.cost_usd,
                         self.info.key_id,
+                        self.info.endpoint,
                     )
                 record = self.info.record(
                     gw,
@@ -461,7 +466,7 @@ def _failed_before_start(gw: Gateway, info: RequestInfo, route: Route, exc: Exce
     model = route.engine.model_name
     if gw.metrics is not None:
         gw.metrics.observe_request(
-            model, route.adapter, "error", 0, 0, None, latency, 0.0, info.key_id
+            model, route.adapter, "error", 0, 0, None, latency, 0.0, info.key_id, info.endpoint
         )
     info.record(gw, model=model, route=route, latency_s=latency, error=to_api_error(exc).message)
 

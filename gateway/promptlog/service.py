@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from gateway.promptlog.policy import CapturePolicy, run_retention
 from gateway.promptlog.redact import Redactor
+from gateway.promptlog.responses import ResponseStore
 from gateway.promptlog.settings import PromptLogSettings
 from gateway.promptlog.writer import BatchWriter
 from retort.db.store import PromptStore
@@ -43,6 +44,8 @@ class PromptLog:
         self.settings = settings
         self.store = store
         self.writer = writer
+        self.responses = ResponseStore(store) if store is not None else None
+        """Stored responses (``/v1/responses`` with ``store``), redacted like the log."""
         self.policy = CapturePolicy.from_settings(settings)
         self.redactor: Redactor | None = None
         """The log's redaction, for what is stored beside it (shadow pairs)."""
@@ -80,6 +83,8 @@ class PromptLog:
         writer.start()
         self = cls(settings, store=store, writer=writer)
         self.redactor = redactor
+        if self.responses is not None:
+            self.responses.redactor = redactor
         if settings.retention_days:
             self._retention = asyncio.create_task(
                 run_retention(store, settings.retention_days, interval_s=settings.purge_interval_s),

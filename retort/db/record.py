@@ -26,7 +26,7 @@ class LogRecord(msgspec.Struct, kw_only=True):
     """Unix time (seconds) the request arrived."""
     model: str
     """The served model name (the base model or a student)."""
-    endpoint: Literal["chat", "completions"]
+    endpoint: Literal["chat", "completions", "responses"]
     key_id: str | None = None
     """The API key's id (never the key); ``None`` when auth is off."""
     adapter: str | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["distill_runs", "feedback", "metadata", "requests", "shadow"]
+__all__ = ["distill_runs", "feedback", "metadata", "requests", "responses", "shadow"]
 
 metadata = sa.MetaData()
 
@@ -105,4 +105,22 @@ shadow = sa.Table(
     sa.Column("error", sa.Text()),
     sa.Index("ix_shadow_request_id", "request_id"),
     sa.Index("ix_shadow_pair_created", "teacher", "student", "created"),
+)
+
+# Stored Responses API objects (``store: true``): the response as returned, and the
+# context that produced it (chat messages, instructions excluded) so that a request with
+# ``previous_response_id`` continues it on any replica. Purged with the log's retention.
+responses = sa.Table(
+    "responses",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("created", sa.Double(), nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("key_id", sa.String(128)),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("previous_response_id", sa.String(64)),
+    sa.Column("context", _JSON, nullable=False),
+    sa.Column("response", _JSON, nullable=False),
+    sa.Index("ix_responses_created", "created"),
 )

@@ -17,7 +17,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 
-from retort.db.schema import distill_runs, feedback, requests, shadow
+from retort.db.schema import distill_runs, feedback, requests, responses, shadow
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -230,11 +230,13 @@ class PromptStore:
         return True
 
     async def purge_older_than(self, days: float, *, now: float | None = None) -> int:
-        """Delete requests created more than ``days`` ago, and their feedback."""
+        """Delete requests created more than ``days`` ago, their feedback, and the stored
+        responses as old."""
         cutoff = (time.time() if now is None else now) - days * 86400.0
         old_ids = sa.select(requests.c.request_id).where(requests.c.created < cutoff)
         async with self.engine.begin() as conn:
             await conn.execute(feedback.delete().where(feedback.c.request_id.in_(old_ids)))
+            await conn.execute(responses.delete().where(responses.c.created < cutoff))
             await conn.execute(shadow.delete().where(shadow.c.created < cutoff))
             result = await conn.execute(requests.delete().where(requests.c.created < cutoff))
         return int(result.rowcount or 0)

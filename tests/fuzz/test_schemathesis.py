@@ -1,4 +1,4 @@
-"""Schemathesis fuzzing of chat, completions and models: no input may produce a 5xx.
+"""Schemathesis fuzzing of chat, completions, responses and models: no input may produce a 5xx.
 
 The gateway runs for real (uvicorn on a loopback port) over the deterministic fake engine,
 so hundreds of cases finish in seconds. Positive and negative (schema-violating) cases
@@ -8,6 +8,7 @@ are generated from the gateway's own OpenAPI document at ``/schema/openapi.json`
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -20,10 +21,11 @@ from schemathesis import GenerationMode
 
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
+from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, ServerSettings, Settings
 from tests.openai_schema import assert_valid
 
-EXAMPLES_PER_OPERATION = 200  # x 2 POST operations + models: well over 500 cases
+EXAMPLES_PER_OPERATION = 200  # x 3 POST operations, models, responses GET/DELETE: > 500 cases
 
 
 def _serve() -> str:
@@ -33,6 +35,8 @@ def _serve() -> str:
     settings_ = Settings(
         engine=EngineSettings(kind="fake", max_model_len=256),
         server=ServerSettings(max_body_bytes=256 * 1024),
+        # Its own database: stored responses and log records never reach $RETORT_HOME.
+        promptlog=PromptLogSettings(url=f"sqlite+aiosqlite:///{tempfile.mkdtemp()}/retort.db"),
     )
     app = create_app(settings_, engine=FakeEngine(model_name="fake-model", max_model_len=256))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -56,7 +60,9 @@ schema.config.generation.update(
 seen: Counter[str] = Counter()
 
 
-@schema.include(path_regex="^/v1/(chat/completions|completions|models(/.*)?)$").parametrize()
+@schema.include(
+    path_regex="^/v1/(chat/completions|completions|models(/.*)?|responses(/[^/]+)?)$"
+).parametrize()
 @settings(
     max_examples=EXAMPLES_PER_OPERATION,
     deadline=None,
@@ -73,6 +79,12 @@ def test_no_server_errors(case: schemathesis.Case) -> None:
     if response.status_code >= 400:
         assert_valid("ErrorResponse", response.json())
         assert "Traceback" not in response.text
+    elif (
+        case.operation.path.startswith("/v1/responses")
+        and case.method != "DELETE"
+        and "application/json" in str(response.headers.get("content-type"))
+    ):
+        assert_valid("Response", response.json())
 
 
 def test_enough_cases_ran() -> None:

@@ -43,6 +43,7 @@ METRICS = {
     "retort_shadow_agreement_ratio",
     "retort_shadow_student_latency_seconds",
     "retort_structured_output_failures_total",
+    "retort_endpoint_requests_total",
 }
 
 

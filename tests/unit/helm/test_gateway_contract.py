@@ -302,7 +302,9 @@ def _render_metrics() -> str:
     """A real /metrics render after one of everything."""
     metrics = Metrics(CollectorRegistry(), key_label=True)
     metrics.request_started("base")
-    metrics.observe_request("base", "support-bot", "ok", 12, 30, 0.05, 0.9, 0.001, "app")
+    metrics.observe_request(
+        "base", "support-bot", "ok", 12, 30, 0.05, 0.9, 0.001, "app", endpoint="chat"
+    )
     metrics.observe_request("base-student", None, "error", 12, 0, None, 0.1, 0.0, "app")
     metrics.observe_adapter_load("support-bot", 0.4)
     metrics.set_adapters_loaded(1)

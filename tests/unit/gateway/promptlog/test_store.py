@@ -28,7 +28,14 @@ async def test_migrations_create_the_schema_at_head(store: PromptStore) -> None:
         )
     assert version == "0005"
     assert "correction" in feedback_columns
-    assert {"requests", "feedback", "distill_runs", "shadow", "alembic_version"} <= tables
+    assert {
+        "requests",
+        "feedback",
+        "distill_runs",
+        "responses",
+        "shadow",
+        "alembic_version",
+    } <= tables
     assert {"ix_requests_created", "ix_requests_model", "ix_requests_adapter"} <= indexes
 
 
