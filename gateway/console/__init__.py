@@ -24,7 +24,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
-from gateway.console.login import LOGIN_HANDLERS
+from gateway.console.login import LOGIN_HANDLERS, LOGOUT_HANDLERS
 from gateway.console.manage import MANAGE_HANDLERS
 from gateway.console.overview import Sampler
 from gateway.console.session import Sessions, console_guard
@@ -60,7 +60,7 @@ def console_router() -> Router:
     """``/console`` (guarded pages and actions), its login, and its static files."""
     pages = Router(
         path="/",
-        route_handlers=[*TRAFFIC_HANDLERS, *MANAGE_HANDLERS],
+        route_handlers=[*TRAFFIC_HANDLERS, *MANAGE_HANDLERS, *LOGOUT_HANDLERS],
         guards=[console_guard],
     )
     static = create_static_files_router(

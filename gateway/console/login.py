@@ -21,7 +21,6 @@ from gateway.console.session import (
     SESSION_COOKIE,
     SESSION_TTL_S,
     CSRFError,
-    console_guard,
     csrf_form,
 )
 from gateway.console.views import gateway_of, login_cookie, render, session_cookie
@@ -29,7 +28,7 @@ from gateway.console.views import gateway_of, login_cookie, render, session_cook
 if TYPE_CHECKING:
     from gateway.console.session import Sessions
 
-__all__ = ["LOGIN_HANDLERS"]
+__all__ = ["LOGIN_HANDLERS", "LOGOUT_HANDLERS"]
 
 MAX_KEY_CHARS = 512
 
@@ -110,7 +109,7 @@ async def login(request: Request[Any, Any, Any]) -> Template | Redirect:
     )
 
 
-@post("/logout", name="console:logout", status_code=303, guards=[console_guard])
+@post("/logout", name="console:logout", status_code=303)
 async def logout(request: Request[Any, Any, Any]) -> Redirect:
     await csrf_form(request)
     sessions: Sessions = request.app.state.console.sessions
@@ -123,4 +122,7 @@ async def logout(request: Request[Any, Any, Any]) -> Redirect:
     )
 
 
-LOGIN_HANDLERS = [login_page, login, logout]
+LOGIN_HANDLERS = [login_page, login]
+"""Open: the login form and its post."""
+LOGOUT_HANDLERS = [logout]
+"""Behind the console guard (the pages router)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.app import create_app
+from gateway.console.session import console_guard
 from gateway.engines.fake import FakeEngine
 from gateway.guards import admin_guard, api_guard
 from gateway.settings import EngineSettings, Settings
@@ -34,7 +35,14 @@ def test_each_group_has_its_guard() -> None:
             assert found == {admin_guard}, path
         elif path.startswith("/v1"):
             assert found == {api_guard}, path
+        elif path.startswith("/console"):
+            # The console's pages sit behind its session guard (on their router); its login
+            # form and static files are open.
+            assert found <= {console_guard}, path
         else:
             assert not found, path
     assert {"/v1/chat/completions", "/v1/models", "/admin/adapters"} <= guards.keys()
     assert guards.keys() >= OPEN
+    assert guards["/console/traffic"] == {console_guard}
+    assert guards["/console/logout"] == {console_guard}
+    assert guards["/console/login"] == set()
