@@ -17,6 +17,7 @@ __all__ = [
     "EngineDeadError",
     "EngineError",
     "EngineNotReadyError",
+    "EngineOverloadedError",
     "GenerateRequest",
     "InvalidInputError",
     "PromptTooLongError",
@@ -42,6 +43,8 @@ class Sampling:
     """``None``: no logprobs; ``k``: the sampled token's logprob plus the top ``k``."""
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` (speed measurements; as vLLM's ``ignore_eos``)."""
+    min_tokens: int = 0
+    """No end token before this many tokens (vLLM's ``min_tokens``)."""
 
 
 @dataclass(slots=True)
@@ -85,6 +88,14 @@ class EngineDeadError(EngineError):
 
 class EngineNotReadyError(Exception):
     """The engine is starting or draining (HTTP 503)."""
+
+
+class EngineOverloadedError(Exception):
+    """The engine's queue is full (HTTP 503 with ``Retry-After: retry_after``)."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InvalidInputError(ValueError):

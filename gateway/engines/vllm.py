@@ -188,6 +188,7 @@ class VLLMEngine:
             frequency_penalty=s.frequency_penalty,
             logprobs=s.logprobs,
             ignore_eos=s.ignore_eos,
+            min_tokens=s.min_tokens,
             output_kind=RequestOutputKind.DELTA,
         )
 

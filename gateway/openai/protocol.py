@@ -94,6 +94,10 @@ class _SamplingFields(Struct, kw_only=True):
     frequency_penalty: Penalty | None = None
     user: str | None = None
     metadata: Metadata | None = None
+    ignore_eos: bool | None = None
+    """vLLM's extension: generate exactly ``max_tokens`` (benchmarks at equal lengths)."""
+    min_tokens: NonNegInt | None = None
+    """vLLM's extension: no end of the answer before this many tokens."""
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -110,6 +114,8 @@ class _SamplingFields(Struct, kw_only=True):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
+            ignore_eos=bool(self.ignore_eos),
+            min_tokens=self.min_tokens or 0,
         )
 
 
