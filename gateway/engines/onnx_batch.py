@@ -63,6 +63,8 @@ class OrtRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Idle pool threads sleep instead of spinning: the event loop shares these cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
             str(path / dec["filename"]), options, providers=["CPUExecutionProvider"]
         )
@@ -87,6 +89,7 @@ class OrtRunner:
         self._kv_heads = int(dec["num_key_value_heads"])
         self._head = int(dec["head_size"])
         self._bufs: list[np.ndarray] = []
+        self._views: dict[tuple[int, int], list[Any]] = {}  # (start, stop) -> OrtValues
         self._rows = 0
         self._length = 0
 
@@ -111,14 +114,18 @@ class OrtRunner:
                 buf[: self._rows, :, : self._length] = old
             grown.append(buf)
         self._bufs, self._rows, self._length = grown, new_rows, new_len
+        self._views = {}
 
-    def _run(self, rows: slice, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        ort = self._ort
+    def _run(self, start: int, stop: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        values = self._views.get((start, stop))
+        if values is None:
+            make = self._ort.OrtValue.ortvalue_from_numpy
+            values = [make(buf[start:stop]) for buf in self._bufs]
+            self._views[(start, stop)] = values
         io = self._session.io_binding()
         io.bind_cpu_input(self._ids_name, ids.astype(self._ids_dtype, copy=False))
         io.bind_cpu_input(self._mask_name, mask)
-        for past, present, buf in zip(self._past, self._present, self._bufs, strict=True):
-            value = ort.OrtValue.ortvalue_from_numpy(buf[rows])
+        for past, present, value in zip(self._past, self._present, values, strict=True):
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
         io.bind_output(self._logits_name)
@@ -130,7 +137,7 @@ class OrtRunner:
         """Run the prompt into ``row``'s cache; the next-token logits ``[vocab]``."""
         self.reserve(row + 1, len(ids) + 1)
         mask = np.ones((1, len(ids)), np.int64)
-        return self._run(slice(row, row + 1), np.asarray([ids]), mask)[0]
+        return self._run(row, row + 1, np.asarray([ids]), mask)[0]
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One token for rows ``0..B-1`` (``lengths``: tokens already cached per row);
@@ -139,7 +146,7 @@ class OrtRunner:
         total = int(lengths.max()) + 1
         self.reserve(b, total)
         mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
-        return self._run(slice(0, b), tokens.reshape(b, 1), mask)
+        return self._run(0, b, tokens.reshape(b, 1), mask)
 
     def move(self, src: int, dst: int) -> None:
         """Copy row ``src``'s cache into row ``dst``."""
@@ -148,7 +155,7 @@ class OrtRunner:
 
     def release(self) -> None:
         """Drop the buffers (they grow again on demand)."""
-        self._bufs, self._rows, self._length = [], 0, 0
+        self._bufs, self._rows, self._length, self._views = [], 0, 0, {}
 
 
 def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: Any) -> int:
