@@ -41,12 +41,14 @@ from gateway.engines.base import (
     InvalidInputError,
     PromptTooLongError,
 )
-from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError, Sequence
+from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError
+from gateway.engines.onnx_batch import Sequence as Row
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
 __all__ = ["OnnxEngine", "import_og"]
+
 
 def import_og() -> Any:
     """``onnxruntime_genai``, or an ImportError naming the extra to install."""
@@ -204,20 +206,18 @@ class OnnxEngine:
         s = request.sampling
         n_prompt = len(ids)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, str | BaseException | None, str | None]] = (
-            asyncio.Queue()
-        )
+        queue: asyncio.Queue[tuple[int, str | BaseException | None, str | None]] = asyncio.Queue()
         streams = [self._tokenizer.create_stream() for _ in range(s.n)]
 
-        def emit(seq: Sequence, token: int | None, finish: str | None) -> None:
+        def emit(seq: Row, token: int | None, finish: str | None) -> None:
             piece = streams[seq.tag].decode(token) if token is not None else ""
             loop.call_soon_threadsafe(queue.put_nowait, (seq.tag, piece, finish))
 
-        def fail(seq: Sequence, exc: BaseException) -> None:
+        def fail(seq: Row, exc: BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (seq.tag, exc, None))
 
         seqs = [
-            Sequence(
+            Row(
                 ids,
                 budget,
                 emit,

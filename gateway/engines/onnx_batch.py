@@ -108,10 +108,10 @@ class OrtRunner:
             new_len *= 2
         shape = (new_rows, self._kv_heads, new_len, self._head)
         grown = []
-        for old in self._bufs or [None] * len(self._past):
+        for i in range(len(self._past)):
             buf = np.zeros(shape, self._kv_dtype)
-            if old is not None:
-                buf[: self._rows, :, : self._length] = old
+            if self._bufs:
+                buf[: self._rows, :, : self._length] = self._bufs[i]
             grown.append(buf)
         self._bufs, self._rows, self._length = grown, new_rows, new_len
         self._views = {}
@@ -130,14 +130,15 @@ class OrtRunner:
             io.bind_ortvalue_output(present, value)
         io.bind_output(self._logits_name)
         self._session.run_with_iobinding(io)
-        logits: np.ndarray = io.get_outputs()[-1].numpy()
+        logits = np.asarray(io.get_outputs()[-1].numpy())
         return logits[:, -1, :] if logits.ndim == 3 else logits
 
     def prefill(self, row: int, ids: list[int]) -> np.ndarray:
         """Run the prompt into ``row``'s cache; the next-token logits ``[vocab]``."""
         self.reserve(row + 1, len(ids) + 1)
         mask = np.ones((1, len(ids)), np.int64)
-        return self._run(row, row + 1, np.asarray([ids]), mask)[0]
+        logits: np.ndarray = self._run(row, row + 1, np.asarray([ids]), mask)[0]
+        return logits
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One token for rows ``0..B-1`` (``lengths``: tokens already cached per row);
@@ -237,6 +238,7 @@ class Batcher:
         self._prefill_tokens = prefill_tokens
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
+        self._joining = 0  # taken from the queue, being prefilled
         self._cond = threading.Condition()
         self._stop = False
         self._step_s = 0.0  # moving average of a decode step
@@ -253,14 +255,15 @@ class Batcher:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Sequences holding a row (being prefilled or decoded)."""
+        return len(self._running) + self._joining
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue ``seqs`` (all or none); :class:`QueueFullError` when they do not fit."""
         with self._cond:
             if self._stop:
                 raise RuntimeError("the batcher is closed")
-            free_rows = self.max_batch - len(self._running)
+            free_rows = self.max_batch - len(self._running) - self._joining
             if len(self._waiting) + len(seqs) > self.max_queue + max(0, free_rows):
                 raise QueueFullError(len(self._waiting), self._retry_after())
             for seq in seqs:
@@ -331,6 +334,7 @@ class Batcher:
             seq = self._waiting.popleft()
             tokens += len(seq.ids)
             joining.append(seq)
+        self._joining = len(joining)
         return joining
 
     def _remove(self, seq: Sequence) -> None:
@@ -347,11 +351,15 @@ class Batcher:
             logits = self._runner.prefill(row, seq.ids)
         except Exception as exc:
             log.exception("student prefill failed")
+            with self._cond:
+                self._joining -= 1
             seq.fail(seq, exc)
             return
         seq.length = len(seq.ids)
-        if self._next(seq, logits[: self._vocab]):
-            with self._cond:
+        keep = self._next(seq, logits[: self._vocab])
+        with self._cond:
+            self._joining -= 1
+            if keep:
                 self._running.append(seq)
                 self.max_rows_seen = max(self.max_rows_seen, len(self._running))
 

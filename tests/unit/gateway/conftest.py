@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
@@ -23,3 +24,14 @@ def client(engine: FakeEngine) -> Iterator[TestClient]:
     )
     with TestClient(create_app(settings, engine=engine)) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real exported tiny student (2 layers, hidden 64; exported in seconds)."""
+    from adapters.testing import make_tiny_base
+    from distill.export import build_onnx
+
+    root = tmp_path_factory.mktemp("student")
+    base = make_tiny_base(root / "tiny-student", seed=3, hidden_size=64)
+    return build_onnx(base, root / "onnx", "fp32")

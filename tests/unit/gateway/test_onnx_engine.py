@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.testing import make_tiny_base
-from distill.export import build_onnx, greedy_onnx
+from distill.export import greedy_onnx
 from gateway.engines.base import (
     Engine,
     GenerateRequest,
@@ -21,13 +20,6 @@ from gateway.engines.onnx import OnnxEngine
 pytest.importorskip("onnxruntime_genai")
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("student")
-    base = make_tiny_base(root / "tiny-student", seed=3, hidden_size=64)
-    return build_onnx(base, root / "onnx", "fp32")
 
 
 @pytest.fixture
