@@ -242,3 +242,25 @@ async def test_min_tokens_and_overload(tiny_onnx: Path) -> None:
         assert int(err.headers["Retry-After"]) >= 1  # type: ignore[attr-defined]
     finally:
         await eng.close()
+
+
+def test_vllm_length_extensions_reach_the_engine() -> None:
+    """``ignore_eos`` and ``min_tokens`` (vLLM's extensions, sent by ``vllm bench serve``
+    and ``retort loadtest``) become engine sampling fields; negative ``min_tokens`` is a 400."""
+    import msgspec
+
+    from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
+    from loadtest.dataset import Prompt, build_body
+
+    body = build_body(
+        "chat", "m", Prompt(text="hi"), max_tokens=7, temperature=0.0, stream=False, ignore_eos=True
+    )
+    assert body["ignore_eos"] is True
+    assert body["min_tokens"] == 7
+    chat = msgspec.json.decode(msgspec.json.encode(body), type=ChatCompletionRequest)
+    s = chat.to_sampling()
+    assert (s.ignore_eos, s.min_tokens, s.max_tokens) == (True, 7, 7)
+    plain = msgspec.convert({"model": "m", "prompt": "x"}, CompletionRequest)
+    assert (plain.to_sampling().ignore_eos, plain.to_sampling().min_tokens) == (False, 0)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"model": "m", "prompt": "x", "min_tokens": -1}, CompletionRequest)
