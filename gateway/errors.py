@@ -18,6 +18,7 @@ from gateway.engines.base import (
     EngineDeadError,
     EngineError,
     EngineNotReadyError,
+    EngineOverloadedError,
     InvalidInputError,
     PromptTooLongError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "ConflictError",
     "ModelNotFoundError",
     "NotFoundError",
+    "OverloadedError",
     "ServiceUnavailableError",
     "UnsupportedParameterError",
     "error_response",
@@ -97,6 +99,16 @@ class ServiceUnavailableError(APIError):
     code = "engine_not_ready"
 
 
+class OverloadedError(ServiceUnavailableError):
+    """The engine's queue is full: 503 with ``Retry-After``."""
+
+    code = "engine_overloaded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.headers: dict[str, str] = {"Retry-After": str(max(1, retry_after))}
+
+
 _STATUS_TYPES = {
     400: ("invalid_request_error", None),
     401: ("authentication_error", "invalid_api_key"),
@@ -153,6 +165,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return BadRequestError(str(exc), param="prompt")
     if isinstance(exc, PromptTooLongError):
         return BadRequestError(str(exc), param=None, code="context_length_exceeded")
+    if isinstance(exc, EngineOverloadedError):
+        return OverloadedError(str(exc), retry_after=exc.retry_after)
     if isinstance(exc, EngineNotReadyError):
         return ServiceUnavailableError(str(exc) or "The engine is not ready.")
     if isinstance(exc, EngineDeadError):

@@ -42,8 +42,12 @@ class StudentsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     autoload: bool = True
     """Load every registered student at start-up; otherwise each loads on its first request
     (or through ``POST /admin/students``)."""
-    max_concurrency: int = 4
-    """Generations a student runs at once (one thread each); more requests wait."""
+    max_concurrency: int = 32
+    """Sequences a student decodes together, one token each per step (continuous
+    batching); more wait in its queue."""
+    max_queue: int = 256
+    """Sequences that may wait for a place; past that a request is refused at once with
+    503 and ``Retry-After``."""
     traffic: dict[str, TrafficSplit] = msgspec.field(default_factory=dict)
     """Teacher model or adapter name -> the student taking a share of its traffic."""
 
@@ -105,7 +109,10 @@ class StudentPool:
         except StudentError as exc:
             raise NotFoundError(str(exc), param="model", code="model_not_found") from exc
         engine = await OnnxEngine.load(
-            entry.onnx_path, model_name=name, max_concurrency=self.settings.max_concurrency
+            entry.onnx_path,
+            model_name=name,
+            max_concurrency=self.settings.max_concurrency,
+            max_queue=self.settings.max_queue,
         )
         self._engines[name] = engine
         log.info("student %s loaded from %s", name, entry.path)

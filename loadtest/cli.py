@@ -51,6 +51,13 @@ def loadtest(
         str, typer.Option(help="`synthetic` or a JSONL file with `prompt` or `messages`.")
     ] = "synthetic",
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    ignore_eos: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-eos/--no-ignore-eos",
+            help="Ask for exactly --max-tokens per answer (vLLM's ignore_eos and min_tokens).",
+        ),
+    ] = True,
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
     slo_ttft_ms: Annotated[float | None, typer.Option(help="Goodput SLO on TTFT.")] = None,
     slo_tpot_ms: Annotated[float | None, typer.Option(help="Goodput SLO on TPOT.")] = None,
@@ -89,6 +96,7 @@ def loadtest(
         num_requests=num_requests,
         dataset=dataset,
         max_tokens=max_tokens,
+        ignore_eos=ignore_eos,
         stream=stream,
         slo_ttft_ms=slo_ttft_ms,
         slo_tpot_ms=slo_tpot_ms,

@@ -140,14 +140,22 @@ def build_body(
     max_tokens: int,
     temperature: float,
     stream: bool,
+    ignore_eos: bool = False,
 ) -> dict[str, Any]:
-    """The JSON body of one request; streams ask for usage in the last chunk."""
+    """The JSON body of one request; streams ask for usage in the last chunk.
+
+    ``ignore_eos`` asks for exactly ``max_tokens`` (vLLM's ``ignore_eos`` and
+    ``min_tokens``, which Retort accepts on every engine), so that servers are compared
+    at equal answer lengths."""
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": stream,
     }
+    if ignore_eos:
+        body["ignore_eos"] = True
+        body["min_tokens"] = max_tokens
     if endpoint == "chat":
         body["messages"] = prompt.as_messages()
     else:

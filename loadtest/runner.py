@@ -59,6 +59,8 @@ class LoadTestConfig:
     dataset: str = "synthetic"
     """``synthetic`` or a JSONL file with ``prompt`` or ``messages`` per line."""
     max_tokens: int = 64
+    ignore_eos: bool = True
+    """Ask for exactly ``max_tokens`` per answer (``ignore_eos`` + ``min_tokens``)."""
     stream: bool = True
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
@@ -146,6 +148,7 @@ def _work(
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             stream=cfg.stream,
+            ignore_eos=cfg.ignore_eos,
         )
 
     work: Work = [(body(mix.pick(rng), p), False) for p in prompts]

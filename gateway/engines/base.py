@@ -21,6 +21,7 @@ __all__ = [
     "EngineDeadError",
     "EngineError",
     "EngineNotReadyError",
+    "EngineOverloadedError",
     "GenerateRequest",
     "InvalidInputError",
     "OutputConstraint",
@@ -63,6 +64,8 @@ class Sampling:
     constraint: OutputConstraint | None = None
     """Grammar-constrained output; an engine that cannot honour it raises
     :class:`InvalidInputError` rather than ignore it."""
+    min_tokens: int = 0
+    """No end token before this many tokens (vLLM's ``min_tokens``)."""
 
 
 @dataclass(slots=True)
@@ -111,6 +114,14 @@ class EngineDeadError(EngineError):
 
 class EngineNotReadyError(Exception):
     """The engine is starting or draining (HTTP 503)."""
+
+
+class EngineOverloadedError(Exception):
+    """The engine's queue is full (HTTP 503 with ``Retry-After: retry_after``)."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InvalidInputError(ValueError):

@@ -1,15 +1,20 @@
-"""An engine for distilled students: onnxruntime-genai on the CPU (or its CUDA EP).
+"""An engine for distilled students: onnxruntime on the CPU, continuously batched.
 
-Each request (and each of its ``n`` choices) runs its own ``og.Generator`` in a worker
-thread of a bounded pool; tokens are decoded there and handed to the event loop through an
-``asyncio.Queue``. Closing the async iterator early sets a flag the worker checks before
-every token, so generation stops within one token. Chat requests are rendered with the
-model's own chat template (``og.Tokenizer.apply_chat_template``, i.e. the template the
-export copied from the student's folder).
+Every request (each of its ``n`` choices a sequence) joins one shared decode loop
+(:class:`~gateway.engines.onnx_batch.Batcher`): up to ``max_concurrency`` sequences advance
+together, one token per step, and a waiting one takes the row of the first to finish. At
+most ``max_queue`` sequences wait; past that a request is refused at once with
+:class:`~gateway.engines.base.EngineOverloadedError` (HTTP 503 with ``Retry-After``). Tokens
+are decoded on the worker thread and handed to the event loop through an
+``asyncio.Queue``; closing the async iterator early cancels the request's sequences, whose
+rows free up before the next step. Chat requests are rendered with the model's own chat
+template (``og.Tokenizer.apply_chat_template``, the template the export copied from the
+student's folder); onnxruntime-genai also supplies the tokenizer and streaming detokenizer.
 
-Supported sampling: ``n``, ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed``,
-``stop``. ``logprobs`` is refused (400); presence/frequency penalties are ignored. Students
-take no adapters: this engine is not an :class:`~gateway.engines.base.AdapterEngine`.
+Supported sampling: ``n``, ``max_tokens``, ``min_tokens``, ``ignore_eos``, ``temperature``
+(0 = greedy), ``top_p``, ``seed``, ``stop``. ``logprobs`` is refused (400);
+presence/frequency penalties are ignored. Students take no adapters: this engine is not an
+:class:`~gateway.engines.base.AdapterEngine`.
 
 Usage::
 
@@ -23,9 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,18 +36,19 @@ from gateway.engines.base import (
     EngineDeadError,
     EngineError,
     EngineNotReadyError,
+    EngineOverloadedError,
     GenerateRequest,
     InvalidInputError,
     PromptTooLongError,
     refuse_unsupported,
 )
+from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError
+from gateway.engines.onnx_batch import Sequence as Row
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
 __all__ = ["OnnxEngine", "import_og"]
-
-_DONE = object()
 
 
 def import_og() -> Any:
@@ -79,8 +82,10 @@ class OnnxEngine:
         *,
         model_name: str | None = None,
         max_model_len: int | None = None,
-        max_concurrency: int = 4,
+        max_concurrency: int = 32,
+        max_queue: int = 256,
         default_max_tokens: int = 256,
+        threads: int | None = None,
     ) -> None:
         """Load the model (blocking; use :meth:`load` from async code).
 
@@ -89,8 +94,10 @@ class OnnxEngine:
             model_name: served name; default the folder's parent name (the student's name
                 in the registry) when the folder is called ``onnx``, else the folder name.
             max_model_len: context length; default the model's ``context_length``.
-            max_concurrency: generators running at once; more requests wait their turn.
+            max_concurrency: sequences decoded together in one step.
+            max_queue: sequences that may wait for a place; more are refused (503).
             default_max_tokens: completion budget when a request sets none.
+            threads: onnxruntime intra-op threads (default: its own choice).
         """
         og = import_og()
         self._og = og
@@ -107,11 +114,17 @@ class OnnxEngine:
         try:
             self._model = og.Model(str(self.path))
             self._tokenizer = og.Tokenizer(self._model)
+            runner = OrtRunner(self.path, threads=threads)
         except Exception as exc:
             raise EngineError(f"cannot load student {self.path}: {exc}") from exc
         self._default_max = default_max_tokens
-        self._pool = ThreadPoolExecutor(
-            max_workers=max_concurrency, thread_name_prefix=f"onnx-{model_name}"
+        self._batcher = Batcher(
+            runner,
+            eos=self._eos,
+            vocab=self._vocab or 1 << 30,
+            max_batch=max_concurrency,
+            max_queue=max_queue,
+            name=model_name,
         )
         self._closed = False
         self._dead = False
@@ -136,6 +149,11 @@ class OnnxEngine:
     def inflight(self) -> int:
         """Requests being generated now."""
         return self._inflight
+
+    @property
+    def batcher(self) -> Batcher:
+        """The decode loop (its ``running``, ``waiting``, ``steps``)."""
+        return self._batcher
 
     def encode(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids (chat rendered with the model's template)."""
@@ -169,122 +187,98 @@ class OnnxEngine:
             raise PromptTooLongError(n_prompt, self._max_len)
         budget = self._max_len - n_prompt
         budget = min(budget, s.max_tokens if s.max_tokens is not None else self._default_max)
+        if s.min_tokens > budget and s.max_tokens is not None:
+            raise InvalidInputError("min_tokens must not exceed max_tokens", param="min_tokens")
         self._inflight += 1
         try:
-            for index in range(s.n):
-                seed = None if s.seed is None else s.seed + index
-                async for chunk in self._choice(index, ids, budget, seed, request):
-                    yield chunk
+            if budget <= 0:
+                for index in range(s.n):
+                    yield Chunk(index, "", n_prompt, 0, "length")
+                return
+            async for chunk in self._choices(ids, budget, request):
+                yield chunk
         finally:
             self._inflight -= 1
 
-    async def _choice(
-        self, index: int, ids: list[int], budget: int, seed: int | None, request: GenerateRequest
+    async def _choices(
+        self, ids: list[int], budget: int, request: GenerateRequest
     ) -> AsyncIterator[Chunk]:
+        """Run the request's ``n`` sequences in the batch; chunks of all choices, as they
+        come. Stop strings are matched here, on the decoded text of each choice."""
         s = request.sampling
         n_prompt = len(ids)
-        if budget <= 0:
-            yield Chunk(index, "", n_prompt, 0, "length")
-            return
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
+        queue: asyncio.Queue[tuple[int, str | BaseException | None, str | None]] = asyncio.Queue()
+        streams = [self._tokenizer.create_stream() for _ in range(s.n)]
 
-        def put(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        def emit(seq: Row, token: int | None, finish: str | None) -> None:
+            piece = streams[seq.tag].decode(token) if token is not None else ""
+            loop.call_soon_threadsafe(queue.put_nowait, (seq.tag, piece, finish))
 
-        def work() -> None:
-            try:
-                self._run(ids, budget, s.temperature, s.top_p, seed, cancel, put, s.ignore_eos)
-            except BaseException as exc:  # handed to the event loop
-                put(exc)
-            finally:
-                put(_DONE)
+        def fail(seq: Row, exc: BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (seq.tag, exc, None))
 
-        future = loop.run_in_executor(self._pool, work)
-        stops = [st for st in s.stop if st]
-        text = ""  # generated so far (this choice)
-        sent = 0  # characters of ``text`` already yielded
-        count = 0
-        finish: str | None = None
+        seqs = [
+            Row(
+                ids,
+                budget,
+                emit,
+                fail,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                seed=None if s.seed is None else s.seed + index,
+                min_tokens=s.min_tokens,
+                ignore_eos=s.ignore_eos,
+                tag=index,
+            )
+            for index in range(s.n)
+        ]
         try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
+            self._batcher.submit(seqs)
+        except QueueFullError as exc:
+            raise EngineOverloadedError(
+                f"student {self._name!r} is at capacity ({exc}); retry later",
+                retry_after=exc.retry_after,
+            ) from exc
+        except RuntimeError as exc:
+            raise EngineNotReadyError("the student engine is closed") from exc
+        stops = [st for st in s.stop if st]
+        texts = [""] * s.n  # generated so far, per choice
+        sent = [0] * s.n  # characters of each text already yielded
+        counts = [0] * s.n  # tokens, the end token included (as vLLM counts)
+        ended = [False] * s.n
+        try:
+            while not all(ended):
+                index, item, finish = await queue.get()
+                if ended[index]:
+                    continue  # stopped by a stop string; late tokens are dropped
                 if isinstance(item, BaseException):
                     raise EngineError(f"student generation failed: {item}") from item
-                piece, reason = item
-                count += 1
-                text += piece
+                counts[index] += 1
+                text = texts[index] = texts[index] + (item or "")
+                start = sent[index]
                 if stops:
-                    hits = [
-                        i for i in (text.find(st, max(0, sent - len(st))) for st in stops) if i >= 0
-                    ]
+                    cuts = [text.find(st, max(0, start - len(st))) for st in stops]
+                    hits = [i for i in cuts if i >= 0]
                     if hits:
-                        cut = min(hits)
-                        cancel.set()
-                        yield Chunk(index, text[sent:cut], n_prompt, count, "stop")
-                        return
+                        ended[index] = True
+                        seqs[index].cancel()
+                        self._batcher.wake()
+                        yield Chunk(index, text[start : min(hits)], n_prompt, counts[index], "stop")
+                        continue
                     safe = len(text) - _held_back(text, stops)
                 else:
                     safe = len(text)
-                if reason is not None:
-                    finish = reason
-                    break
-                if safe > sent:
-                    yield Chunk(index, text[sent:safe], n_prompt, count)
-                    sent = safe
-            yield Chunk(index, text[sent:], n_prompt, count, finish or "length")
+                if finish is not None:
+                    ended[index] = True
+                    yield Chunk(index, text[start:], n_prompt, counts[index], finish)
+                elif safe > start:
+                    sent[index] = safe
+                    yield Chunk(index, text[start:safe], n_prompt, counts[index])
         finally:
-            cancel.set()
-            if not future.done():
-                # Let the worker notice; do not block the loop on it.
-                future.add_done_callback(lambda f: f.exception())
-
-    def _run(
-        self,
-        ids: list[int],
-        budget: int,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        cancel: threading.Event,
-        put: Any,
-        ignore_eos: bool = False,
-    ) -> None:
-        """Worker thread: generate up to ``budget`` tokens, handing ``(text, finish)`` out."""
-        import numpy as np
-
-        og = self._og
-        params = og.GeneratorParams(self._model)
-        options: dict[str, Any] = {"max_length": len(ids) + budget, "do_sample": temperature > 0}
-        if ignore_eos:
-            options["min_length"] = len(ids) + budget  # og masks EOS until then
-        if temperature > 0:
-            options.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
-            if seed is not None:
-                options["random_seed"] = int(seed)
-        params.set_search_options(**options)
-        generator = og.Generator(self._model, params)
-        stream = self._tokenizer.create_stream()
-        generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        produced = 0
-        while not cancel.is_set():
-            if generator.is_done():
-                put(("", "stop" if produced < budget else "length"))
-                return
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            produced += 1
-            if token in self._eos and not ignore_eos:
-                put(("", "stop"))
-                return
-            piece = stream.decode(token)
-            put((piece, "length" if produced >= budget else None))
-            time.sleep(0)  # let the event loop take the GIL and forward the token now
-            if produced >= budget:
-                return
+            for seq in seqs:
+                seq.cancel()
+            self._batcher.wake()
 
     def ready(self) -> bool:
         return not self._closed and not self._dead
@@ -296,4 +290,4 @@ class OnnxEngine:
         if self._closed:
             return
         self._closed = True
-        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._batcher.close)

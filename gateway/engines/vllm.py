@@ -212,6 +212,7 @@ class VLLMEngine:
             ignore_eos=s.ignore_eos,
             logit_bias=dict(s.logit_bias) if s.logit_bias else None,
             structured_outputs=_structured(s.constraint),
+            min_tokens=s.min_tokens,
             output_kind=RequestOutputKind.DELTA,
         )
 

@@ -189,6 +189,10 @@ class SamplingFields(Struct, kw_only=True):
     """Token id (as a string) -> bias in [-100, 100], added to the logits."""
     user: str | None = None
     metadata: Metadata | None = None
+    ignore_eos: bool | None = None
+    """vLLM's extension: generate exactly ``max_tokens`` (benchmarks at equal lengths)."""
+    min_tokens: NonNegInt | None = None
+    """vLLM's extension: no end of the answer before this many tokens."""
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -234,6 +238,8 @@ class SamplingFields(Struct, kw_only=True):
             logprobs=logprobs,
             logit_bias=self.token_bias(),
             constraint=constraint,
+            ignore_eos=bool(self.ignore_eos),
+            min_tokens=self.min_tokens or 0,
         )
 
 

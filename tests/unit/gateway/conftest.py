@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,3 +40,14 @@ def client(engine: FakeEngine) -> Iterator[TestClient]:
     )
     with TestClient(create_app(settings, engine=engine)) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real exported tiny student (2 layers, hidden 64; exported in seconds)."""
+    from distill.export import build_onnx
+    from tests.tiny import make_tiny_base
+
+    root = tmp_path_factory.mktemp("student")
+    base = make_tiny_base(root / "tiny-student", seed=3, hidden_size=64)
+    return build_onnx(base, root / "onnx", "fp32")

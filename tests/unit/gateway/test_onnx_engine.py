@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.export import build_onnx, greedy_onnx
+from distill.export import greedy_onnx
 from gateway.engines.base import (
     AdapterEngine,
     Engine,
@@ -19,18 +19,10 @@ from gateway.engines.base import (
 )
 from gateway.engines.onnx import OnnxEngine
 from tests import waits
-from tests.tiny import make_tiny_base
 
 pytest.importorskip("onnxruntime_genai")
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("student")
-    base = make_tiny_base(root / "tiny-student", seed=3, hidden_size=64)
-    return build_onnx(base, root / "onnx", "fp32")
 
 
 @pytest.fixture

@@ -1,0 +1,410 @@
+"""Continuous batching for students: one decode step serves every running sequence.
+
+:class:`OrtRunner` runs an exported student's ``model.onnx`` with onnxruntime directly. Its
+key/value cache is one buffer per layer, ``[rows, kv_heads, length, head_size]``, shared by
+``past_key_values.*`` and ``present.*`` (GroupQueryAttention writes the new token in place).
+Each running sequence owns a row, right-padded: the attention mask gives every row its own
+length, so rows of different lengths share a step and a row can leave or join between
+steps. A new sequence is prefilled alone into its row; finishing frees the row by moving the
+last row into it.
+
+:class:`Batcher` owns the runner on one worker thread: sequences wait in a bounded FIFO,
+join the batch (up to ``max_batch`` rows) as rows free up, and every step decodes one token
+for each running row, so all running sequences advance at the same pace. Sampling is per
+row (greedy, or temperature/top-p with the sequence's own seeded generator), as are
+``min_tokens`` and ``ignore_eos`` (the end token is masked until then).
+
+onnxruntime-genai's own ``og.Engine`` was measured first: on the CPU it offers only its
+static batch (a batch admits up to four requests and takes no new one until all have
+finished; per-request seeds and stop strings need its dynamic batching, which needs a
+PagedAttention export, CUDA only), and batched ``og.Generator`` calls pad on the left,
+which changed the greedy tokens of every row of a mixed-length batch of our students.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["Batcher", "OrtRunner", "QueueFullError", "Sequence", "sample_token"]
+
+log = logging.getLogger("retort.students")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; ``retry_after`` estimates when a place frees up."""
+
+    def __init__(self, waiting: int, retry_after: int) -> None:
+        super().__init__(f"{waiting} sequences are already waiting")
+        self.retry_after = retry_after
+
+
+class OrtRunner:
+    """An exported student's decoder on onnxruntime, with a growable shared KV buffer."""
+
+    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        config = json.loads((path / "genai_config.json").read_text())
+        dec = config["model"]["decoder"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # Idle pool threads sleep instead of spinning: the event loop shares these cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(
+            str(path / dec["filename"]), options, providers=["CPUExecutionProvider"]
+        )
+        layers = int(dec["num_hidden_layers"])
+        ins, outs = dec["inputs"], dec["outputs"]
+        self._past = [ins["past_key_names"] % i for i in range(layers)] + [
+            ins["past_value_names"] % i for i in range(layers)
+        ]
+        self._present = [outs["present_key_names"] % i for i in range(layers)] + [
+            outs["present_value_names"] % i for i in range(layers)
+        ]
+        self._ids_name = ins.get("input_ids", "input_ids")
+        self._mask_name = ins.get("attention_mask", "attention_mask")
+        self._logits_name = outs.get("logits", "logits")
+        declared = {i.name: i for i in self._session.get_inputs()}
+        unknown = set(declared) - {self._ids_name, self._mask_name, *self._past}
+        if unknown:
+            raise ValueError(f"unsupported student export: inputs {sorted(unknown)}")
+        self._ids_dtype = np.int32 if declared[self._ids_name].type == "tensor(int32)" else np.int64
+        kv_type = declared[self._past[0]].type
+        self._kv_dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
+        self._kv_heads = int(dec["num_key_value_heads"])
+        self._head = int(dec["head_size"])
+        self._bufs: list[np.ndarray] = []
+        self._views: dict[tuple[int, int], list[Any]] = {}  # (start, stop) -> OrtValues
+        self._rows = 0
+        self._length = 0
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV cache bytes one token of one row takes."""
+        return len(self._past) * self._kv_heads * self._head * np.dtype(self._kv_dtype).itemsize
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Grow the buffers (rows and length, doubling) to hold ``rows`` x ``length``."""
+        if rows <= self._rows and length <= self._length:
+            return
+        new_rows = max(rows, self._rows)
+        new_len = self._length or 64
+        while new_len < length:
+            new_len *= 2
+        shape = (new_rows, self._kv_heads, new_len, self._head)
+        grown = []
+        for i in range(len(self._past)):
+            buf = np.zeros(shape, self._kv_dtype)
+            if self._bufs:
+                buf[: self._rows, :, : self._length] = self._bufs[i]
+            grown.append(buf)
+        self._bufs, self._rows, self._length = grown, new_rows, new_len
+        self._views = {}
+
+    def _run(self, start: int, stop: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        values = self._views.get((start, stop))
+        if values is None:
+            make = self._ort.OrtValue.ortvalue_from_numpy
+            values = [make(buf[start:stop]) for buf in self._bufs]
+            self._views[(start, stop)] = values
+        io = self._session.io_binding()
+        io.bind_cpu_input(self._ids_name, ids.astype(self._ids_dtype, copy=False))
+        io.bind_cpu_input(self._mask_name, mask)
+        for past, present, value in zip(self._past, self._present, values, strict=True):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        io.bind_output(self._logits_name)
+        self._session.run_with_iobinding(io)
+        logits = np.asarray(io.get_outputs()[-1].numpy())
+        return logits[:, -1, :] if logits.ndim == 3 else logits
+
+    def prefill(self, row: int, ids: list[int]) -> np.ndarray:
+        """Run the prompt into ``row``'s cache; the next-token logits ``[vocab]``."""
+        self.reserve(row + 1, len(ids) + 1)
+        mask = np.ones((1, len(ids)), np.int64)
+        logits: np.ndarray = self._run(row, row + 1, np.asarray([ids]), mask)[0]
+        return logits
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One token for rows ``0..B-1`` (``lengths``: tokens already cached per row);
+        the next-token logits ``[B, vocab]``."""
+        b = len(tokens)
+        total = int(lengths.max()) + 1
+        self.reserve(b, total)
+        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
+        return self._run(0, b, tokens.reshape(b, 1), mask)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src``'s cache into row ``dst``."""
+        for buf in self._bufs:
+            buf[dst] = buf[src]
+
+    def release(self) -> None:
+        """Drop the buffers (they grow again on demand)."""
+        self._bufs, self._rows, self._length, self._views = [], 0, 0, {}
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: Any) -> int:
+    """Greedy when ``temperature`` is 0, else temperature and nucleus (top-p) sampling."""
+    if temperature <= 0 or rng is None:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    probs = np.exp(z)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, top_p)) + 1]
+        kept = probs[keep] / probs[keep].sum()
+        return int(keep[rng.choice(len(keep), p=kept)])
+    return int(rng.choice(len(probs), p=probs))
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated. ``emit(seq, token, finish)`` is called on the worker
+    thread for every token (``finish`` set on the last) or with ``token=None`` when the
+    sequence ends without one; ``fail(seq, exc)`` when it cannot continue."""
+
+    ids: list[int]
+    budget: int
+    emit: Callable[[Sequence, int | None, str | None], None]
+    fail: Callable[[Sequence, BaseException], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    tag: Any = None
+    """The caller's own (e.g. the choice index)."""
+    cancelled: bool = False
+    produced: int = 0
+    length: int = 0
+    last: int = 0
+    rng: Any = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        """Stop generating (checked before every step); safe from any thread."""
+        self.cancelled = True
+
+
+class Batcher:
+    """Continuous batching over an :class:`OrtRunner`, on its own worker thread."""
+
+    def __init__(
+        self,
+        runner: OrtRunner,
+        *,
+        eos: set[int],
+        vocab: int,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        prefill_tokens: int = 512,
+        name: str = "student",
+    ) -> None:
+        """
+        Args:
+            runner: the model.
+            eos: end-of-sequence token ids.
+            vocab: vocabulary size (logits beyond it are ignored).
+            max_batch: rows decoded together in one step.
+            max_queue: sequences that may wait for a row; more are refused.
+            prefill_tokens: prompt tokens prefilled between two decode steps (at least one
+                prompt), so that joining sequences do not stall the running ones for long.
+        """
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self._runner = runner
+        self._eos = eos  # shared with the caller, who may extend it
+        self._vocab = vocab
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._prefill_tokens = prefill_tokens
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._joining = 0  # taken from the queue, being prefilled
+        self._cond = threading.Condition()
+        self._stop = False
+        self._step_s = 0.0  # moving average of a decode step
+        self.steps = 0
+        self.max_rows_seen = 0
+        self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop ------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Sequences holding a row (being prefilled or decoded)."""
+        return len(self._running) + self._joining
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue ``seqs`` (all or none); :class:`QueueFullError` when they do not fit."""
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the batcher is closed")
+            free_rows = self.max_batch - len(self._running) - self._joining
+            if len(self._waiting) + len(seqs) > self.max_queue + max(0, free_rows):
+                raise QueueFullError(len(self._waiting), self._retry_after())
+            for seq in seqs:
+                if seq.temperature > 0:
+                    seq.rng = np.random.default_rng(seq.seed)
+                self._waiting.append(seq)
+            self._cond.notify()
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely moved by a batch: waiting batches x a typical
+        sequence's steps x the step time."""
+        typical = sum(s.budget - s.produced for s in self._running) / max(1, len(self._running))
+        batches = 1 + len(self._waiting) / self.max_batch
+        return max(1, math.ceil(batches * max(typical, 16) * max(self._step_s, 0.01)))
+
+    def wake(self) -> None:
+        """Have the worker notice a cancellation now."""
+        with self._cond:
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the worker; sequences still queued or running fail."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join()
+
+    # -- the worker thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    self._drop_cancelled()
+                    joining = self._admit()
+                for seq in joining:
+                    self._prefill(seq)
+                if self._running:
+                    self._step()
+                elif not self._waiting:
+                    self._runner.release()
+        finally:
+            exc = RuntimeError("the student engine is closed")
+            with self._cond:
+                left = list(self._waiting) + self._running
+                self._waiting.clear()
+                self._running = []
+            for seq in left:
+                seq.fail(seq, exc)
+
+    def _drop_cancelled(self) -> None:
+        if any(s.cancelled for s in self._waiting):
+            self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
+        for seq in [s for s in self._running if s.cancelled]:
+            self._remove(seq)
+
+    def _admit(self) -> list[Sequence]:
+        """Move waiting sequences (FIFO) into free rows, within the prefill budget."""
+        joining: list[Sequence] = []
+        tokens = 0
+        while self._waiting and len(self._running) + len(joining) < self.max_batch:
+            if joining and tokens + len(self._waiting[0].ids) > self._prefill_tokens:
+                break
+            seq = self._waiting.popleft()
+            tokens += len(seq.ids)
+            joining.append(seq)
+        self._joining = len(joining)
+        return joining
+
+    def _remove(self, seq: Sequence) -> None:
+        row = self._running.index(seq)
+        last = len(self._running) - 1
+        if row != last:
+            self._runner.move(last, row)
+            self._running[row] = self._running[last]
+        self._running.pop()
+
+    def _prefill(self, seq: Sequence) -> None:
+        row = len(self._running)
+        try:
+            logits = self._runner.prefill(row, seq.ids)
+        except Exception as exc:
+            log.exception("student prefill failed")
+            with self._cond:
+                self._joining -= 1
+            seq.fail(seq, exc)
+            return
+        seq.length = len(seq.ids)
+        keep = self._next(seq, logits[: self._vocab])
+        with self._cond:
+            self._joining -= 1
+            if keep:
+                self._running.append(seq)
+                self.max_rows_seen = max(self.max_rows_seen, len(self._running))
+
+    def _step(self) -> None:
+        running = list(self._running)
+        tokens = np.asarray([s.last for s in running], np.int64)
+        lengths = np.asarray([s.length for s in running], np.int64)
+        t0 = time.perf_counter()
+        try:
+            logits = self._runner.decode(tokens, lengths)
+        except Exception as exc:
+            log.exception("student decode step failed")
+            with self._cond:
+                self._running = []
+            for seq in running:
+                seq.fail(seq, exc)
+            return
+        dt = time.perf_counter() - t0
+        self._step_s = dt if not self.steps else 0.9 * self._step_s + 0.1 * dt
+        self.steps += 1
+        done = []
+        for row, seq in enumerate(running):
+            seq.length += 1
+            if seq.cancelled or not self._next(seq, logits[row, : self._vocab]):
+                done.append(seq)
+        with self._cond:
+            for seq in done:
+                self._remove(seq)
+
+    def _next(self, seq: Sequence, logits: np.ndarray) -> bool:
+        """Pick ``seq``'s next token from ``logits`` and hand it out; False when it ended."""
+        if seq.cancelled:
+            return False
+        if seq.ignore_eos or seq.produced < seq.min_tokens:
+            logits = logits.copy()
+            logits[[t for t in self._eos if t < len(logits)]] = -np.inf
+        token = sample_token(logits, seq.temperature, seq.top_p, seq.rng)
+        if token in self._eos:
+            seq.produced += 1
+            seq.emit(seq, None, "stop")
+            return False
+        seq.produced += 1
+        seq.last = token
+        if seq.produced >= seq.budget:
+            seq.emit(seq, token, "length")
+            return False
+        seq.emit(seq, token, None)
+        return True

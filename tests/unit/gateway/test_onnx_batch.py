@@ -1,0 +1,266 @@
+"""The students' continuous batcher on a real exported tiny student: scheduling (FIFO
+admission, lockstep steps), cancellation mid-batch, ``n`` > 1 in a batch, the bounded queue.
+
+Sampled sequences (temperature 1, seeded) are the cross-check: each row samples from its own
+logits with its own generator, so a row whose cache were disturbed by its neighbours joining,
+leaving or moving would sample different tokens than when it runs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.engines.base import EngineOverloadedError, GenerateRequest, Sampling
+from gateway.engines.onnx import OnnxEngine
+from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError, Sequence, sample_token
+from gateway.errors import to_api_error
+
+pytest.importorskip("onnxruntime_genai")
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38], [40, 41]]
+
+
+class Log:
+    """Records what the batcher hands out, per sequence tag, with the step it came at."""
+
+    def __init__(self, batcher_ref: list[Batcher]) -> None:
+        self.ref = batcher_ref
+        self.tokens: dict[object, list[int]] = {}
+        self.steps: dict[object, list[int]] = {}
+        self.finish: dict[object, str] = {}
+        self.errors: list[BaseException] = []
+        self.done = threading.Event()
+        self.expect = 0
+
+    def emit(self, seq: Sequence, token: int | None, finish: str | None) -> None:
+        if token is not None:
+            self.tokens.setdefault(seq.tag, []).append(token)
+            self.steps.setdefault(seq.tag, []).append(self.ref[0].steps)
+        if finish is not None:
+            self.finish[seq.tag] = finish
+            if len(self.finish) >= self.expect:
+                self.done.set()
+
+    def fail(self, seq: Sequence, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.done.set()
+
+
+def _batcher(tiny_onnx: Path, **kwargs: int) -> tuple[Batcher, Log]:
+    ref: list[Batcher] = []
+    log = Log(ref)
+    batcher = Batcher(OrtRunner(tiny_onnx), eos={2}, vocab=400, **kwargs)
+    ref.append(batcher)
+    return batcher, log
+
+
+def _seq(log: Log, tag: object, ids: list[int], budget: int, seed: int) -> Sequence:
+    return Sequence(
+        ids, budget, log.emit, log.fail, temperature=1.0, seed=seed, ignore_eos=True, tag=tag
+    )
+
+
+def _alone(tiny_onnx: Path, ids: list[int], budget: int, seed: int) -> list[int]:
+    batcher, log = _batcher(tiny_onnx, max_batch=1)
+    log.expect = 1
+    try:
+        batcher.submit([_seq(log, "x", ids, budget, seed)])
+        assert log.done.wait(30)
+    finally:
+        batcher.close()
+    return log.tokens["x"]
+
+
+def test_fifo_admission_and_lockstep(tiny_onnx: Path) -> None:
+    """Two rows, four sequences: the first two run together, one token each per step; the
+    others join in arrival order as rows free up; every sequence samples what it samples
+    alone."""
+    batcher, log = _batcher(tiny_onnx, max_batch=2)
+    log.expect = 4
+    budgets = [6, 12, 6, 6]
+    try:
+        batcher.submit(
+            [
+                _seq(log, i, p, b, seed=i)
+                for i, (p, b) in enumerate(zip(PROMPTS, budgets, strict=True))
+            ]
+        )
+        assert log.done.wait(60)
+    finally:
+        batcher.close()
+    assert not log.errors
+    assert batcher.max_rows_seen == 2
+    firsts = [log.steps[i][0] for i in range(4)]
+    assert firsts == sorted(firsts)  # FIFO
+    assert firsts[0] == firsts[1]  # admitted together
+    # lockstep: while 0 and 1 both run, they get a token at every step
+    assert log.steps[0] == log.steps[1][:6]
+    assert log.steps[0] == list(range(log.steps[0][0], log.steps[0][0] + 6))
+    # 2 takes 0's row as soon as 0 ends, before 1 has finished
+    assert log.steps[2][0] <= log.steps[0][-1] + 1 < log.steps[1][-1]
+    for i in range(4):
+        assert len(log.tokens[i]) == budgets[i]
+        assert log.finish[i] == "length"
+        assert log.tokens[i] == _alone(tiny_onnx, PROMPTS[i], budgets[i], seed=i)
+
+
+def test_cancel_mid_batch_frees_the_row(tiny_onnx: Path) -> None:
+    """A sequence cancelled mid-way stops within a step; the waiting one takes its row, and
+    the neighbour (whose row may have moved) samples exactly what it samples alone."""
+    batcher, log = _batcher(tiny_onnx, max_batch=2)
+    log.expect = 2
+    a = _seq(log, "a", PROMPTS[0], 40, seed=1)
+    b = _seq(log, "b", PROMPTS[1], 20, seed=2)
+    c = _seq(log, "c", PROMPTS[2], 10, seed=3)
+    cancelled_at: list[int] = []
+
+    def emit(seq: Sequence, token: int | None, finish: str | None) -> None:
+        Log.emit(log, seq, token, finish)
+        if len(log.tokens.get("a", [])) == 3 and not cancelled_at:
+            seq.cancel()
+            cancelled_at.append(batcher.steps)
+
+    a.emit = emit
+    try:
+        batcher.submit([a, b, c])
+        assert log.done.wait(60)
+    finally:
+        batcher.close()
+    assert not log.errors
+    assert len(log.tokens["a"]) == 3  # nothing after the cancel
+    assert "a" not in log.finish
+    assert log.steps["c"][0] <= cancelled_at[0] + 1  # the freed row is taken at once
+    assert log.steps["c"][0] < log.steps["b"][-1]
+    assert log.tokens["b"] == _alone(tiny_onnx, PROMPTS[1], 20, seed=2)
+    assert log.tokens["c"] == _alone(tiny_onnx, PROMPTS[2], 10, seed=3)
+
+
+def test_queue_bound(tiny_onnx: Path) -> None:
+    batcher, log = _batcher(tiny_onnx, max_batch=1, max_queue=1)
+    gate = threading.Event()
+    try:
+        slow = _seq(log, "slow", PROMPTS[0], 200, seed=0)
+        slow.emit = lambda s, t, f: gate.wait(10) and None  # type: ignore[func-returns-value,assignment]
+        batcher.submit([slow, _seq(log, "w", PROMPTS[1], 4, seed=0)])
+        with pytest.raises(QueueFullError) as info:
+            batcher.submit([_seq(log, "x", PROMPTS[2], 4, seed=0)])
+        assert info.value.retry_after >= 1
+        slow.cancel()
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_sample_token() -> None:
+    logits = np.asarray([0.0, 3.0, 1.0, 2.9], np.float32)
+    assert sample_token(logits, 0.0, 1.0, None) == 1
+    rng = np.random.default_rng(0)
+    assert {sample_token(logits, 1.0, 0.01, rng) for _ in range(20)} == {1}  # nucleus of one
+    a = [sample_token(logits, 1.0, 1.0, np.random.default_rng(5)) for _ in range(5)]
+    b = [sample_token(logits, 1.0, 1.0, np.random.default_rng(5)) for _ in range(5)]
+    assert a == b
+    draws = {sample_token(logits, 1.0, 0.9, rng) for _ in range(200)}
+    assert draws <= {1, 3, 2}
+    assert {1, 3} <= draws
+
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+async def test_n_choices_run_in_one_batch(tiny_onnx: Path) -> None:
+    """``n`` = 3 beside another request: the choices are rows of the same steps; each one's
+    text is what it is alone with its seed (``seed + index``)."""
+    eng = await OnnxEngine.load(tiny_onnx, model_name="tiny", max_model_len=128, max_concurrency=8)
+    try:
+        s = Sampling(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+        other = Sampling(temperature=0, max_tokens=12)
+
+        async def collect(sampling: Sampling) -> dict[int, str]:
+            texts: dict[int, str] = {}
+            req = GenerateRequest("r", messages=MESSAGES, sampling=sampling)
+            async for c in eng.generate(req):
+                texts[c.index] = texts.get(c.index, "") + c.text
+            return texts
+
+        together, _ = await asyncio.gather(collect(s), collect(other))
+        assert eng.batcher.max_rows_seen >= 3
+        assert set(together) == {0, 1, 2}
+        for i in range(3):
+            alone = await collect(
+                Sampling(temperature=1.0, seed=11 + i, max_tokens=12, ignore_eos=True)
+            )
+            assert together[i] == alone[0]
+    finally:
+        await eng.close()
+
+
+async def test_min_tokens_and_overload(tiny_onnx: Path) -> None:
+    eng = await OnnxEngine.load(
+        tiny_onnx, model_name="tiny", max_model_len=128, max_concurrency=1, max_queue=0
+    )
+    try:
+        req = GenerateRequest(
+            "r", messages=MESSAGES, sampling=Sampling(temperature=0, max_tokens=1)
+        )
+        first = eng.encode(req)
+        chunks = [c async for c in eng.generate(req)]
+        # make the first greedy token an end token: min_tokens keeps it out until then
+        tok = OrtRunner(tiny_onnx).prefill(0, first).argmax()
+        eng._eos.add(int(tok))
+        stopped = [c async for c in eng.generate(req)]
+        assert stopped[-1].finish_reason == "stop"
+        s = Sampling(temperature=0, max_tokens=8, min_tokens=5)
+        forced = [
+            c async for c in eng.generate(GenerateRequest("r", messages=MESSAGES, sampling=s))
+        ]
+        assert forced[-1].completion_tokens >= 5
+        assert chunks
+        # one row, no queue: a request while the row is taken is refused with a retry hint
+        gate = threading.Event()
+        log = Log([eng.batcher])
+        busy = _seq(log, "busy", PROMPTS[0], 100, seed=0)
+        busy.emit = lambda s, t, f: gate.wait(10) and None  # type: ignore[func-returns-value,assignment]
+        for _ in range(500):  # the last request's row is freed after its last token
+            if not eng.batcher.running:
+                break
+            await asyncio.sleep(0.01)
+        eng.batcher.submit([busy])
+        try:
+            with pytest.raises(EngineOverloadedError) as info:
+                await eng.generate(req).__anext__()
+        finally:
+            busy.cancel()
+            gate.set()
+        err = to_api_error(info.value)
+        assert err.status_code == 503
+        assert err.code == "engine_overloaded"
+        assert int(err.headers["Retry-After"]) >= 1  # type: ignore[attr-defined]
+    finally:
+        await eng.close()
+
+
+def test_vllm_length_extensions_reach_the_engine() -> None:
+    """``ignore_eos`` and ``min_tokens`` (vLLM's extensions, sent by ``vllm bench serve``
+    and ``retort loadtest``) become engine sampling fields; negative ``min_tokens`` is a 400."""
+    import msgspec
+
+    from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
+    from loadtest.dataset import Prompt, build_body
+
+    body = build_body(
+        "chat", "m", Prompt(text="hi"), max_tokens=7, temperature=0.0, stream=False, ignore_eos=True
+    )
+    assert body["ignore_eos"] is True
+    assert body["min_tokens"] == 7
+    chat = msgspec.json.decode(msgspec.json.encode(body), type=ChatCompletionRequest)
+    s = chat.to_sampling()
+    assert (s.ignore_eos, s.min_tokens, s.max_tokens) == (True, 7, 7)
+    plain = msgspec.convert({"model": "m", "prompt": "x"}, CompletionRequest)
+    assert (plain.to_sampling().ignore_eos, plain.to_sampling().min_tokens) == (False, 0)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"model": "m", "prompt": "x", "min_tokens": -1}, CompletionRequest)
