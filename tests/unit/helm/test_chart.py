@@ -39,6 +39,7 @@ METRICS = {
     "retort_engine_running_requests",
     "retort_engine_waiting_requests",
     "retort_engine_kv_cache_usage_ratio",
+    "retort_engine_start_seconds",
 }
 
 
