@@ -57,7 +57,14 @@ def _engine_start_seconds(url: str) -> float | None:
 
 
 def measure(
-    variant: str, work: Path, *, cache: Path, tok_s: bool, model_dir: Path, served: str
+    variant: str,
+    work: Path,
+    *,
+    cache: Path,
+    tok_s: bool,
+    model_dir: Path,
+    served: str,
+    start: int = 0,
 ) -> dict[str, Any]:
     engine, env = VARIANTS[variant]
     cfg = work / f"{variant}.yaml"
@@ -77,7 +84,7 @@ def measure(
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
     }
     spec = gateway_spec(variant, cfg, free_port(), env=env)
-    logs = work / "logs" / variant
+    logs = work / "logs" / f"{variant}-{start}"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"variant": variant}
@@ -100,6 +107,7 @@ def measure(
             out["tok_s_c8"] = round(result.levels[0].output_throughput, 1)
         log_text = server.log_path.read_text(errors="replace")
     out["compile"] = compile_events(log_text)
+    out["log"] = str(server.log_path)
     return out
 
 
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 tok_s=args.tok_s and i == args.starts - 1,
                 model_dir=model_dir,
                 served=DEFAULT_MODEL_NAME,
+                start=i,
             )
             r["start"] = "cold" if i == 0 else "warm"
             print(json.dumps(r), flush=True)
