@@ -197,6 +197,13 @@ class _ASGISSEResponse(ASGIResponse):
         del self.headers["content-length"]  # a stream: chunked transfer encoding
         self.source = source
 
+    async def start_response(self, send: Send) -> None:
+        try:
+            await super().start_response(send)
+        except BaseException:
+            await self.source.aclose()  # nothing will be streamed: account for it now
+            raise
+
     async def send_body(self, send: Send, receive: Receive) -> None:
         await write_events(self.source, send, receive)
 

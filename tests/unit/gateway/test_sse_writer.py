@@ -186,3 +186,18 @@ async def test_outside_cancellation_still_closes_the_source() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (source.gone, source.closed) == (1, 1)
+
+
+async def test_a_response_that_cannot_start_still_closes_the_source() -> None:
+    from gateway.openai.sse import SSEStream
+
+    source = Source(ready_frames(1))
+    response = SSEStream(source).to_asgi_response(None, None)  # type: ignore[arg-type]
+
+    async def broken_send(message: Any) -> None:
+        raise OSError("the socket is gone")
+
+    client = Client()
+    with pytest.raises(OSError, match="socket"):
+        await response({"type": "http"}, client.receive, broken_send)  # type: ignore[arg-type]
+    assert source.closed == 1
