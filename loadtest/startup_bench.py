@@ -120,12 +120,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--starts", type=int, default=2, help="starts per variant (first is cold)")
     p.add_argument("--tok-s", action="store_true", help="also measure tok/s at c=8 (warm)")
     p.add_argument("--out", type=Path, default=Path(".bench/startup.json"))
+    p.add_argument(
+        "--cache", type=Path, default=None, help="reuse these caches (default: fresh, cold)"
+    )
     args = p.parse_args(argv)
     model_dir = pull_default(default_home())
     results = []
     for variant in args.variants.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"retort-startup-{variant}-"))
-        cache = work / "cache"  # fresh: the first start is cold
+        cache = args.cache or work / "cache"  # fresh: the first start is cold
         for i in range(args.starts):
             r = measure(
                 variant,
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 served=DEFAULT_MODEL_NAME,
                 start=i,
             )
-            r["start"] = "cold" if i == 0 else "warm"
+            r["start"] = "cold" if i == 0 and args.cache is None else "warm"
             print(json.dumps(r), flush=True)
             results.append(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
