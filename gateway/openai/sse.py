@@ -125,10 +125,16 @@ def _body(data: bytes, more: bool) -> HTTPResponseBodyEvent:
 
 
 async def write_events(
-    source: SSESource, send: Send, receive: Receive, *, max_write_bytes: int = MAX_WRITE_BYTES
+    source: SSESource,
+    send: Send,
+    receive: Receive,
+    *,
+    max_write_bytes: int = MAX_WRITE_BYTES,
+    done: bool = True,
 ) -> None:
     """Send ``source``'s frames, then ``[DONE]``, as ``http.response.body`` messages.
 
+    ``done=False``: the source sends its own ``[DONE]`` (only after an error is one added).
     The response start (status, headers) must already be sent.
     """
     task = asyncio.current_task()
@@ -170,7 +176,9 @@ async def write_events(
         except Exception as exc:  # after the first frame: an error event, then [DONE]
             source.failed(exc)
             buf.append(sse_error(exc))
-        buf.append(DONE)
+            done = True
+        if done:
+            buf.append(DONE)
         watch.finished = True
         await send(_body(b"".join(buf), False))
     except asyncio.CancelledError:
@@ -189,13 +197,37 @@ async def write_events(
             await source.aclose()
 
 
-class _ASGISSEResponse(ASGIResponse):
-    __slots__ = ("source",)
+class _IteratorSource:
+    """An :class:`SSESource` over ready-made frames that end with their own ``[DONE]``."""
 
-    def __init__(self, source: SSESource, **kwargs: Any) -> None:
+    __slots__ = ("iterator",)
+
+    def __init__(self, iterator: AsyncIterator[bytes]) -> None:
+        self.iterator = iterator
+
+    def frames(self) -> AsyncIterator[bytes]:
+        return self.iterator
+
+    def failed(self, exc: Exception) -> None:
+        return None
+
+    def disconnected(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _ASGISSEResponse(ASGIResponse):
+    __slots__ = ("done", "source")
+
+    def __init__(self, source: SSESource, done: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         del self.headers["content-length"]  # a stream: chunked transfer encoding
         self.source = source
+        self.done = done
 
     async def start_response(self, send: Send) -> None:
         try:
@@ -205,7 +237,7 @@ class _ASGISSEResponse(ASGIResponse):
             raise
 
     async def send_body(self, send: Send, receive: Receive) -> None:
-        await write_events(self.source, send, receive)
+        await write_events(self.source, send, receive, done=self.done)
 
 
 class SSEStream(Response[bytes]):
@@ -216,11 +248,16 @@ class SSEStream(Response[bytes]):
     engine request is aborted) through the public ``to_asgi_response``/``send_body`` hooks.
     """
 
-    __slots__ = ("source",)
+    __slots__ = ("done", "source")
 
-    def __init__(self, source: SSESource) -> None:
+    def __init__(self, source: SSESource | AsyncIterator[bytes]) -> None:
+        """``source``: an :class:`SSESource` (``[DONE]`` added here), or an async iterator
+        of complete frames that ends with its own ``[DONE]``."""
         super().__init__(b"", media_type="text/event-stream", headers=_HEADERS)
-        self.source = source
+        self.done = hasattr(source, "frames")
+        self.source: SSESource = (
+            source if self.done else _IteratorSource(source)  # type: ignore[assignment,arg-type]
+        )
 
     def to_asgi_response(
         self, app: Any, request: Request[Any, Any, Any], **kwargs: Any
@@ -229,6 +266,7 @@ class SSEStream(Response[bytes]):
         merged = {**headers, **self.headers} if headers else self.headers
         return _ASGISSEResponse(
             self.source,
+            self.done,
             background=self.background or kwargs.get("background"),
             cookies=itertools.chain(self.cookies, kwargs.get("cookies") or ()),
             headers=merged,

@@ -201,3 +201,34 @@ async def test_a_response_that_cannot_start_still_closes_the_source() -> None:
     with pytest.raises(OSError, match="socket"):
         await response({"type": "http"}, client.receive, broken_send)  # type: ignore[arg-type]
     assert source.closed == 1
+
+
+async def test_a_plain_iterator_of_frames_keeps_its_own_done_and_is_closed() -> None:
+    from gateway.openai.sse import SSEStream
+
+    closed: list[bool] = []
+
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            yield sse({"i": 0})
+            await asyncio.sleep(0)
+            yield DONE
+        finally:
+            closed.append(True)
+
+    response = SSEStream(frames()).to_asgi_response(None, None)  # type: ignore[arg-type]
+    client = Client()
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            await client.send(message)
+
+    await response({"type": "http"}, client.receive, send)  # type: ignore[arg-type]
+    assert sent[0]["type"] == "http.response.start"
+    headers = dict(sent[0]["headers"])
+    assert headers[b"content-type"].startswith(b"text/event-stream")
+    assert b"content-length" not in headers
+    assert client.events() == [{"i": 0}, "[DONE]"]  # one [DONE], the iterator's
+    assert closed == [True]
