@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,7 @@ __all__ = ["build_engine", "create_app"]
 log = logging.getLogger("retort.app")
 
 WATCHDOG_INTERVAL_S = 0.5
+START_PROGRESS_INTERVAL_S = 10.0
 PROMPTLOG_OPEN_WAIT_S = 10.0
 """How long start-up waits for the prompt log's store before serving without it (for now)."""
 
@@ -184,6 +186,17 @@ class _Started:
     students: StudentPool | None = None
 
 
+async def _start_progress(t0: float) -> None:
+    """While the engine starts, say so now and then (a first start compiles the model)."""
+    while True:
+        await asyncio.sleep(START_PROGRESS_INTERVAL_S)
+        log.info(
+            "engine starting: %.0f s so far (a first start on a machine takes longest, "
+            "see README: Start-up time)",
+            time.perf_counter() - t0,
+        )
+
+
 async def _watchdog(gw: Gateway, engine: Engine) -> None:
     while True:
         await asyncio.sleep(WATCHDOG_INTERVAL_S)
@@ -230,7 +243,15 @@ def create_app(
             await asyncio.wait([tasks[-1]], timeout=PROMPTLOG_OPEN_WAIT_S)
 
         async def boot() -> None:
-            eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+            t0 = time.perf_counter()
+            if engine is not None:
+                eng = engine
+            else:
+                progress = asyncio.create_task(_start_progress(t0))
+                try:
+                    eng = await asyncio.to_thread(build_engine, settings)
+                finally:
+                    progress.cancel()
             started.engine = eng
             if isinstance(eng, ReportsStats):
                 app_metrics.engine_stats = eng.stats
@@ -250,7 +271,9 @@ def create_app(
             gw.router = Router(
                 eng, aliases=(settings.model.path,), adapters=manager, students=students
             )
-            log.info("engine ready: serving %s", eng.model_name)
+            took = time.perf_counter() - t0
+            app_metrics.set_engine_start(took)
+            log.info("engine ready: serving %s (started in %.1f s)", eng.model_name, took)
             tasks.append(asyncio.create_task(_watchdog(gw, eng)))
 
         async def boot_or_die() -> None:

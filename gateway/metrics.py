@@ -289,6 +289,14 @@ class Metrics:
             buckets=REQUEST_DURATION_BUCKETS,
             registry=r,
         )
+        self.engine_start_seconds = Gauge(
+            "engine_start_seconds",
+            "Seconds the engine took to start (model load, compile or compile-cache load, "
+            "warm-up, pinned adapters) until the gateway could serve; 0 while starting.",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._dropped = {
             reason: self.promptlog_dropped_total.labels(reason) for reason in DROP_REASONS
         }
@@ -405,6 +413,9 @@ class Metrics:
         self.promptlog_queue_depth.set(depth)
 
     # -- engine ---------------------------------------------------------------------------
+
+    def set_engine_start(self, seconds: float) -> None:
+        self.engine_start_seconds.set(seconds)
 
     def set_engine_stats(self, stats: EngineStats) -> None:
         self.engine_running_requests.set(stats.running)

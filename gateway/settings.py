@@ -57,10 +57,17 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """KV-cache space on the CPU backend (VLLM_CPU_KVCACHE_SPACE), in GiB."""
     max_num_seqs: int | None = None
     seed: int = 0
-    enable_lora: bool = False
-    max_loras: int = 4
+    enable_lora: bool = True
+    """Serve LoRA adapters (hot-loaded at run time). Off, adapter requests get 503
+    ``lora_disabled``; base-only deployments may turn it off for the base model's speed
+    (see README: LoRA adapters)."""
+    max_loras: int = 8
+    """Distinct adapters one engine step may batch together (vLLM's LoRA slots)."""
     max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
+    """Largest adapter rank accepted; vLLM sizes its LoRA buffers for it."""
+    max_cpu_loras: int | None = 8
+    """Adapters vLLM keeps in memory; at least ``adapters.max_loaded``. ``null``: vLLM's
+    default (``max_loras``)."""
     enforce_eager: bool = False
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
     """Any other ``AsyncEngineArgs`` field, passed through as given."""

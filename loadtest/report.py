@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loadtest.plots import plot_comparison, plot_latency, plot_throughput
 from loadtest.stats import RATIO_METRICS
 
 if TYPE_CHECKING:
@@ -145,6 +144,10 @@ def write_report(result: LoadTestResult, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json"]
     written[0].write_text(json.dumps(json_safe(result.to_dict()), indent=2) + "\n")
+    # matplotlib is imported here, not at module level: `retort serve` (and the vLLM
+    # processes it spawns, which re-import the CLI) would pay seconds for it at every start.
+    from loadtest.plots import plot_comparison, plot_latency, plot_throughput
+
     charts = [plot_latency(result, out), plot_throughput(result, out)]
     if result.ratios:
         charts.append(plot_comparison(result, out))

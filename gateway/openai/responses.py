@@ -42,6 +42,7 @@ from gateway.openai.responses_protocol import DeletedResponse, ResponsesRequest
 from gateway.openai.responses_protocol import Response as ResponseObject
 from gateway.openai.responses_stream import EventEncoder, chat_sse_objects
 from gateway.openai.serving import ENDPOINT_STATE, KEY_STATE, SSEStream
+from gateway.openai.sse import iterate_events
 from gateway.promptlog.responses import StoredResponse
 from gateway.requestid import request_id
 from gateway.state import Gateway
@@ -164,7 +165,9 @@ async def create_response(
         )
 
     if isinstance(result, SSEStream):
-        events = _events(EventEncoder(resp), result.iterator, store if stored else None, record)
+        events = _events(
+            EventEncoder(resp), iterate_events(result), store if stored else None, record
+        )
         return SSEStream(events)
 
     body = msgspec.json.decode(result.content)

@@ -1,9 +1,11 @@
-"""Shared serving machinery for chat and completions: start, aggregate, stream (SSE).
+"""Shared serving machinery for chat and completions: admit, start, aggregate, stream.
 
 The first chunk is awaited before any byte is sent, so errors that the engine raises up
 front (prompt too long, bad token ids, engine dead) become a proper HTTP error instead of
 an error inside a 200 stream. Later failures are sent as an SSE ``error`` event, followed
-by ``[DONE]``, which the ``openai`` client raises as an ``APIError``.
+by ``[DONE]``, which the ``openai`` client raises as an ``APIError``. Accounting (metrics,
+cost, the prompt log) lives in :mod:`gateway.openai.accounting`, SSE framing and writing in
+:mod:`gateway.openai.sse`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,9 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-import msgspec
-from litestar.response import Stream
-from litestar.response.base import ASGIResponse
-from litestar.response.streaming import ASGIStreamingResponse
 
 from gateway.engines.base import (
     Chunk,
@@ -26,20 +24,24 @@ from gateway.engines.base import (
     PromptTooLongError,
     Sampling,
 )
-from gateway.errors import BadRequestError, ServiceUnavailableError, to_api_error
-from gateway.openai.protocol import ErrorBody, ErrorResponse, Usage, encode
-from gateway.promptlog.policy import LOG_HEADER, TAGS_HEADER, parse_tags
-from gateway.requestid import request_id
-from retort.db.record import LogRecord
+from gateway.errors import BadRequestError, ServiceUnavailableError
+from gateway.openai.accounting import (
+    COST_HEADER,
+    ENDPOINT_STATE,
+    KEY_STATE,
+    RequestInfo,
+    Started,
+    failed_before_start,
+    request_info,
+    strip_id_prefix,
+    usage_of,
+)
+from gateway.openai.sse import DONE, SSEStream, sse, sse_error
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from litestar import Request
-    from litestar.types import Send
-
-    from gateway.auth import KeyInfo, LimitLease
-    from gateway.openai.protocol import SamplingFields
+    from gateway.openai.protocol import Usage
     from gateway.routing import Route
     from gateway.state import Gateway
 
@@ -50,6 +52,7 @@ __all__ = [
     "KEY_STATE",
     "Aggregate",
     "Generation",
+    "GenerationEvents",
     "RequestInfo",
     "SSEStream",
     "Started",
@@ -58,327 +61,10 @@ __all__ = [
     "sse",
     "sse_error",
     "start",
+    "stream_events",
     "strip_id_prefix",
+    "usage_of",
 ]
-
-DONE = b"data: [DONE]\n\n"
-
-
-def sse(obj: Any) -> bytes:
-    """One server-sent event holding ``obj`` as JSON."""
-    return b"data: " + encode(obj) + b"\n\n"
-
-
-def sse_error(exc: BaseException) -> bytes:
-    err = to_api_error(exc)
-    body = ErrorResponse(
-        error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
-    )
-    return sse(body)
-
-
-class _ClosingStreamingResponse(ASGIStreamingResponse):
-    __slots__ = ()
-
-    async def _stream(self, send: Send) -> None:
-        try:
-            await super()._stream(send)
-        finally:
-            aclose = getattr(self.iterator, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
-
-
-class SSEStream(Stream):
-    """A ``text/event-stream`` response that always closes its iterator.
-
-    Litestar cancels the send loop when the client disconnects, which can leave the
-    generator suspended; closing it (shielded from that cancellation) propagates to the
-    engine at once, which aborts the request.
-    """
-
-    def __init__(self, iterator: AsyncIterator[bytes]) -> None:
-        super().__init__(
-            iterator,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
-        response = super().to_asgi_response(*args, **kwargs)
-        if type(response) is ASGIStreamingResponse:
-            response.__class__ = _ClosingStreamingResponse
-        return response
-
-
-KEY_STATE = "retort_key"
-"""``scope["state"]`` key where the API guard leaves the caller's :class:`KeyInfo`."""
-ENDPOINT_STATE = "retort_endpoint"
-"""``scope["state"]`` key naming the API endpoint when a route serves through another's
-handler (``/v1/responses`` through chat): the log record and the endpoint metric use it."""
-COST_HEADER = "x-retort-cost-usd"
-_ID_PREFIXES = ("chatcmpl-", "cmpl-", "resp_")
-_DEFAULT_EST_COMPLETION = 256
-"""Completion tokens assumed for the rate limiter when a request sets no ``max_tokens``."""
-
-
-def strip_id_prefix(response_id: str) -> str:
-    """``chatcmpl-<request id>`` -> ``<request id>`` (what the prompt log is keyed by)."""
-    for prefix in _ID_PREFIXES:
-        if response_id.startswith(prefix):
-            return response_id[len(prefix) :]
-    return response_id
-
-
-@dataclass(slots=True)
-class RequestInfo:
-    """What a request looks like before generation: for the log, limits and metrics."""
-
-    request_id: str
-    endpoint: Literal["chat", "completions", "responses"]
-    created: float
-    t_start: float
-    key: KeyInfo | None = None
-    capture: bool = False
-    messages: list[dict[str, str]] | None = None
-    prompt: str | list[int] | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    user: str | None = None
-    id_generated: bool = False
-    """The request id is ours (unique), not the client's ``x-request-id``."""
-
-    @property
-    def key_id(self) -> str | None:
-        return self.key.id if self.key is not None else None
-
-    def estimate_tokens(self, sampling: Sampling) -> int:
-        """Prompt (about 4 characters a token) plus the completion budget, for ``tpm``."""
-        if self.messages is not None:
-            chars = sum(len(m.get("content") or "") for m in self.messages)
-            prompt = chars // 4 + 4 * len(self.messages)
-        elif isinstance(self.prompt, list):
-            prompt = len(self.prompt)
-        else:
-            prompt = len(self.prompt or "") // 4
-        budget = sampling.max_tokens if sampling.max_tokens is not None else _DEFAULT_EST_COMPLETION
-        return prompt + budget * sampling.n
-
-    def record(
-        self,
-        gw: Gateway,
-        *,
-        model: str,
-        route: Route | None,
-        completion: str = "",
-        finish_reason: str | None = None,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        ttft_s: float | None = None,
-        latency_s: float = 0.0,
-        cost_usd: float = 0.0,
-        error: str | None = None,
-    ) -> LogRecord | None:
-        """Queue this request's log record (a no-op unless it is captured); returns it."""
-        plog = gw.promptlog
-        if not self.capture or plog is None:
-            return None
-        prompt = self.prompt
-        if isinstance(prompt, list):
-            prompt = None
-            params = {**self.params, "prompt_token_ids": self.prompt}
-        else:
-            params = self.params
-        record = LogRecord(
-            request_id=self.request_id,
-            created=self.created,
-            model=model,
-            endpoint=self.endpoint,
-            key_id=self.key_id,
-            adapter=route.adapter if route is not None else None,
-            served_by="student" if route is not None and route.served_by == "student" else "engine",
-            messages=self.messages,
-            prompt=prompt,
-            params=params,
-            completion=completion,
-            finish_reason=finish_reason,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            ttft_s=ttft_s,
-            latency_s=latency_s,
-            cost_usd=cost_usd,
-            status="error" if error is not None else "ok",
-            error=error,
-            tags=self.tags,
-            user=self.user,
-        )
-        plog.submit(record)
-        return record
-
-
-def request_info(
-    gw: Gateway,
-    request: Request[Any, Any, Any],
-    endpoint: Literal["chat", "completions"],
-    data: SamplingFields,
-    *,
-    messages: list[dict[str, str]] | None = None,
-    prompt: str | list[int] | None = None,
-) -> RequestInfo:
-    """Gather the request's identity and log fields (cheap when it is not captured)."""
-    state = request.scope.setdefault("state", {})
-    rid = request_id(request.scope)
-    key: KeyInfo | None = state.get(KEY_STATE)
-    info = RequestInfo(
-        request_id=rid,
-        endpoint=state.get(ENDPOINT_STATE, endpoint),
-        created=time.time(),
-        t_start=time.perf_counter(),
-        key=key,
-        messages=messages,
-        prompt=prompt,
-        id_generated=bool(state.get("request_id_generated")),
-    )
-    plog = gw.promptlog
-    if plog is not None and plog.should_capture(rid, info.key_id, request.headers.get(LOG_HEADER)):
-        info.capture = True
-        info.params = {
-            k: v
-            for k, v in msgspec.structs.asdict(data).items()
-            if v is not None and k not in _NOT_PARAMS
-        }
-        if info.params:
-            info.params = msgspec.to_builtins(info.params)
-        info.tags = parse_tags(request.headers.get(TAGS_HEADER), data.metadata)
-        info.user = data.user
-    return info
-
-
-_NOT_PARAMS = frozenset({"model", "messages", "prompt", "metadata", "user"})
-
-
-@dataclass(slots=True)
-class Started:
-    """A generation whose first chunk has arrived."""
-
-    id: str
-    created: int
-    first: Chunk | None
-    rest: AsyncIterator[Chunk]
-    sampling: Sampling
-    t_start: float
-    t_first: float
-    route: Route
-    gw: Gateway
-    info: RequestInfo
-    limit: LimitLease
-    model: str = ""
-    prompt_tokens: int = 0
-    completion: dict[int, int] = field(default_factory=dict)
-    texts: list[str] | None = None
-    """Choice 0's text pieces, kept only when the request is logged."""
-    finish_reason: str | None = None
-    failed: bool = False
-    error: str | None = None
-    cost_usd: float = 0.0
-    """Set when the generation is closed (the ``x-retort-cost-usd`` header)."""
-    _closed: bool = False
-
-    async def chunks(self) -> AsyncIterator[Chunk]:
-        try:
-            if self.first is not None:
-                self._count(self.first)
-                yield self.first
-            async for c in self.rest:
-                self._count(c)
-                yield c
-        except Exception as exc:
-            self.failed = True
-            self.error = to_api_error(exc).message
-            raise
-
-    def _count(self, c: Chunk) -> None:
-        self.prompt_tokens = c.prompt_tokens
-        self.completion[c.index] = c.completion_tokens
-        if c.index == 0:
-            if self.texts is not None:
-                self.texts.append(c.text)
-            if c.finish_reason is not None:
-                self.finish_reason = c.finish_reason
-
-    def aborted(self) -> None:
-        """The client went away before the end."""
-        if not self.failed:
-            self.failed = True
-            self.error = "the client disconnected before the end"
-
-    async def aclose(self) -> None:
-        """Abort the engine request if unfinished, then account for it: metrics, cost,
-        the log record, and the key's, adapter's and drain's holds."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            aclose = getattr(self.rest, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            gw = self.gw
-            route = self.route
-            completion_tokens = sum(self.completion.values())
-            latency = time.perf_counter() - self.t_start
-            ttft = self.t_first - self.t_start if self.first is not None else None
-            try:
-                self.cost_usd = gw.pricer.cost(
-                    self.model, route.adapter, self.prompt_tokens, completion_tokens
-                )
-                gw.pricer.observe(self.prompt_tokens, completion_tokens, latency)
-                metrics = gw.metrics
-                if metrics is not None:
-                    metrics.request_finished(self.model)
-                    metrics.observe_request(
-                        self.model,
-                        route.adapter,
-                        "error" if self.failed else "ok",
-                        self.prompt_tokens,
-                        completion_tokens,
-                        ttft,
-                        latency,
-                        self.cost_usd,
-                        self.info.key_id,
-                        self.info.endpoint,
-                    )
-                record = self.info.record(
-                    gw,
-                    model=self.model,
-                    route=route,
-                    completion="".join(self.texts) if self.texts is not None else "",
-                    finish_reason=self.finish_reason,
-                    prompt_tokens=self.prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    ttft_s=ttft,
-                    latency_s=latency,
-                    cost_usd=self.cost_usd,
-                    error=self.error if self.failed else None,
-                )
-                if record is not None and gw.shadow is not None:
-                    s = self.sampling
-                    gw.shadow.submit(
-                        record,
-                        s,
-                        shadowable=s.constraint is None
-                        and not s.logit_bias
-                        and s.logprobs is None
-                        and "tools" not in record.params,
-                    )
-            finally:
-                route.lease.release()
-                gw.request_finished()
-                await self.limit.release(self.prompt_tokens + completion_tokens)
-
-    def cost_headers(self) -> dict[str, str]:
-        return {COST_HEADER: f"{self.cost_usd:.10f}".rstrip("0").rstrip(".") or "0"}
 
 
 async def start(
@@ -435,7 +121,7 @@ async def start(
             if route is not None:
                 route.lease.release()
                 if isinstance(exc, Exception):
-                    _failed_before_start(gw, info, route, exc)
+                    failed_before_start(gw, info, route, exc)
             gw.request_finished()
             await limit.release(0)
         raise
@@ -460,17 +146,6 @@ async def start(
     )
 
 
-def _failed_before_start(gw: Gateway, info: RequestInfo, route: Route, exc: Exception) -> None:
-    """A routed request that failed before its first token: metrics and a failed record."""
-    latency = time.perf_counter() - info.t_start
-    model = route.engine.model_name
-    if gw.metrics is not None:
-        gw.metrics.observe_request(
-            model, route.adapter, "error", 0, 0, None, latency, 0.0, info.key_id, info.endpoint
-        )
-    info.record(gw, model=model, route=route, latency_s=latency, error=to_api_error(exc).message)
-
-
 @dataclass(slots=True)
 class Aggregate:
     """Every choice of a finished generation."""
@@ -490,7 +165,8 @@ class Aggregate:
 
 
 class Generation(Protocol):
-    """What the encoders read: a :class:`Started` or a batch of them."""
+    """What the encoders read: a :class:`Started` or a batch of them
+    (:class:`~gateway.openai.batch.StartedBatch`)."""
 
     sampling: Sampling
     failed: bool
@@ -527,40 +203,61 @@ async def aggregate(started: Generation) -> Aggregate:
     return agg
 
 
-def usage_of(prompt_tokens: int, completion: list[int]) -> Usage:
-    done = sum(completion)
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done
-    )
+class GenerationEvents:
+    """A started generation as an :class:`~gateway.openai.sse.SSESource`: the prologue,
+    one event per chunk (``render``), the usage event, with the accounting of ``started``."""
+
+    __slots__ = ("prologue", "render", "started", "usage_event")
+
+    def __init__(
+        self,
+        started: Generation,
+        render: Callable[[Chunk], bytes],
+        prologue: list[bytes] | None = None,
+        usage_event: Callable[[Usage], bytes] | None = None,
+    ) -> None:
+        self.started = started
+        self.render = render
+        self.prologue = prologue
+        self.usage_event = usage_event
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        started = self.started
+        render = self.render
+        for ev in self.prologue or ():
+            yield ev
+        # ``render`` may hold a chunk back (b""): tool calls are sent once complete.
+        if self.usage_event is None:
+            async for c in started.chunks():
+                if frame := render(c):
+                    yield frame
+            return
+        prompt_tokens = 0
+        completion = [0] * started.sampling.n
+        async for c in started.chunks():
+            prompt_tokens = c.prompt_tokens
+            completion[c.index] = c.completion_tokens
+            if frame := render(c):
+                yield frame
+        yield self.usage_event(usage_of(prompt_tokens, completion))
+
+    def failed(self, exc: Exception) -> None:
+        self.started.failed = True
+
+    def disconnected(self) -> None:
+        self.started.aborted()
+
+    async def aclose(self) -> None:
+        await self.started.aclose()
 
 
-async def stream_events(
+def stream_events(
     started: Generation,
     render: Callable[[Chunk], bytes],
     *,
     prologue: list[bytes] | None = None,
     usage_event: Callable[[Usage], bytes] | None = None,
-) -> AsyncIterator[bytes]:
-    """Frame a generation as SSE: prologue, one event per chunk, usage, then ``[DONE]``."""
-    prompt_tokens = 0
-    completion = [0] * started.sampling.n
-    try:
-        for ev in prologue or ():
-            yield ev
-        async for c in started.chunks():
-            prompt_tokens = c.prompt_tokens
-            completion[c.index] = c.completion_tokens
-            event = render(c)
-            if event:
-                yield event
-        if usage_event is not None:
-            yield usage_event(usage_of(prompt_tokens, completion))
-    except (anyio.get_cancelled_exc_class(), GeneratorExit):
-        started.aborted()
-        raise
-    except Exception as exc:
-        started.failed = True
-        yield sse_error(exc)
-    finally:
-        await started.aclose()
-    yield DONE
+) -> GenerationEvents:
+    """Frame a generation as SSE: prologue, one event per chunk, usage, then ``[DONE]``
+    (sent by :class:`~gateway.openai.sse.SSEStream`)."""
+    return GenerationEvents(started, render, prologue, usage_event)

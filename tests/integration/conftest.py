@@ -39,17 +39,22 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
-def start_server(tmp: Path, model_dir: Path, *extra: str, name: str = "server") -> Server:
+def start_server(
+    tmp: Path,
+    model_dir: Path,
+    *extra: str,
+    name: str = "server",
+    env: dict[str, str] | None = None,
+) -> Server:
     port = free_port()
     log = tmp / f"{name}.log"
     env = {
         **os.environ,
         "RETORT_HOME": str(tmp / "home"),
-        # LoRA on, as users run it: adapters tests share this server.
-        "RETORT_ENGINE__ENABLE_LORA": "true",
-        "RETORT_ENGINE__MAX_LORAS": "4",
-        "RETORT_ENGINE__MAX_LORA_RANK": "16",
+        # The engine runs `make serve`'s defaults (LoRA on); only the LRU bound is
+        # lowered, so that the eviction test needs five adapters, not nine.
         "RETORT_ADAPTERS__MAX_LOADED": "4",
+        **(env or {}),
     }
     proc = subprocess.Popen(
         [

@@ -58,6 +58,8 @@ def admin(server: Server) -> httpx.Client:
 
 
 def test_trained_adapter_changes_output_then_unloads(server: Server, pirate: str) -> None:
+    """`make serve`'s default settings (the shared server's) take a freshly trained adapter
+    through vLLM's `/v1/load_lora_adapter`."""
     with admin(server) as c:
         r = c.post("/v1/load_lora_adapter", json={"lora_name": pirate, "lora_path": pirate})
         assert r.status_code == 200, r.text

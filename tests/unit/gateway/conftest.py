@@ -33,8 +33,9 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-def client(engine: FakeEngine) -> Iterator[TestClient]:
+def client(engine: FakeEngine, tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(
+        home=str(tmp_path / "home"),
         engine=EngineSettings(kind="fake", max_model_len=64),
         server=ServerSettings(max_body_bytes=64 * 1024),
     )

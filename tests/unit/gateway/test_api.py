@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -296,18 +297,31 @@ def test_health_and_ready(client: TestClient) -> None:
     assert client.get("/ready").json() == {"status": "ready"}
 
 
+def test_engine_start_seconds_is_set_once_ready(client: TestClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    (sample,) = families["retort_engine_start_seconds"].samples
+    assert 0 < sample.value < 60
+
+
 def test_openapi_schema_served(client: TestClient) -> None:
     schema = client.get("/schema/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"]
     assert "/v1/completions" in schema["paths"]
 
 
-def test_metrics_per_model_and_adapter(client: TestClient, engine: FakeEngine) -> None:
-    import asyncio
+def test_metrics_per_model_and_adapter(client: TestClient, tmp_path: Path) -> None:
+    from adapters.synthetic import make_tiny_adapter
+    from tests.tiny import make_tiny_base
 
+    base = make_tiny_base(tmp_path / "base")
+    make_tiny_adapter(base, tmp_path / "home" / "adapters" / "sql", rank=4, base_name="fake-model")
     client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3})
     client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "stream": True})
-    asyncio.run(engine.load_adapter("sql", "/x"))
+    # LoRA is on by default: the vLLM-compatible call loads it from the registry.
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "sql"})
+    assert r.status_code == 200, r.text
     client.post("/v1/chat/completions", json={**CHAT, "model": "sql", "max_tokens": 4})
     text = client.get("/metrics").text
     assert 'retort_requests_total{adapter="none",model="fake-model",status="ok"} 2.0' in text

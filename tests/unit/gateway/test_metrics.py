@@ -65,6 +65,7 @@ def test_every_metric_is_exported_with_units_in_names(metrics: Metrics) -> None:
         "retort_adapters_loaded", "retort_promptlog_queue_depth", "retort_promptlog_written",
         "retort_promptlog_dropped", "retort_engine_running_requests",
         "retort_engine_waiting_requests", "retort_engine_kv_cache_usage_ratio",
+        "retort_engine_start_seconds",
     }  # fmt: skip
     assert expected <= names
     for reason in DROP_REASONS:  # exported at 0 from the start

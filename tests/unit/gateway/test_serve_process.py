@@ -320,11 +320,11 @@ def test_admin_endpoints_need_an_admin_key(keyed: Gateway) -> None:
     admin_root = openai.OpenAI(base_url=keyed.url, api_key=USER_KEY, max_retries=0)
     with pytest.raises(openai.PermissionDeniedError):
         admin_root.get("/admin/adapters", cast_to=httpx.Response)
-    # An admin key passes the guard (LoRA is off with the fake engine: 503, not 401/403).
+    # An admin key passes the guard (LoRA is on by default: the empty registry).
     admin_root = openai.OpenAI(base_url=keyed.url, api_key=ADMIN_KEY, max_retries=0)
-    with pytest.raises(openai.APIStatusError) as admin_exc:
-        admin_root.get("/admin/adapters", cast_to=httpx.Response)
-    assert admin_exc.value.status_code == 503
+    r = admin_root.get("/admin/adapters", cast_to=httpx.Response)
+    assert r.status_code == 200
+    assert r.json()["data"] == []
 
 
 # -- limits shared through Redis ------------------------------------------------------------

@@ -244,8 +244,10 @@ def test_admin_needs_an_admin_key(keyed: TestClient[Any]) -> None:
     r = keyed.get("/admin/adapters", headers=bearer(USER_KEY))
     assert r.status_code == 403
     assert r.json()["error"]["type"] == "permission_error"
-    # LoRA is off here: an admin passes the guard and learns that.
-    assert keyed.get("/admin/adapters", headers=bearer(ADMIN_KEY)).status_code == 503
+    # LoRA is on by default: an admin passes the guard and gets the (empty) registry.
+    r = keyed.get("/admin/adapters", headers=bearer(ADMIN_KEY))
+    assert r.status_code == 200
+    assert r.json() == {"object": "list", "data": []}
 
 
 def test_requests_per_minute_limit_gives_429_with_retry_after(keyed: TestClient[Any]) -> None:

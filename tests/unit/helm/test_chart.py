@@ -44,6 +44,7 @@ METRICS = {
     "retort_shadow_student_latency_seconds",
     "retort_structured_output_failures_total",
     "retort_endpoint_requests_total",
+    "retort_engine_start_seconds",
 }
 
 

@@ -24,7 +24,9 @@ def gateway_url() -> Iterator[str]:
     engine = FakeEngine(model_name="fake-model", max_model_len=2048)
     asyncio.run(engine.load_adapter(ADAPTER, "/unused"))
     settings = Settings(
-        engine=EngineSettings(kind="fake", fake_token_delay_s=0.0),
+        # The adapter lives on the fake engine itself, not in a registry: LoRA (the
+        # registry-backed adapter manager) off, so that routing asks the engine.
+        engine=EngineSettings(kind="fake", fake_token_delay_s=0.0, enable_lora=False),
         model=ModelSettings(served_name="fake-model"),
         server=ServerSettings(log_level="warning"),
     )

@@ -1,0 +1,234 @@
+"""The SSE writer (``gateway.openai.sse``) against a recording ASGI ``send``/``receive``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.engines.base import EngineError, GenerateRequest, Sampling
+from gateway.engines.fake import FakeEngine
+from gateway.openai.sse import DONE, sse, sse_error, write_events
+
+
+class Source:
+    """An SSESource over any async iterator of frames, recording what the writer said."""
+
+    def __init__(self, frames: AsyncIterator[bytes]) -> None:
+        self._frames = frames
+        self.failures: list[Exception] = []
+        self.gone = 0
+        self.closed = 0
+
+    def frames(self) -> AsyncIterator[bytes]:
+        return self._frames
+
+    def failed(self, exc: Exception) -> None:
+        self.failures.append(exc)
+
+    def disconnected(self) -> None:
+        self.gone += 1
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+class Client:
+    """ASGI ``send``/``receive``: records body messages; ``leave()`` disconnects."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.sent = asyncio.Event()
+        self._gone = asyncio.Event()
+
+    async def send(self, message: Any) -> None:
+        self.messages.append(message)
+        self.sent.set()
+
+    async def receive(self) -> Any:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    def leave(self) -> None:
+        self._gone.set()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m["body"] for m in self.messages)
+
+    def events(self) -> list[Any]:
+        out: list[Any] = []
+        for block in self.body.decode().split("\n\n"):
+            if block:
+                assert block.startswith("data: "), block
+                payload = block[len("data: ") :]
+                out.append(payload if payload == "[DONE]" else json.loads(payload))
+        return out
+
+
+async def ready_frames(n: int) -> AsyncIterator[bytes]:
+    for i in range(n):
+        yield sse({"i": i})
+
+
+def test_framing() -> None:
+    assert sse({"a": "é"}) == b'data: {"a":"\xc3\xa9"}\n\n'
+    assert DONE == b"data: [DONE]\n\n"
+    err = json.loads(sse_error(EngineError("boom"))[len(b"data: ") :])
+    assert err["error"]["message"] == "The engine failed: boom"
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_frames_ready_together_go_out_in_one_write_ending_with_done() -> None:
+    client, source = Client(), Source(ready_frames(16))
+    await write_events(source, client.send, client.receive)
+    # All 16 were ready at once: one message, the last one, with [DONE] at its end.
+    assert len(client.messages) == 1
+    assert client.messages[0]["more_body"] is False
+    assert client.events() == [*({"i": i} for i in range(16)), "[DONE]"]
+    assert (source.closed, source.gone, source.failures) == (1, 0, [])
+
+
+async def test_the_first_frame_is_never_held_back() -> None:
+    release = asyncio.Event()
+
+    async def frames() -> AsyncIterator[bytes]:
+        yield sse({"first": True})
+        await release.wait()  # the engine's next step takes a while
+        yield sse({"second": True})
+
+    client, source = Client(), Source(frames())
+    task = asyncio.create_task(write_events(source, client.send, client.receive))
+    await asyncio.wait_for(client.sent.wait(), 5)
+    assert client.messages == [
+        {"type": "http.response.body", "body": sse({"first": True}), "more_body": True}
+    ]
+    release.set()
+    await asyncio.wait_for(task, 5)
+    assert client.events() == [{"first": True}, {"second": True}, "[DONE]"]
+    assert client.messages[-1]["more_body"] is False
+
+
+async def test_writes_are_bounded_in_size() -> None:
+    client, source = Client(), Source(ready_frames(100))
+    await write_events(source, client.send, client.receive, max_write_bytes=100)
+    assert len(client.messages) > 10
+    assert all(len(m["body"]) < 100 + 20 for m in client.messages)
+    assert client.events()[-1] == "[DONE]"
+    assert len(client.events()) == 101
+
+
+async def test_error_mid_stream_is_an_error_event_then_done() -> None:
+    async def frames() -> AsyncIterator[bytes]:
+        yield sse({"i": 0})
+        await asyncio.sleep(0)
+        yield sse({"i": 1})
+        raise EngineError("the engine process died")
+
+    client, source = Client(), Source(frames())
+    await write_events(source, client.send, client.receive)
+    evs = client.events()
+    assert evs[:2] == [{"i": 0}, {"i": 1}]
+    assert evs[2]["error"]["message"] == "The engine failed: the engine process died"
+    assert evs[3] == "[DONE]"
+    assert len(evs) == 4
+    assert [str(e) for e in source.failures] == ["the engine process died"]
+    assert source.closed == 1
+    assert client.messages[-1]["more_body"] is False
+
+
+async def test_no_final_frame_is_lost_after_a_wait() -> None:
+    async def frames() -> AsyncIterator[bytes]:
+        for i in range(5):
+            await asyncio.sleep(0.001)
+            yield sse({"i": i})
+        yield sse({"usage": 1})  # ready at once after the last token
+
+    client, source = Client(), Source(frames())
+    await write_events(source, client.send, client.receive)
+    assert client.events() == [*({"i": i} for i in range(5)), {"usage": 1}, "[DONE]"]
+    assert client.messages[-1]["more_body"] is False
+    assert [m["more_body"] for m in client.messages[:-1]] == [True] * (len(client.messages) - 1)
+
+
+async def test_client_disconnect_aborts_the_engine_request_at_once() -> None:
+    engine = FakeEngine("fake-model", 64, token_delay_s=0.05)
+    request = GenerateRequest("req-1", prompt="hi", sampling=Sampling(max_tokens=50))
+
+    async def frames() -> AsyncIterator[bytes]:
+        async for c in engine.generate(request):
+            yield sse({"text": c.text})
+
+    client, source = Client(), Source(frames())
+    task = asyncio.create_task(write_events(source, client.send, client.receive))
+    await asyncio.wait_for(client.sent.wait(), 5)  # the first token went out
+    client.leave()  # while the engine works on the next one
+    await asyncio.wait_for(task, 5)  # returns without raising: the client is gone
+    assert engine.aborted == ["req-1"]
+    assert (source.gone, source.closed) == (1, 1)
+    assert len(client.events()) < 10
+    assert all(m["more_body"] for m in client.messages)  # nothing sent after it left
+
+
+async def test_outside_cancellation_still_closes_the_source() -> None:
+    async def frames() -> AsyncIterator[bytes]:
+        yield sse({"i": 0})
+        await asyncio.sleep(60)
+        yield sse({"i": 1})
+
+    client, source = Client(), Source(frames())
+    task = asyncio.create_task(write_events(source, client.send, client.receive))
+    await asyncio.wait_for(client.sent.wait(), 5)
+    task.cancel()  # e.g. the server stops
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (source.gone, source.closed) == (1, 1)
+
+
+async def test_a_response_that_cannot_start_still_closes_the_source() -> None:
+    from gateway.openai.sse import SSEStream
+
+    source = Source(ready_frames(1))
+    response = SSEStream(source).to_asgi_response(None, None)  # type: ignore[arg-type]
+
+    async def broken_send(message: Any) -> None:
+        raise OSError("the socket is gone")
+
+    client = Client()
+    with pytest.raises(OSError, match="socket"):
+        await response({"type": "http"}, client.receive, broken_send)  # type: ignore[arg-type]
+    assert source.closed == 1
+
+
+async def test_a_plain_iterator_of_frames_keeps_its_own_done_and_is_closed() -> None:
+    from gateway.openai.sse import SSEStream
+
+    closed: list[bool] = []
+
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            yield sse({"i": 0})
+            await asyncio.sleep(0)
+            yield DONE
+        finally:
+            closed.append(True)
+
+    response = SSEStream(frames()).to_asgi_response(None, None)  # type: ignore[arg-type]
+    client = Client()
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            await client.send(message)
+
+    await response({"type": "http"}, client.receive, send)  # type: ignore[arg-type]
+    assert sent[0]["type"] == "http.response.start"
+    headers = dict(sent[0]["headers"])
+    assert headers[b"content-type"].startswith(b"text/event-stream")
+    assert b"content-length" not in headers
+    assert client.events() == [{"i": 0}, "[DONE]"]  # one [DONE], the iterator's
+    assert closed == [True]
