@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill.config import EvalConfig, GateConfig
 from distill.stages import stage_done, write_stage
+from retort.text import normalize_answer, rouge_l
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -35,31 +35,6 @@ __all__ = [
     "teacher_speed",
     "write_report",
 ]
-
-_PUNCT = re.compile(r"[^\w\s]")
-_WS = re.compile(r"\s+")
-
-
-def normalize_answer(text: str) -> str:
-    return _WS.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over normalized words."""
-    a, b = normalize_answer(candidate).split(), normalize_answer(reference).split()
-    if not a or not b:
-        return float(a == b)
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
 
 
 def _request(i: int, example: dict[str, Any], max_tokens: int, *, ignore_eos: bool = False) -> Any:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from gateway.engines.base import GenerateRequest
+from retort.text import normalize_answer, rouge_l
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -85,26 +86,8 @@ class ShadowSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def normalize(text: str) -> str:
-    """Lowercase, collapse whitespace, strip surrounding punctuation."""
-    return " ".join(text.lower().split()).strip(" .!?,;:\"'")
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return 1.0 if a == b else 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
+    """The offline eval's normalization (:func:`retort.text.normalize_answer`)."""
+    return normalize_answer(text)
 
 
 def _json(text: str) -> Any:
