@@ -261,6 +261,7 @@ async def request_page(request: Request[Any, Any, Any], request_id: str) -> Temp
         "request.html",
         row=row,
         feedback=await store.feedback_for(request_id),
+        shadow=await store.shadow_pairs(request_id=request_id, limit=5),
         queue=queue,
         queue_query=urlencode(queue),
         next_url=_request_url(next_id, queue) if next_id else None,

@@ -101,6 +101,37 @@ def test_request_page_shows_the_whole_exchange(admin: TestClient) -> None:
     assert admin.get("/console/requests/nope").status_code == 404
 
 
+def test_request_page_shows_its_shadow_pair(admin: TestClient) -> None:
+    store = admin.app.state.gateway.promptlog.store
+    pair = {
+        "request_id": "req-006",
+        "created": time.time(),
+        "teacher": "support",
+        "student": "support-student",
+        "measure": "exact",
+        "score": 0.0,
+        "agree": False,
+        "outcome": "disagree",
+        "teacher_text": "The answer is 12.",
+        "student_text": "It is twelve, I think.",
+        "teacher_latency_s": 0.5,
+        "student_latency_s": 0.05,
+        "teacher_cost_usd": 1e-5,
+        "student_cost_usd": 1e-6,
+        "student_tokens": 6,
+        "error": None,
+    }
+
+    async def add() -> None:
+        await store.insert_shadow([pair])
+
+    assert "Shadow pair" not in admin.get("/console/requests/req-006").text
+    admin.blocking_portal.call(add)
+    text = admin.get("/console/requests/req-006").text
+    for needle in ("Shadow pair", "support-student", "It is twelve, I think.", "disagree", "50 ms"):
+        assert needle in text, needle
+
+
 def test_redacted_fields_stay_redacted(admin: TestClient) -> None:
     r = admin.post(
         "/v1/chat/completions",
