@@ -107,10 +107,9 @@ def _structured(c: OutputConstraint | None) -> Any:
     """vLLM's structured outputs (grammar-constrained decoding) for a constraint."""
     if c is None:
         return None
-    # Compact JSON: a small model given free whitespace can spend its budget on it.
     if c.json_schema is None:
-        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
-    return StructuredOutputsParams(json=dict(c.json_schema), disable_any_whitespace=True)
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=dict(c.json_schema))
 
 
 def _on_cpu() -> bool:
@@ -162,6 +161,16 @@ class VLLMEngine:
             # torch.compile reuses inductor's on-disk caches instead. (With LoRA, the CPU
             # backend does not compile at all: CompilationMode.NONE.) The environment wins.
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        if "structured_outputs_config" not in kwargs:
+            from vllm.config import StructuredOutputsConfig
+
+            # Compact JSON for response_format and tool calls: given free whitespace, a small
+            # model can spend its whole budget on it. vLLM reads this per engine, not per
+            # request, and only for the xgrammar and guidance backends
+            # (engine.extra.structured_outputs_config overrides it).
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            )
         args = AsyncEngineArgs(**kwargs)
         holder: list[Any] = []
 
