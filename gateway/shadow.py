@@ -101,19 +101,10 @@ _NOT_JSON = object()
 
 
 def _calls(text: str) -> list[tuple[str, Any]] | None:
-    """Tool calls in an answer: a JSON list of ``{name, arguments|parameters}`` or Hermes
-    ``<tool_call>`` blocks; ``None`` when there are none."""
-    from gateway.openai.tools import PARSERS, parse_calls
-
+    """Tool calls in an answer: a JSON list of ``{name, arguments|parameters}`` (forced
+    calls) or Hermes ``<tool_call>`` blocks; ``None`` when there are none."""
     value = _json(text)
-    objs: list[Any] | None = None
-    if isinstance(value, list):
-        objs = value
-    else:
-        names = {str(o.get("name")) for o in _loose_calls(text)}
-        parsed = parse_calls(PARSERS["hermes"], text, names)
-        if parsed.tool_calls:
-            return [(c.function.name, _json(c.function.arguments)) for c in parsed.tool_calls]
+    objs = value if isinstance(value, list) else _hermes_calls(text)
     if not objs:
         return None
     out = []
@@ -124,13 +115,8 @@ def _calls(text: str) -> list[tuple[str, Any]] | None:
     return out
 
 
-def _loose_calls(text: str) -> list[dict[str, Any]]:
-    out = []
-    for part in text.split("<tool_call>")[1:]:
-        value = _json(part.split("</tool_call>")[0])
-        if isinstance(value, dict):
-            out.append(value)
-    return out
+def _hermes_calls(text: str) -> list[Any]:
+    return [_json(part.split("</tool_call>")[0]) for part in text.split("<tool_call>")[1:]]
 
 
 def choose_measure(target: ShadowTarget, teacher_text: str) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "PromptTooLongError",
     "Sampling",
     "TokenLogprob",
+    "plain_sampling",
     "refuse_unsupported",
 ]
 
@@ -142,6 +143,17 @@ class PromptTooLongError(ValueError):
         )
         self.prompt_tokens = prompt_tokens
         self.max_model_len = max_model_len
+
+
+def plain_sampling(sampling: Sampling, has_tools: bool) -> bool:
+    """Whether an engine without constrained decoding, logit bias, tools or logprobs (a
+    student) can honour this request: what a traffic split or a shadow copy may send it."""
+    return (
+        sampling.constraint is None
+        and not sampling.logit_bias
+        and sampling.logprobs is None
+        and not has_tools
+    )
 
 
 def refuse_unsupported(request: GenerateRequest, who: str) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from gateway.engines.base import plain_sampling
 from gateway.errors import to_api_error
 from gateway.openai.protocol import Usage
 from gateway.promptlog.policy import LOG_HEADER, TAGS_HEADER, parse_tags
@@ -38,6 +39,7 @@ __all__ = [
     "KEY_STATE",
     "RequestInfo",
     "Started",
+    "cost_headers",
     "failed_before_start",
     "request_info",
     "strip_id_prefix",
@@ -295,14 +297,10 @@ class Started:
                     error=self.error if self.failed else None,
                 )
                 if record is not None and gw.shadow is not None:
-                    s = self.sampling
                     gw.shadow.submit(
                         record,
-                        s,
-                        shadowable=s.constraint is None
-                        and not s.logit_bias
-                        and s.logprobs is None
-                        and "tools" not in record.params,
+                        self.sampling,
+                        shadowable=plain_sampling(self.sampling, "tools" in record.params),
                     )
             finally:
                 route.lease.release()
@@ -310,7 +308,12 @@ class Started:
                 await self.limit.release(self.prompt_tokens + completion_tokens)
 
     def cost_headers(self) -> dict[str, str]:
-        return {COST_HEADER: f"{self.cost_usd:.10f}".rstrip("0").rstrip(".") or "0"}
+        return cost_headers(self.cost_usd)
+
+
+def cost_headers(cost_usd: float) -> dict[str, str]:
+    """The ``x-retort-cost-usd`` header of a non-streamed response."""
+    return {COST_HEADER: f"{cost_usd:.10f}".rstrip("0").rstrip(".") or "0"}
 
 
 def failed_before_start(gw: Gateway, info: RequestInfo, route: Route, exc: Exception) -> None:

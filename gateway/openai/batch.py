@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.engines.base import Chunk
-from gateway.openai.serving import COST_HEADER, Started, start
+from gateway.openai.accounting import cost_headers
+from gateway.openai.serving import Started, start
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -111,7 +112,7 @@ class StartedBatch:
             await p.aclose()
 
     def cost_headers(self) -> dict[str, str]:
-        return {COST_HEADER: f"{self.cost_usd:.10f}".rstrip("0").rstrip(".") or "0"}
+        return cost_headers(self.cost_usd)
 
 
 async def start_batch(

@@ -23,6 +23,7 @@ from gateway.engines.base import (
     GenerateRequest,
     PromptTooLongError,
     Sampling,
+    plain_sampling,
 )
 from gateway.errors import BadRequestError, ServiceUnavailableError
 from gateway.openai.accounting import (
@@ -86,10 +87,9 @@ async def start(
     route: Route | None = None
     it: AsyncIterator[Chunk] | None = None
     try:
-        # Constrained, biased or tool requests stay on the engine that honours them: a
-        # traffic split never sends them to a student.
-        plain = sampling.constraint is None and not sampling.logit_bias and not tools
-        route = await routes.resolve(model, split=plain)
+        # Requests a student cannot honour stay on the engine: a traffic split never
+        # sends them to a student.
+        route = await routes.resolve(model, split=plain_sampling(sampling, bool(tools)))
         if not route.engine.ready():
             raise ServiceUnavailableError("The engine is not ready.")
         engine_id = info.request_id if info.id_generated else uuid.uuid4().hex
