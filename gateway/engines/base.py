@@ -146,12 +146,15 @@ class PromptTooLongError(ValueError):
 
 
 def plain_sampling(sampling: Sampling, has_tools: bool) -> bool:
-    """Whether an engine without constrained decoding, logit bias, tools or logprobs (a
-    student) can honour this request: what a traffic split or a shadow copy may send it."""
+    """Whether an engine without constrained decoding, logit bias, tools, logprobs or
+    penalties (a student) can honour this request: what a traffic split or a shadow copy
+    may send it."""
     return (
         sampling.constraint is None
         and not sampling.logit_bias
         and sampling.logprobs is None
+        and not sampling.presence_penalty
+        and not sampling.frequency_penalty
         and not has_tools
     )
 

@@ -13,7 +13,7 @@ student's folder); onnxruntime-genai also supplies the tokenizer and streaming d
 
 Supported sampling: ``n``, ``max_tokens``, ``min_tokens``, ``ignore_eos``, ``temperature``
 (0 = greedy), ``top_p``, ``seed``, ``stop``. ``logprobs`` is refused (400);
-presence/frequency penalties are ignored. Students take no adapters: this engine is not an
+presence/frequency penalties are refused (400). Students take no adapters: this engine is not an
 :class:`~gateway.engines.base.AdapterEngine`.
 
 Usage::
@@ -177,6 +177,9 @@ class OnnxEngine:
         if request.adapter is not None:
             raise InvalidInputError("student models take no adapters", param="model")
         refuse_unsupported(request, "student models")
+        for param in ("presence_penalty", "frequency_penalty"):
+            if getattr(s, param):
+                raise InvalidInputError(f"student models do not support {param}", param=param)
         ids = await asyncio.to_thread(self.encode, request)
         n_prompt = len(ids)
         if n_prompt == 0:
