@@ -146,12 +146,12 @@ class PromptTooLongError(ValueError):
 
 
 def plain_sampling(sampling: Sampling, has_tools: bool) -> bool:
-    """Whether an engine without constrained decoding, logit bias, tools, logprobs or
-    penalties (a student) can honour this request: what a traffic split or a shadow copy
-    may send it."""
+    """Whether a student can honour this request the way its teacher would: what a traffic
+    split or a shadow copy may send it. Students decode constrained JSON
+    (``response_format``), but take no tools, logprobs or penalties; ``logit_bias`` stays on
+    the teacher too, since its token ids belong to the teacher's tokenizer."""
     return (
-        sampling.constraint is None
-        and not sampling.logit_bias
+        not sampling.logit_bias
         and sampling.logprobs is None
         and not sampling.presence_penalty
         and not sampling.frequency_penalty

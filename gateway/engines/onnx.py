@@ -12,8 +12,9 @@ template (``og.Tokenizer.apply_chat_template``, the template the export copied f
 student's folder); onnxruntime-genai also supplies the tokenizer and streaming detokenizer.
 
 Supported sampling: ``n``, ``max_tokens``, ``min_tokens``, ``ignore_eos``, ``temperature``
-(0 = greedy), ``top_p``, ``seed``, ``stop``. ``logprobs`` is refused (400);
-presence/frequency penalties are refused (400). Students take no adapters: this engine is not an
+(0 = greedy), ``top_p``, ``seed``, ``stop``, ``logit_bias``, and constrained JSON output
+(``response_format``; :mod:`gateway.engines.guide`). ``logprobs``, presence/frequency
+penalties and ``tools`` are refused (400). Students take no adapters: this engine is not an
 :class:`~gateway.engines.base.AdapterEngine`.
 
 Usage::
@@ -31,6 +32,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gateway.engines.base import (
     Chunk,
     EngineDeadError,
@@ -40,13 +43,13 @@ from gateway.engines.base import (
     GenerateRequest,
     InvalidInputError,
     PromptTooLongError,
-    refuse_unsupported,
 )
+from gateway.engines.guide import GuideCompiler
 from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError
 from gateway.engines.onnx_batch import Sequence as Row
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Mapping, Sequence
 
 __all__ = ["OnnxEngine", "import_og"]
 
@@ -126,6 +129,7 @@ class OnnxEngine:
             max_queue=max_queue,
             name=model_name,
         )
+        self._guides = GuideCompiler(self.path, self._vocab, self._eos)
         self._closed = False
         self._dead = False
         self._inflight = 0
@@ -176,7 +180,8 @@ class OnnxEngine:
             raise InvalidInputError("student models do not return logprobs", param="logprobs")
         if request.adapter is not None:
             raise InvalidInputError("student models take no adapters", param="model")
-        refuse_unsupported(request, "student models")
+        if request.tools:
+            raise InvalidInputError("student models do not support tools", param="tools")
         for param in ("presence_penalty", "frequency_penalty"):
             if getattr(s, param):
                 raise InvalidInputError(f"student models do not support {param}", param=param)
@@ -188,6 +193,10 @@ class OnnxEngine:
             raise InvalidInputError("prompt token id out of range", param="prompt")
         if n_prompt >= self._max_len:
             raise PromptTooLongError(n_prompt, self._max_len)
+        bias = self._bias(s.logit_bias)
+        compiled = None
+        if s.constraint is not None:
+            compiled = await asyncio.to_thread(self._guides.compile, s.constraint)
         budget = self._max_len - n_prompt
         budget = min(budget, s.max_tokens if s.max_tokens is not None else self._default_max)
         if s.min_tokens > budget and s.max_tokens is not None:
@@ -198,13 +207,34 @@ class OnnxEngine:
                 for index in range(s.n):
                     yield Chunk(index, "", n_prompt, 0, "length")
                 return
-            async for chunk in self._choices(ids, budget, request):
+            async for chunk in self._choices(ids, budget, request, bias, compiled):
                 yield chunk
         finally:
             self._inflight -= 1
 
+    def _bias(self, logit_bias: Mapping[int, float] | None) -> np.ndarray | None:
+        """``logit_bias`` as a vector over the vocabulary (a 400 for an unknown token)."""
+        if not logit_bias:
+            return None
+        vocab = self._vocab or max(logit_bias) + 1
+        bad = [t for t in logit_bias if t >= vocab]
+        if bad:
+            raise InvalidInputError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary ({vocab})",
+                param="logit_bias",
+            )
+        bias = np.zeros(vocab, np.float32)
+        for token, value in logit_bias.items():
+            bias[token] = value
+        return bias
+
     async def _choices(
-        self, ids: list[int], budget: int, request: GenerateRequest
+        self,
+        ids: list[int],
+        budget: int,
+        request: GenerateRequest,
+        bias: np.ndarray | None,
+        compiled: Any,
     ) -> AsyncIterator[Chunk]:
         """Run the request's ``n`` sequences in the batch; chunks of all choices, as they
         come. Stop strings are matched here, on the decoded text of each choice."""
@@ -233,6 +263,8 @@ class OnnxEngine:
                 min_tokens=s.min_tokens,
                 ignore_eos=s.ignore_eos,
                 tag=index,
+                bias=bias,
+                guide=None if compiled is None else self._guides.guide(compiled),
             )
             for index in range(s.n)
         ]

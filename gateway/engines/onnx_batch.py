@@ -12,7 +12,9 @@ last row into it.
 join the batch (up to ``max_batch`` rows) as rows free up, and every step decodes one token
 for each running row, so all running sequences advance at the same pace. Sampling is per
 row (greedy, or temperature/top-p with the sequence's own seeded generator), as are
-``min_tokens`` and ``ignore_eos`` (the end token is masked until then).
+``min_tokens`` and ``ignore_eos`` (the end token is masked until then), ``logit_bias`` and
+grammar-constrained output (:mod:`gateway.engines.guide`: each row's allowed tokens are
+masked before it samples).
 
 onnxruntime-genai's own ``og.Engine`` was measured first: on the CPU it offers only its
 static batch (a batch admits up to four requests and takes no new one until all have
@@ -37,6 +39,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from gateway.engines.guide import Guide
 
 __all__ = ["Batcher", "OrtRunner", "QueueFullError", "Sequence", "sample_token"]
 
@@ -193,6 +197,10 @@ class Sequence:
     ignore_eos: bool = False
     tag: Any = None
     """The caller's own (e.g. the choice index)."""
+    bias: np.ndarray | None = field(default=None, repr=False)
+    """Added to the logits before sampling (``logit_bias``), ``[vocab]``."""
+    guide: Guide | None = field(default=None, repr=False)
+    """Constrained decoding: the tokens allowed next, and the grammar state to advance."""
     cancelled: bool = False
     produced: int = 0
     length: int = 0
@@ -393,10 +401,20 @@ class Batcher:
         """Pick ``seq``'s next token from ``logits`` and hand it out; False when it ended."""
         if seq.cancelled:
             return False
+        if seq.bias is not None:
+            logits = logits + seq.bias
+        if seq.guide is not None:
+            logits = np.where(seq.guide.allowed(), logits, -np.inf)
         if seq.ignore_eos or seq.produced < seq.min_tokens:
             logits = logits.copy()
             logits[[t for t in self._eos if t < len(logits)]] = -np.inf
+            if seq.guide is not None and not np.isfinite(logits).any():
+                seq.emit(seq, None, "stop")  # the grammar is complete: only the end is left
+                return False
         token = sample_token(logits, seq.temperature, seq.top_p, seq.rng)
+        if seq.guide is not None and token not in self._eos and not seq.guide.accept(token):
+            seq.fail(seq, RuntimeError(f"token {token} breaks the output grammar"))
+            return False
         if token in self._eos:
             seq.produced += 1
             seq.emit(seq, None, "stop")

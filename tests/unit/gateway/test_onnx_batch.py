@@ -264,3 +264,49 @@ def test_vllm_length_extensions_reach_the_engine() -> None:
     assert (plain.to_sampling().ignore_eos, plain.to_sampling().min_tokens) == (False, 0)
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"model": "m", "prompt": "x", "min_tokens": -1}, CompletionRequest)
+
+
+def test_constrained_row_shares_a_batch_with_free_rows(tiny_onnx: Path) -> None:
+    """A row decoding against a JSON schema runs in lockstep with unconstrained rows: its
+    tokens form JSON that matches the schema, theirs are what they would be alone."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from gateway.engines.base import OutputConstraint
+    from gateway.engines.guide import GuideCompiler
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    compiler = GuideCompiler(tiny_onnx, 400, {2})
+    compiled = compiler.compile(OutputConstraint(schema))
+    batcher, log = _batcher(tiny_onnx, max_batch=3)
+    log.expect = 3
+    guided = Sequence(
+        PROMPTS[0], 30, log.emit, log.fail, temperature=1.0, seed=1, tag="json",
+        guide=compiler.guide(compiled),
+    )  # fmt: skip
+    try:
+        batcher.submit([guided, _seq(log, "a", PROMPTS[1], 6, 2), _seq(log, "b", PROMPTS[2], 6, 3)])
+        assert log.done.wait(30)
+    finally:
+        batcher.close()
+    assert not log.errors
+    assert log.finish["json"] == "stop"
+    text = AutoTokenizer.from_pretrained(str(tiny_onnx)).decode(log.tokens["json"])
+    assert isinstance(json.loads(text)["ok"], bool)
+    assert log.tokens["a"] == _alone(tiny_onnx, PROMPTS[1], 6, 2)
+
+
+def test_unusable_schema_is_a_400_naming_the_field(tiny_onnx: Path) -> None:
+    from gateway.engines.base import InvalidInputError, OutputConstraint
+    from gateway.engines.guide import GuideCompiler
+
+    compiler = GuideCompiler(tiny_onnx, 400, {2})
+    with pytest.raises(InvalidInputError) as err:
+        compiler.compile(OutputConstraint({"type": "nonsense"}, param="tool_choice"))
+    assert err.value.param == "tool_choice"

@@ -5,6 +5,7 @@ share of a teacher's traffic. A real (tiny, untrained) exported ONNX student."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,85 @@ def _count(metrics: str, model: str) -> int:
         if line.startswith(prefix):
             return int(float(line[len(prefix) :]))
     return 0
+
+
+LABEL_SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"enum": ["positive", "negative"]}},
+    "required": ["label"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_student_decodes_json_to_the_schema(client: TestClient[Any], stream: bool) -> None:
+    """An untrained student still answers with JSON that matches the schema: the grammar,
+    not the weights, decides which tokens it may choose."""
+    body = {
+        "model": "fake-student",
+        **CHAT,
+        "max_tokens": 40,
+        "temperature": 1.0,
+        "seed": 5,
+        "stream": stream,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "label", "schema": LABEL_SCHEMA, "strict": True},
+        },
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [
+            json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")
+        ]
+        text = "".join(
+            e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]
+        )
+        finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1]
+    else:
+        choice = r.json()["choices"][0]
+        text, finish = choice["message"]["content"], choice["finish_reason"]
+    assert finish == "stop"
+    assert json.loads(text)["label"] in ("positive", "negative")
+
+
+def test_student_refuses_a_schema_it_cannot_compile(client: TestClient[Any]) -> None:
+    body = {
+        "model": "fake-student",
+        **CHAT,
+        "max_tokens": 4,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "x",
+                "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}},
+            },
+        },
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format"
+
+
+def test_student_applies_logit_bias(client: TestClient[Any]) -> None:
+    body = {"model": "fake-student", **CHAT, "max_tokens": 5, "ignore_eos": True}
+    plain = client.post("/v1/chat/completions", json={**body, "logprobs": False}).json()
+    forced = client.post("/v1/chat/completions", json={**body, "logit_bias": {"300": 100}}).json()
+    text = forced["choices"][0]["message"]["content"]
+    assert text != plain["choices"][0]["message"]["content"]
+    assert text
+    assert text == text[: len(text) // 5] * 5  # the one boosted token, five times
+    bad = client.post("/v1/chat/completions", json={**body, "logit_bias": {"99999": 5}})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "logit_bias"
+
+
+def test_student_refuses_tools(client: TestClient[Any]) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "fake-student", **CHAT, "max_tokens": 4, "tools": [tool]},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "tools"
