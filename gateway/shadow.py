@@ -5,7 +5,7 @@ The user always gets the teacher's answer. The shadow copy starts only after the
 response has been sent and accounted for (from the request's accounting, once the prompt-log
 record exists), never counts against the user's limits, and is dropped (and counted) when
 the student already has ``max_inflight`` shadow requests. Requests a student cannot honour
-(constrained output, tools, logit bias, logprobs) are not shadowed.
+(logit bias, logprobs, penalties) and requests with tools are not shadowed.
 
 Each pair is a row of the ``shadow`` table beside the prompt log (same request id), with both
 answers, latencies and costs, the measure, its score and the verdict. Metrics:

@@ -28,7 +28,9 @@ _SPECIAL_ROLES = {
 }
 
 
-def make_tiny_base(path: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+def make_tiny_base(
+    path: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2, context: int = 512
+) -> Path:
     """Write a tiny random Llama (config, safetensors, tokenizer, chat template) to ``path``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -62,7 +64,7 @@ def make_tiny_base(path: Path, *, seed: int = 0, hidden_size: int = 64, layers: 
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,

@@ -145,17 +145,17 @@ class PromptTooLongError(ValueError):
         self.max_model_len = max_model_len
 
 
-def plain_sampling(sampling: Sampling, has_tools: bool) -> bool:
+def plain_sampling(sampling: Sampling) -> bool:
     """Whether a student can honour this request the way its teacher would: what a traffic
     split or a shadow copy may send it. Students decode constrained JSON
-    (``response_format``), but take no tools, logprobs or penalties; ``logit_bias`` stays on
-    the teacher too, since its token ids belong to the teacher's tokenizer."""
+    (``response_format``, forced tool calls) and take tools, but return no logprobs and
+    apply no penalties; ``logit_bias`` stays on the teacher, since its token ids belong to
+    the teacher's tokenizer."""
     return (
         not sampling.logit_bias
         and sampling.logprobs is None
         and not sampling.presence_penalty
         and not sampling.frequency_penalty
-        and not has_tools
     )
 
 

@@ -13,9 +13,10 @@ student's folder); onnxruntime-genai also supplies the tokenizer and streaming d
 
 Supported sampling: ``n``, ``max_tokens``, ``min_tokens``, ``ignore_eos``, ``temperature``
 (0 = greedy), ``top_p``, ``seed``, ``stop``, ``logit_bias``, and constrained JSON output
-(``response_format``; :mod:`gateway.engines.guide`). ``logprobs``, presence/frequency
-penalties and ``tools`` are refused (400). Students take no adapters: this engine is not an
-:class:`~gateway.engines.base.AdapterEngine`.
+(``response_format``, forced tool calls; :mod:`gateway.engines.guide`), and ``tools`` (in the
+template when it takes them, else a Hermes system prompt: :mod:`retort.chat_template`, as on
+the teacher). ``logprobs`` and presence/frequency penalties are refused (400). Students take
+no adapters: this engine is not an :class:`~gateway.engines.base.AdapterEngine`.
 
 Usage::
 
@@ -47,6 +48,7 @@ from gateway.engines.base import (
 from gateway.engines.guide import GuideCompiler
 from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError
 from gateway.engines.onnx_batch import Sequence as Row
+from retort.chat_template import render_tools
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
@@ -130,6 +132,8 @@ class OnnxEngine:
             name=model_name,
         )
         self._guides = GuideCompiler(self.path, self._vocab, self._eos)
+        template = self.path / "chat_template.jinja"
+        self._template_takes_tools = template.is_file() and "tools" in template.read_text()
         self._closed = False
         self._dead = False
         self._inflight = 0
@@ -162,9 +166,19 @@ class OnnxEngine:
     def encode(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids (chat rendered with the model's template)."""
         if request.messages is not None:
-            text = self._tokenizer.apply_chat_template(
-                json.dumps(request.messages), add_generation_prompt=True
+            messages, tools = render_tools(
+                request.messages, request.tools, self._template_takes_tools
             )
+            try:
+                text = self._tokenizer.apply_chat_template(
+                    json.dumps(messages),
+                    tools=json.dumps(tools) if tools else None,
+                    add_generation_prompt=True,
+                )
+            except Exception as exc:  # the template's own checks
+                raise InvalidInputError(
+                    f"the model's chat template rejected the messages: {exc}", param="messages"
+                ) from exc
             return [int(t) for t in self._tokenizer.encode(text)]
         if isinstance(request.prompt, list):
             return [int(t) for t in request.prompt]
@@ -180,8 +194,6 @@ class OnnxEngine:
             raise InvalidInputError("student models do not return logprobs", param="logprobs")
         if request.adapter is not None:
             raise InvalidInputError("student models take no adapters", param="model")
-        if request.tools:
-            raise InvalidInputError("student models do not support tools", param="tools")
         for param in ("presence_penalty", "frequency_penalty"):
             if getattr(s, param):
                 raise InvalidInputError(f"student models do not support {param}", param=param)

@@ -300,7 +300,7 @@ class Started:
                     gw.shadow.submit(
                         record,
                         self.sampling,
-                        shadowable=plain_sampling(self.sampling, "tools" in record.params),
+                        shadowable=plain_sampling(self.sampling) and "tools" not in record.params,
                     )
             finally:
                 route.lease.release()

@@ -89,7 +89,7 @@ async def start(
     try:
         # Requests a student cannot honour stay on the engine: a traffic split never
         # sends them to a student.
-        route = await routes.resolve(model, split=plain_sampling(sampling, bool(tools)))
+        route = await routes.resolve(model, split=plain_sampling(sampling))
         if not route.engine.ready():
             raise ServiceUnavailableError("The engine is not ready.")
         engine_id = info.request_id if info.id_generated else uuid.uuid4().hex

@@ -33,7 +33,7 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny import make_tiny_base
 
     root = tmp_path_factory.mktemp("student-build")
-    base = make_tiny_base(root / "tiny", seed=3, hidden_size=64)
+    base = make_tiny_base(root / "tiny", seed=3, hidden_size=64, context=2048)  # room for tools
     return build_onnx(base, root / "onnx", "fp32")
 
 
@@ -244,11 +244,30 @@ def test_student_applies_logit_bias(client: TestClient[Any]) -> None:
     assert bad.json()["error"]["param"] == "logit_bias"
 
 
-def test_student_refuses_tools(client: TestClient[Any]) -> None:
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+def test_student_calls_a_named_tool(client: TestClient[Any]) -> None:
+    """Tools reach the student's prompt (a Hermes system prompt: its template takes no
+    tools), and a named function is decoded against its parameters."""
+    params = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "weather", "parameters": params}}
+    base = {"model": "fake-student", **CHAT, "max_tokens": 30, "seed": 1}
     r = client.post(
         "/v1/chat/completions",
-        json={"model": "fake-student", **CHAT, "max_tokens": 4, "tools": [tool]},
+        json={
+            **base,
+            "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "weather"}},
+        },
     )
-    assert r.status_code == 400
-    assert r.json()["error"]["param"] == "tools"
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert_valid("CreateChatCompletionResponse", body)
+    (call,) = body["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "weather"
+    assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+    plain = client.post("/v1/chat/completions", json={**base, "max_tokens": 1}).json()
+    assert body["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 20
