@@ -15,8 +15,8 @@ Supported sampling: ``n``, ``max_tokens``, ``min_tokens``, ``ignore_eos``, ``tem
 (0 = greedy), ``top_p``, ``seed``, ``stop``, ``logit_bias``, and constrained JSON output
 (``response_format``, forced tool calls; :mod:`gateway.engines.guide`), and ``tools`` (in the
 template when it takes them, else a Hermes system prompt: :mod:`retort.chat_template`, as on
-the teacher). ``logprobs`` and presence/frequency penalties are refused (400). Students take
-no adapters: this engine is not an :class:`~gateway.engines.base.AdapterEngine`.
+the teacher), and ``logprobs``. Presence/frequency penalties are refused (400). Students take no
+adapters: this engine is not an :class:`~gateway.engines.base.AdapterEngine`.
 
 Usage::
 
@@ -44,6 +44,7 @@ from gateway.engines.base import (
     GenerateRequest,
     InvalidInputError,
     PromptTooLongError,
+    TokenLogprob,
 )
 from gateway.engines.guide import GuideCompiler
 from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError
@@ -190,8 +191,6 @@ class OnnxEngine:
         if self._closed:
             raise EngineNotReadyError("the student engine is closed")
         s = request.sampling
-        if s.logprobs is not None:
-            raise InvalidInputError("student models do not return logprobs", param="logprobs")
         if request.adapter is not None:
             raise InvalidInputError("student models take no adapters", param="model")
         for param in ("presence_penalty", "frequency_penalty"):
@@ -224,6 +223,15 @@ class OnnxEngine:
         finally:
             self._inflight -= 1
 
+    def _token_logprob(
+        self, token: int, logprob: float, top: list[tuple[int, float]]
+    ) -> TokenLogprob:
+        """Decoded as vLLM does: each token's own text (called on the batcher's thread)."""
+        return TokenLogprob(self._piece(token), logprob, [(self._piece(t), lp) for t, lp in top])
+
+    def _piece(self, token: int) -> str:
+        return str(self._tokenizer.decode(np.asarray([token], np.int32)))
+
     def _bias(self, logit_bias: Mapping[int, float] | None) -> np.ndarray | None:
         """``logit_bias`` as a vector over the vocabulary (a 400 for an unknown token)."""
         if not logit_bias:
@@ -253,15 +261,20 @@ class OnnxEngine:
         s = request.sampling
         n_prompt = len(ids)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, str | BaseException | None, str | None]] = asyncio.Queue()
+        queue: asyncio.Queue[
+            tuple[int, str | BaseException | None, str | None, TokenLogprob | None]
+        ] = asyncio.Queue()
         streams = [self._tokenizer.create_stream() for _ in range(s.n)]
 
         def emit(seq: Row, token: int | None, finish: str | None) -> None:
             piece = streams[seq.tag].decode(token) if token is not None else ""
-            loop.call_soon_threadsafe(queue.put_nowait, (seq.tag, piece, finish))
+            lp = None
+            if token is not None and seq.last_logprobs is not None:
+                lp = self._token_logprob(token, *seq.last_logprobs)
+            loop.call_soon_threadsafe(queue.put_nowait, (seq.tag, piece, finish, lp))
 
         def fail(seq: Row, exc: BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (seq.tag, exc, None))
+            loop.call_soon_threadsafe(queue.put_nowait, (seq.tag, exc, None, None))
 
         seqs = [
             Row(
@@ -275,6 +288,7 @@ class OnnxEngine:
                 min_tokens=s.min_tokens,
                 ignore_eos=s.ignore_eos,
                 tag=index,
+                logprobs=s.logprobs,
                 bias=bias,
                 guide=None if compiled is None else self._guides.guide(compiled),
             )
@@ -294,14 +308,25 @@ class OnnxEngine:
         sent = [0] * s.n  # characters of each text already yielded
         counts = [0] * s.n  # tokens, the end token included (as vLLM counts)
         ended = [False] * s.n
+        lps: list[list[TokenLogprob]] = [[] for _ in range(s.n)]  # not yet yielded
+        want_lps = s.logprobs is not None
+
+        def chunk(index: int, text: str, finish: str | None = None) -> Chunk:
+            out = Chunk(index, text, n_prompt, counts[index], finish)
+            if want_lps:
+                out.logprobs, lps[index] = lps[index], []
+            return out
+
         try:
             while not all(ended):
-                index, item, finish = await queue.get()
+                index, item, finish, lp = await queue.get()
                 if ended[index]:
                     continue  # stopped by a stop string; late tokens are dropped
                 if isinstance(item, BaseException):
                     raise EngineError(f"student generation failed: {item}") from item
                 counts[index] += 1
+                if lp is not None:
+                    lps[index].append(lp)
                 text = texts[index] = texts[index] + (item or "")
                 start = sent[index]
                 if stops:
@@ -311,17 +336,17 @@ class OnnxEngine:
                         ended[index] = True
                         seqs[index].cancel()
                         self._batcher.wake()
-                        yield Chunk(index, text[start : min(hits)], n_prompt, counts[index], "stop")
+                        yield chunk(index, text[start : min(hits)], "stop")
                         continue
                     safe = len(text) - _held_back(text, stops)
                 else:
                     safe = len(text)
                 if finish is not None:
                     ended[index] = True
-                    yield Chunk(index, text[start:], n_prompt, counts[index], finish)
+                    yield chunk(index, text[start:], finish)
                 elif safe > start:
                     sent[index] = safe
-                    yield Chunk(index, text[start:safe], n_prompt, counts[index])
+                    yield chunk(index, text[start:safe])
         finally:
             for seq in seqs:
                 seq.cancel()

@@ -12,7 +12,8 @@ last row into it.
 join the batch (up to ``max_batch`` rows) as rows free up, and every step decodes one token
 for each running row, so all running sequences advance at the same pace. Sampling is per
 row (greedy, or temperature/top-p with the sequence's own seeded generator), as are
-``min_tokens`` and ``ignore_eos`` (the end token is masked until then), ``logit_bias`` and
+``min_tokens`` and ``ignore_eos`` (the end token is masked until then), ``logprobs``,
+``logit_bias`` and
 grammar-constrained output (:mod:`gateway.engines.guide`: each row's allowed tokens are
 masked before it samples).
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
     from gateway.engines.guide import Guide
 
-__all__ = ["Batcher", "OrtRunner", "QueueFullError", "Sequence", "sample_token"]
+__all__ = ["Batcher", "OrtRunner", "QueueFullError", "Sequence", "sample_token", "token_logprobs"]
 
 log = logging.getLogger("retort.students")
 
@@ -180,6 +181,16 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: Any)
     return int(rng.choice(len(probs), p=probs))
 
 
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log-probability under ``logits`` and the ``k`` most likely tokens."""
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    logp = z - np.log(np.exp(z).sum())
+    top = np.argpartition(-logp, k)[:k] if 0 < k < len(logp) else np.arange(len(logp))[:k]
+    ranked = sorted(((int(t), float(logp[t])) for t in top), key=lambda p: -p[1])
+    return float(logp[token]), ranked
+
+
 @dataclass(eq=False)
 class Sequence:
     """One choice being generated. ``emit(seq, token, finish)`` is called on the worker
@@ -201,6 +212,11 @@ class Sequence:
     """Added to the logits before sampling (``logit_bias``), ``[vocab]``."""
     guide: Guide | None = field(default=None, repr=False)
     """Constrained decoding: the tokens allowed next, and the grammar state to advance."""
+    logprobs: int | None = None
+    """``None``: none; ``k``: each token's log-probability and the top ``k`` alternatives
+    (from the model's own distribution, as vLLM's default ``raw_logprobs``), left in
+    :attr:`last_logprobs` before the token is emitted."""
+    last_logprobs: tuple[float, list[tuple[int, float]]] | None = field(default=None, repr=False)
     cancelled: bool = False
     produced: int = 0
     length: int = 0
@@ -401,6 +417,7 @@ class Batcher:
         """Pick ``seq``'s next token from ``logits`` and hand it out; False when it ended."""
         if seq.cancelled:
             return False
+        raw = logits
         if seq.bias is not None:
             logits = logits + seq.bias
         if seq.guide is not None:
@@ -415,6 +432,8 @@ class Batcher:
         if seq.guide is not None and token not in self._eos and not seq.guide.accept(token):
             seq.fail(seq, RuntimeError(f"token {token} breaks the output grammar"))
             return False
+        if seq.logprobs is not None:
+            seq.last_logprobs = token_logprobs(raw, token, seq.logprobs)
         if token in self._eos:
             seq.produced += 1
             seq.emit(seq, None, "stop")

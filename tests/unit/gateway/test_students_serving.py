@@ -104,13 +104,32 @@ def test_student_is_listed_and_served(client: TestClient[Any], home: Path) -> No
     assert [r["model"] for r in rows] == ["fake-student", "fake-student"]
 
 
-def test_student_rejects_logprobs_clearly(client: TestClient[Any]) -> None:
-    r = client.post(
-        "/v1/chat/completions",
-        json={"model": "fake-student", **CHAT, "logprobs": True, "max_tokens": 2},
-    )
-    assert r.status_code == 400
-    assert r.json()["error"]["param"] == "logprobs"
+@pytest.mark.parametrize("stream", [False, True])
+def test_student_returns_logprobs(client: TestClient[Any], stream: bool) -> None:
+    body = {"model": "fake-student", **CHAT, "max_tokens": 4, "ignore_eos": True, "stream": stream}
+    r = client.post("/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 3})
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+        entries = [
+            e
+            for ev in events
+            for c in ev["choices"]
+            for e in (c.get("logprobs") or {}).get("content") or []
+        ]
+        text = "".join(c["delta"].get("content") or "" for ev in events for c in ev["choices"])
+    else:
+        assert_valid("CreateChatCompletionResponse", r.json())
+        choice = r.json()["choices"][0]
+        entries, text = choice["logprobs"]["content"], choice["message"]["content"]
+    assert len(entries) == 4
+    assert "".join(e["token"] for e in entries) == text
+    for e in entries:
+        assert e["logprob"] <= 0
+        assert len(e["top_logprobs"]) == 3
+        assert (
+            e["top_logprobs"][0]["logprob"] >= e["logprob"] - 1e-6
+        )  # ranked: the first is the likeliest
 
 
 def test_hot_load_and_unload_through_the_admin_api(home: Path, onnx_dir: Path) -> None:
