@@ -147,13 +147,9 @@ class PromptTooLongError(ValueError):
 
 def plain_sampling(sampling: Sampling) -> bool:
     """Whether a student can honour this request the way its teacher would: what a traffic
-    split or a shadow copy may send it. Students decode constrained JSON
-    (``response_format``, forced tool calls), take tools and return logprobs, but apply no
-    penalties; ``logit_bias`` stays on the teacher, since its token ids belong to the
-    teacher's tokenizer."""
-    return (
-        not sampling.logit_bias and not sampling.presence_penalty and not sampling.frequency_penalty
-    )
+    split or a shadow copy may send it. Students honour every sampling field but
+    ``logit_bias``, whose token ids belong to the teacher's tokenizer."""
+    return not sampling.logit_bias
 
 
 def refuse_unsupported(request: GenerateRequest, who: str) -> None:

@@ -15,7 +15,7 @@ Supported sampling: ``n``, ``max_tokens``, ``min_tokens``, ``ignore_eos``, ``tem
 (0 = greedy), ``top_p``, ``seed``, ``stop``, ``logit_bias``, and constrained JSON output
 (``response_format``, forced tool calls; :mod:`gateway.engines.guide`), and ``tools`` (in the
 template when it takes them, else a Hermes system prompt: :mod:`retort.chat_template`, as on
-the teacher), and ``logprobs``. Presence/frequency penalties are refused (400). Students take no
+the teacher), ``logprobs`` and presence/frequency penalties. Students take no
 adapters: this engine is not an :class:`~gateway.engines.base.AdapterEngine`.
 
 Usage::
@@ -193,9 +193,6 @@ class OnnxEngine:
         s = request.sampling
         if request.adapter is not None:
             raise InvalidInputError("student models take no adapters", param="model")
-        for param in ("presence_penalty", "frequency_penalty"):
-            if getattr(s, param):
-                raise InvalidInputError(f"student models do not support {param}", param=param)
         ids = await asyncio.to_thread(self.encode, request)
         n_prompt = len(ids)
         if n_prompt == 0:
@@ -289,6 +286,8 @@ class OnnxEngine:
                 ignore_eos=s.ignore_eos,
                 tag=index,
                 logprobs=s.logprobs,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
                 bias=bias,
                 guide=None if compiled is None else self._guides.guide(compiled),
             )

@@ -13,7 +13,7 @@ join the batch (up to ``max_batch`` rows) as rows free up, and every step decode
 for each running row, so all running sequences advance at the same pace. Sampling is per
 row (greedy, or temperature/top-p with the sequence's own seeded generator), as are
 ``min_tokens`` and ``ignore_eos`` (the end token is masked until then), ``logprobs``,
-``logit_bias`` and
+presence/frequency penalties, ``logit_bias`` and
 grammar-constrained output (:mod:`gateway.engines.guide`: each row's allowed tokens are
 masked before it samples).
 
@@ -212,6 +212,12 @@ class Sequence:
     """Added to the logits before sampling (``logit_bias``), ``[vocab]``."""
     guide: Guide | None = field(default=None, repr=False)
     """Constrained decoding: the tokens allowed next, and the grammar state to advance."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    """OpenAI's penalties: subtracted from the logit of every token already generated, once
+    (presence) and per occurrence (frequency)."""
+    counts: dict[int, int] = field(default_factory=dict, repr=False)
+    """Generated tokens and how often each came (kept only with a penalty)."""
     logprobs: int | None = None
     """``None``: none; ``k``: each token's log-probability and the top ``k`` alternatives
     (from the model's own distribution, as vLLM's default ``raw_logprobs``), left in
@@ -420,6 +426,11 @@ class Batcher:
         raw = logits
         if seq.bias is not None:
             logits = logits + seq.bias
+        if seq.counts:
+            ids = np.fromiter(seq.counts, np.int64, len(seq.counts))
+            n = np.fromiter(seq.counts.values(), np.float32, len(seq.counts))
+            logits = logits.copy() if logits is raw else logits
+            logits[ids] -= seq.presence_penalty + seq.frequency_penalty * n
         if seq.guide is not None:
             logits = np.where(seq.guide.allowed(), logits, -np.inf)
         if seq.ignore_eos or seq.produced < seq.min_tokens:
@@ -434,6 +445,8 @@ class Batcher:
             return False
         if seq.logprobs is not None:
             seq.last_logprobs = token_logprobs(raw, token, seq.logprobs)
+        if seq.presence_penalty or seq.frequency_penalty:
+            seq.counts[token] = seq.counts.get(token, 0) + 1
         if token in self._eos:
             seq.produced += 1
             seq.emit(seq, None, "stop")

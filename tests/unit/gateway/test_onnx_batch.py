@@ -310,3 +310,25 @@ def test_unusable_schema_is_a_400_naming_the_field(tiny_onnx: Path) -> None:
     with pytest.raises(InvalidInputError) as err:
         compiler.compile(OutputConstraint({"type": "nonsense"}, param="tool_choice"))
     assert err.value.param == "tool_choice"
+
+
+def test_penalties_lower_repeated_tokens(tiny_onnx: Path) -> None:
+    """Greedy decoding of a random tiny model repeats tokens; a large frequency penalty
+    makes every token of the answer distinct."""
+
+    def run(**penalties: float) -> list[int]:
+        batcher, log = _batcher(tiny_onnx, max_batch=1)
+        log.expect = 1
+        seq = Sequence(PROMPTS[0], 12, log.emit, log.fail, ignore_eos=True, tag="x", **penalties)
+        try:
+            batcher.submit([seq])
+            assert log.done.wait(30)
+        finally:
+            batcher.close()
+        return log.tokens["x"]
+
+    plain = run()
+    assert len(set(plain)) < len(plain)  # the premise: greedy repeats itself here
+    spread = run(frequency_penalty=100.0)
+    assert len(set(spread)) == len(spread) == 12
+    assert len(set(run(presence_penalty=100.0))) == 12

@@ -146,9 +146,7 @@ async def test_rejections(engine: OnnxEngine) -> None:
     with pytest.raises(PromptTooLongError):
         await _collect(engine, GenerateRequest("r", prompt=[5] * 200))
     with pytest.raises(InvalidInputError):
-        await _collect(
-            engine, GenerateRequest("r", prompt="hi", sampling=Sampling(presence_penalty=0.5))
-        )
+        await _collect(engine, GenerateRequest("r", prompt="hi", adapter="pirate"))
     with pytest.raises(InvalidInputError):
         await _collect(engine, GenerateRequest("r", prompt=[10**9]))
 
