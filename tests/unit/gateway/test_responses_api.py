@@ -27,6 +27,7 @@ from gateway.engines.fake import FakeEngine
 from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
 from loadtest.servers import AppServer
+from retort.db.filters import RowFilter
 from retort.db.schema import responses as responses_table
 from retort.db.store import PromptStore
 from tests.openai_schema import assert_valid
@@ -54,7 +55,7 @@ class Served:
 
         async def q() -> list[dict[str, Any]]:
             async with PromptStore(f"sqlite+aiosqlite:///{self.db}") as store:
-                return await store.query(**(sql_filter or {}))
+                return await store.query(RowFilter(**(sql_filter or {})))
 
         return asyncio.run(q())
 

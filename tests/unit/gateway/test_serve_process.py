@@ -17,6 +17,7 @@ import pytest
 
 from gateway.auth import hash_key
 from loadtest.servers import FAKE_MODEL, Gateway, fake_gateway_config, redis_server, start_gateway
+from retort.db.filters import RowFilter
 from retort.db.store import PromptStore
 from tests.services import service
 
@@ -34,7 +35,7 @@ def openai_client(gw: Gateway, key: str = "unused", **kwargs: Any) -> openai.Ope
 def log_rows(gw: Gateway, **filters: Any) -> list[dict[str, Any]]:
     async def query() -> list[dict[str, Any]]:
         async with PromptStore(f"sqlite+aiosqlite:///{gw.home}/retort.db") as store:
-            return await store.query(**filters)
+            return await store.query(RowFilter(**filters))
 
     return asyncio.run(query())
 

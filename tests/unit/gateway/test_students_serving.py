@@ -18,6 +18,7 @@ from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
 from gateway.studentpool import StudentsSettings, TrafficSplit
 from gateway.students import StudentRegistry
+from retort.db.filters import RowFilter
 from retort.db.store import PromptStore
 from tests.openai_schema import assert_valid
 
@@ -97,7 +98,7 @@ def test_student_is_listed_and_served(client: TestClient[Any], home: Path) -> No
 
     async def read() -> list[dict[str, Any]]:
         async with PromptStore(f"sqlite+aiosqlite:///{home}/retort.db") as store:
-            return await store.query(served_by="student")
+            return await store.query(RowFilter(served_by="student"))
 
     rows = asyncio.run(read())
     assert [r["model"] for r in rows] == ["fake-student", "fake-student"]
