@@ -6,9 +6,10 @@ Prometheus all start, wait and stop here, so tests and benchmarks never grow a s
 :func:`running` starts servers together, waits until every one is ready, and on the way
 out (error or not) stops them all: SIGTERM to the server, which shuts its engine down, then
 SIGKILL to its process group and to every descendant seen. :func:`start_gateway` starts one
-``retort serve`` from a config mapping and returns it ready; :class:`AppServer` serves an
-app object in a thread of this process. :class:`RssSampler` records
-the peak resident memory of a server's process tree while a block runs.
+``retort serve`` from a config mapping and returns it ready; :class:`AppServer` (and
+:func:`serving_app`) serves an app object in a thread of this process.
+:class:`RssSampler` records the peak resident memory of a server's process tree while a
+block runs.
 :func:`postgres_server`, :func:`redis_server` and :func:`prometheus_server` start
 throwaway data services on free loopback ports; a missing binary raises
 :class:`ServiceMissing`, which names the Debian package to install.
@@ -59,6 +60,7 @@ __all__ = [
     "prometheus_server",
     "redis_server",
     "running",
+    "serving_app",
     "start_gateway",
     "started",
     "vllm_server_spec",
@@ -399,16 +401,15 @@ class AppServer:
             self._thread.join(timeout_s)
         self._sock.close()
 
-    def __enter__(self) -> str:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+@contextlib.contextmanager
+def serving_app(app: Any, *, log_level: str = "error") -> Iterator[str]:
+    """``with serving_app(app) as url``: an :class:`AppServer`, stopped afterwards."""
+    server = AppServer(app, log_level=log_level)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 class RssSampler:

@@ -40,6 +40,7 @@ from gateway.engines.base import (
     GenerateRequest,
     InvalidInputError,
     PromptTooLongError,
+    ServedModel,
     refuse_unsupported,
 )
 from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError
@@ -73,7 +74,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
-class OnnxEngine:
+class OnnxEngine(ServedModel):
     """The :class:`~gateway.engines.base.Engine` protocol over an onnxruntime-genai folder."""
 
     def __init__(
@@ -136,14 +137,6 @@ class OnnxEngine:
         return await asyncio.to_thread(lambda: cls(path, **kwargs))
 
     # -- protocol -------------------------------------------------------------------------
-
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
 
     @property
     def inflight(self) -> int:

@@ -26,7 +26,7 @@ from gateway.auth import APIKey, AuthSettings, hash_key
 from gateway.engines.fake import FakeEngine
 from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
-from loadtest.servers import AppServer
+from loadtest.servers import serving_app
 from retort.db.filters import RowFilter
 from retort.db.schema import responses as responses_table
 from retort.db.store import PromptStore
@@ -93,7 +93,7 @@ def _serve(tmp: Path, engine: FakeEngine) -> Iterator[Served]:
             ]
         ),
     )
-    with AppServer(create_app(settings, engine=engine)) as url:
+    with serving_app(create_app(settings, engine=engine)) as url:
         yield Served(url, db, engine)
 
 

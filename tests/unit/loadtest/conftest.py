@@ -10,7 +10,7 @@ import pytest
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
 from gateway.settings import EngineSettings, ServerSettings, Settings
-from loadtest.servers import AppServer
+from loadtest.servers import serving_app
 from retort.settings import ModelSettings
 
 ADAPTER = "fake-adapter"
@@ -27,5 +27,5 @@ def gateway_url() -> Iterator[str]:
         model=ModelSettings(served_name="fake-model"),
         server=ServerSettings(log_level="warning"),
     )
-    with AppServer(create_app(settings, engine=engine), log_level="warning") as url:
+    with serving_app(create_app(settings, engine=engine), log_level="warning") as url:
         yield url
