@@ -351,6 +351,7 @@ def start_gateway(
     import yaml
 
     folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
     home = home or folder / "home"
     home.mkdir(parents=True, exist_ok=True)
     cfg = folder / "retort.yaml"
