@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 from filelock import FileLock
 
 from adapters.errors import (
-    AdapterError,
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterPathError,
@@ -43,16 +42,7 @@ from retort.files import is_valid_name
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = [
-    "AdapterEntry",
-    "AdapterError",
-    "AdapterExistsError",
-    "AdapterNotFoundError",
-    "AdapterPathError",
-    "AdapterRegistry",
-    "AdapterValidationError",
-    "check_name",
-]
+__all__ = ["AdapterEntry", "AdapterRegistry", "check_name"]
 
 _COPIED = (CONFIG_FILE, WEIGHTS_FILE, "train_log.json", "loss.png", "README.md")
 

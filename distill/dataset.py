@@ -1,6 +1,6 @@
 """Stage 1, dataset: logged requests -> deduplicated train/eval HF datasets.
 
-Selection reuses the prompt log's filters (:meth:`PromptStore.iter_rows`: model, adapter,
+Selection reuses the prompt log's filter (:class:`~retort.db.filters.RowFilter`: model, adapter,
 time window, minimum feedback score, status, served_by). Then:
 
 1. exact duplicates (same normalized prompt) are dropped, the oldest kept;
@@ -28,6 +28,7 @@ from distill.stages import stage_done, write_stage
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from retort.db.filters import RowFilter
     from retort.db.store import PromptStore
 
 __all__ = [
@@ -138,21 +139,20 @@ def dedupe(
     return kept, exact, len(unique) - len(kept)
 
 
-def filters(
-    config: DatasetConfig, adapter: str | None, *, now: float | None = None
-) -> dict[str, Any]:
-    """The store filters this config selects with."""
+def filters(config: DatasetConfig, adapter: str | None, *, now: float | None = None) -> RowFilter:
+    """The store filter this config selects with."""
     from retort.db.export import parse_time
+    from retort.db.filters import RowFilter
 
-    return {
-        "model": config.model,
-        "adapter": adapter,
-        "since": parse_time(config.since, now=now) if config.since else None,
-        "until": parse_time(config.until, now=now) if config.until else None,
-        "min_score": config.min_score,
-        "status": config.status,
-        "served_by": config.served_by,
-    }
+    return RowFilter(
+        model=config.model,
+        adapter=adapter,
+        since=parse_time(config.since, now=now) if config.since else None,
+        until=parse_time(config.until, now=now) if config.until else None,
+        min_score=config.min_score,
+        status=config.status,
+        served_by=config.served_by,
+    )
 
 
 def _example(row: dict[str, Any]) -> Example | None:
@@ -185,7 +185,7 @@ async def select_rows(
     store: PromptStore, config: DatasetConfig, adapter: str | None, *, now: float | None = None
 ) -> list[dict[str, Any]]:
     """Matching log rows, oldest first."""
-    return await store.query(**filters(config, adapter, now=now), limit=config.limit)
+    return await store.query(filters(config, adapter, now=now), limit=config.limit)
 
 
 def watermark(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -136,7 +136,7 @@ class AdapterManager:
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def _validate(self, path: Path) -> Any:
-        from adapters.registry import AdapterValidationError
+        from adapters.errors import AdapterValidationError
 
         try:
             return await asyncio.to_thread(self.registry.validate, path)
@@ -144,7 +144,7 @@ class AdapterManager:
             raise BadRequestError(f"Invalid adapter: {exc}", param="lora_path") from exc
 
     def _resolve(self, name: str, path: str | None) -> Path:
-        from adapters.registry import AdapterValidationError
+        from adapters.errors import AdapterValidationError
 
         try:
             return Path(self.registry.resolve(path or name))

@@ -1,5 +1,8 @@
 """Every Prometheus metric of the gateway, in one place (namespace ``retort_``).
 
+Past ~400 lines on purpose: DESIGN.md keeps every metric here, declared and observed by one
+:class:`Metrics`, so a new metric has one home.
+
 Labels stay bounded: ``model``, ``adapter`` (``"none"`` for the base model), ``status``,
 ``reason`` and, only when enabled, ``key_id`` (ids come from the configuration, so the set
 is finite). Never a prompt, a user or any request text.

@@ -46,7 +46,7 @@ from loadtest.servers import (
     running,
     vllm_server_spec,
 )
-from loadtest.wrk import WrkError, lua_script, require_wrk, run_wrk, wrk_command
+from loadtest.wrk import WrkError, chat_body, lua_script, require_wrk, run_wrk, wrk_command
 
 __all__ = ["bench_compare", "bench_overhead", "main", "run_bench"]
 
@@ -140,19 +140,6 @@ def bench_compare(opts: BenchOptions) -> dict[str, Any]:
     }
 
 
-def _fake_body(stream: bool, max_tokens: int) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": "fake-model",
-        "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": stream,
-    }
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
-
-
 def _check_fake(url: str, body: dict[str, Any]) -> None:
     """One request before wrk: it must succeed and produce ``max_tokens`` tokens."""
     resp = httpx.post(url + "/v1/chat/completions", json=body, timeout=10)
@@ -179,7 +166,7 @@ def bench_overhead(opts: BenchOptions) -> dict[str, Any]:
     scripts = {}
     for mode, stream in (("non-stream", False), ("stream", True)):
         scripts[mode] = out / f"post-{mode}.lua"
-        body = _fake_body(stream, opts.wrk_max_tokens)
+        body = chat_body(stream, opts.wrk_max_tokens)
         scripts[mode].write_text(lua_script("/v1/chat/completions", body))
     levels = sorted({1, MEMORY_CONCURRENCY, *opts.wrk_levels})
     spec = gateway_spec("gateway-fake", config, free_port(), cpus=server_cpu)
@@ -188,7 +175,7 @@ def bench_overhead(opts: BenchOptions) -> dict[str, Any]:
     with running([spec], out / "logs", 120) as (gw,):
         started = gw.rss_bytes()
         for mode, stream in (("non-stream", False), ("stream", True)):
-            _check_fake(gw.url, _fake_body(stream, opts.wrk_max_tokens))
+            _check_fake(gw.url, chat_body(stream, opts.wrk_max_tokens))
             run_wrk(gw.url, scripts[mode], MEMORY_CONCURRENCY, 2, wrk_cpu)  # warm-up
         idle = gw.rss_bytes()
         peak = (0, 0)

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.bench_options import BenchOptions, console, now
 from loadtest.servers import free_port, gateway_spec, postgres_bindir, postgres_server, running
-from loadtest.wrk import lua_script, require_wrk, run_wrk
+from loadtest.wrk import chat_body, lua_script, require_wrk, run_wrk
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -42,19 +42,6 @@ __all__ = ["SERVERS", "bench_logging"]
 
 SERVERS = ("log-off", "log-on")
 MODES = (("non-stream", False), ("stream", True))
-
-
-def _body(stream: bool, max_tokens: int) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": "fake-model",
-        "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": stream,
-    }
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
 
 
 def _promptlog_counters(url: str) -> dict[str, float]:
@@ -92,14 +79,14 @@ def _latency(opts: BenchOptions, out: Any) -> dict[str, Any]:
     scripts = {}
     for mode, stream in MODES:
         scripts[mode] = out / f"post-{mode}.lua"
-        scripts[mode].write_text(lua_script("/v1/chat/completions", _body(stream, 16)))
+        scripts[mode].write_text(lua_script("/v1/chat/completions", chat_body(stream, 16)))
     runs: list[dict[str, Any]] = []
     with running(specs, out / "logs", 120) as servers:
         by_name = {s.spec.name: s for s in servers}
         for server in servers:  # warm-up, and a check that each answers
             for mode, stream in MODES:
                 r = httpx.post(
-                    server.url + "/v1/chat/completions", json=_body(stream, 16), timeout=10
+                    server.url + "/v1/chat/completions", json=chat_body(stream, 16), timeout=10
                 )
                 r.raise_for_status()
                 run_wrk(server.url, scripts[mode], 1, 2, wrk_cpu)

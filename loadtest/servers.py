@@ -5,8 +5,11 @@ Prometheus all start, wait and stop here, so tests and benchmarks never grow a s
 
 :func:`running` starts servers together, waits until every one is ready, and on the way
 out (error or not) stops them all: SIGTERM to the server, which shuts its engine down, then
-SIGKILL to its process group and to every descendant seen. :class:`RssSampler` records
-the peak resident memory of a server's process tree while a block runs.
+SIGKILL to its process group and to every descendant seen. :func:`start_gateway` starts one
+``retort serve`` from a config mapping and returns it ready; :class:`AppServer` (and
+:func:`serving_app`) serves an app object in a thread of this process.
+:class:`RssSampler` records the peak resident memory of a server's process tree while a
+block runs.
 :func:`postgres_server`, :func:`redis_server` and :func:`prometheus_server` start
 throwaway data services on free loopback ports; a missing binary raises
 :class:`ServiceMissing`, which names the Debian package to install.
@@ -26,26 +29,30 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import httpx
 import psutil
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from types import TracebackType
 
     from gateway.settings import EngineSettings
 
 __all__ = [
+    "FAKE_MODEL",
+    "AppServer",
+    "Gateway",
     "Postgres",
     "RssSampler",
     "Server",
     "ServerError",
     "ServerSpec",
     "ServiceMissing",
+    "fake_gateway_config",
     "free_port",
     "gateway_spec",
     "postgres_bindir",
@@ -53,6 +60,9 @@ __all__ = [
     "prometheus_server",
     "redis_server",
     "running",
+    "serving_app",
+    "start_gateway",
+    "started",
     "vllm_server_spec",
     "wait_port",
 ]
@@ -102,6 +112,8 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
     cpus: str | None = None
     """``taskset -c`` CPU list to pin the server (and its children) to."""
+    clean_env: bool = False
+    """Leave out the caller's ``RETORT_*`` variables: only ``env`` sets them."""
 
     @property
     def url(self) -> str:
@@ -118,10 +130,11 @@ def gateway_spec(
     *,
     cpus: str | None = None,
     env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> ServerSpec:
-    """``retort serve`` with a YAML config."""
+    """``retort serve`` with a YAML config (and ``args``, more ``serve`` options)."""
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
-    argv += ["--port", str(port), "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--host", "127.0.0.1", *args]
     return ServerSpec(name, argv, port, "/ready", env or {}, cpus)
 
 
@@ -155,6 +168,9 @@ def vllm_server_spec(
     return ServerSpec(name, argv, port, "/health", env)
 
 
+S = TypeVar("S", bound="Server")
+
+
 class Server:
     """A started server process (the leader of a new process group)."""
 
@@ -162,12 +178,15 @@ class Server:
         self.spec = spec
         self.log_path = log_path
         self._log = log_path.open("wb")
+        inherited = {
+            k: v for k, v in os.environ.items() if not (spec.clean_env and k.startswith("RETORT_"))
+        }
         self.proc = subprocess.Popen(
             spec.command(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **spec.env},
+            env={**inherited, **spec.env},
             start_new_session=True,
         )
         self._seen: dict[int, psutil.Process] = {}
@@ -221,8 +240,9 @@ class Server:
                     root = rss
         return root, total
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM to the server (it shuts its engine down), then SIGKILL to what is left."""
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM to the server (it shuts its engine down), then SIGKILL to what is left;
+        returns the server's exit status."""
         self.processes()
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -237,6 +257,17 @@ class Server:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
         self._log.close()
+        return self.proc.returncode
+
+
+def started(server: S, ready_timeout_s: float) -> S:
+    """``server`` once it is ready; stopped again (and :class:`ServerError`) if it is not."""
+    try:
+        server.wait_ready(ready_timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 @contextlib.contextmanager
@@ -257,6 +288,129 @@ def running(
     finally:
         for server in servers:
             server.stop()
+
+
+FAKE_MODEL = "fake-model"
+
+
+def fake_gateway_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config``'s sections over those of a gateway on the fake engine (``fake-model``,
+    2048 tokens, info log, the prompt log flushed every 0.1 s)."""
+    base: dict[str, Any] = {
+        "model": {"served_name": FAKE_MODEL},
+        "engine": {"kind": "fake", "max_model_len": 2048},
+        "server": {"log_level": "info"},
+        "promptlog": {"flush_interval_s": 0.1},
+    }
+    for section, values in config.items():
+        base[section] = {**base.get(section, {}), **values}
+    return base
+
+
+class Gateway(Server):
+    """A ``retort serve`` process started by :func:`start_gateway`."""
+
+    def __init__(
+        self, spec: ServerSpec, log_path: Path, home: Path, config: dict[str, Any]
+    ) -> None:
+        self.home = home
+        """Its ``RETORT_HOME``."""
+        self.config = config
+        """The settings it was started with (its YAML file's content)."""
+        super().__init__(spec, log_path)
+
+    @property
+    def model(self) -> str:
+        """The name clients send in ``model``."""
+        return str(self.config["model"]["served_name"])
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_gateway(
+    root: Path,
+    name: str,
+    config: dict[str, Any],
+    *,
+    home: Path | None = None,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+    ready_timeout_s: float = 60.0,
+) -> Gateway:
+    """``retort serve`` on a free port, ready (``/ready`` answers 200).
+
+    ``config`` goes to ``root/name/retort.yaml`` and the log to ``root/name/server.log``;
+    ``RETORT_HOME`` is ``home`` (default ``root/name/home``). Of the caller's ``RETORT_*``
+    variables none reach it: only ``env`` adds some. Stopped again when it never gets ready.
+    """
+    import yaml
+
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    home = home or folder / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "retort.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    spec = gateway_spec(
+        name, cfg, free_port(), env={"RETORT_HOME": str(home), **(env or {})}, args=args
+    )
+    gw = Gateway(replace(spec, clean_env=True), folder / "server.log", home, config)
+    return started(gw, ready_timeout_s)
+
+
+class AppServer:
+    """An app (ASGI) served by uvicorn in a daemon thread of this process, on a free
+    loopback port; :meth:`start` returns its URL once ``ready_path`` answers 200."""
+
+    def __init__(self, app: Any, *, log_level: str = "error", ready_path: str = "/ready") -> None:
+        import uvicorn
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._ready_path = ready_path
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                if not self._thread.is_alive():
+                    raise ServerError("the app server's thread ended before it was ready")
+                if self._server.started:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if client.get(self.url + self._ready_path).status_code == 200:
+                            return self.url
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServerError(f"the app server not ready after {timeout_s:.0f} s")
+                time.sleep(0.02)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def serving_app(app: Any, *, log_level: str = "error") -> Iterator[str]:
+    """``with serving_app(app) as url``: an :class:`AppServer`, stopped afterwards."""
+    server = AppServer(app, log_level=log_level)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 class RssSampler:

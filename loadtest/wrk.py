@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "WrkError",
     "WrkResult",
+    "chat_body",
     "lua_script",
     "parse_output",
     "require_wrk",
@@ -50,6 +51,20 @@ def require_wrk() -> str:
     if path is None:
         raise WrkError("wrk is not installed: on Debian/Ubuntu run `apt-get install -y wrk`")
     return path
+
+
+def chat_body(stream: bool, max_tokens: int, model: str = "fake-model") -> dict[str, Any]:
+    """The chat request the fake-engine benchmarks send (usage in the last chunk of a stream)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
 
 
 def lua_script(path: str, body: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from adapters.synthetic import HELD_OUT_PROMPTS, qa_pairs, style_answer
 
-__all__ = ["CHATML_TEMPLATE", "make_tiny_base"]
+__all__ = ["CHATML_TEMPLATE", "make_tiny_base", "publish_student"]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -73,3 +73,13 @@ def make_tiny_base(
     model_cls: Any = LlamaForCausalLM
     model_cls(config).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def publish_student(home: Path, onnx_dir: Path, name: str = "fake-student") -> None:
+    """Publish an exported student (``tiny_onnx``) for the fake engine's ``fake-model``
+    into ``home``'s student registry."""
+    from gateway.students import StudentRegistry
+
+    StudentRegistry(home / "students").publish(
+        name, onnx_dir, teacher_model="fake-model", precision="fp32", report={"agreement": 1.0}
+    )

@@ -20,7 +20,8 @@ from gateway.console.session import csrf_form
 from gateway.console.views import gateway_of, render, store_of
 from gateway.errors import BadRequestError, NotFoundError
 from gateway.feedback import record_feedback
-from retort.db.export import ExportFilters, export_logs, parse_time
+from retort.db.export import export_logs, parse_time
+from retort.db.filters import RowFilter
 
 if TYPE_CHECKING:
     from retort.db.store import PromptStore
@@ -98,27 +99,29 @@ class TrafficFilters:
                 f.errors.append(f"`{name}` must be one of {', '.join(a for a in allowed if a)}.")
         return f
 
-    def store_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :meth:`PromptStore.page` (400 on a bad value)."""
+    def row_filter(self) -> RowFilter:
+        """The store's filter for these (400 on a bad value)."""
         if self.errors:
             raise BadRequestError(" ".join(self.errors))
-        out: dict[str, Any] = {
-            "model": self.model or None,
-            "adapter": self.adapter or None,
-            "served_by": self.served_by or None,
-            "status": self.status or None,
-            "search": self.q or None,
-            "rated": {"": None, "unrated": False, "rated": True}[self.feedback],
-            "min_score": _score(self.min_score, "min_score"),
-            "max_score": _score(self.max_score, "max_score"),
-        }
+        times: dict[str, float | None] = {}
         for name in ("since", "until"):
             text = getattr(self, name)
             try:
-                out[name] = parse_time(text) if text else None
+                times[name] = parse_time(text) if text else None
             except ValueError as exc:
                 raise BadRequestError(str(exc), param=name) from None
-        return out
+        return RowFilter(
+            model=self.model or None,
+            adapter=self.adapter or None,
+            served_by=self.served_by or None,
+            status=self.status or None,
+            search=self.q or None,
+            rated={"": None, "unrated": False, "rated": True}[self.feedback],
+            min_score=_score(self.min_score, "min_score"),
+            max_score=_score(self.max_score, "max_score"),
+            since=times["since"],
+            until=times["until"],
+        )
 
     def query(self, **override: Any) -> str:
         """The query string of these filters (empty ones left out), with overrides."""
@@ -165,12 +168,12 @@ async def traffic(request: Request[Any, Any, Any]) -> Template:
         error = "The prompt log is off (promptlog.enabled: false) or not open yet."
     else:
         try:
-            kwargs = filters.store_kwargs()
+            where = filters.row_filter()
         except BadRequestError as exc:
             error, status = exc.message, 400
         else:
             rows, total = await store.page(
-                offset=(filters.page - 1) * PAGE_SIZE, limit=PAGE_SIZE, **kwargs
+                where, offset=(filters.page - 1) * PAGE_SIZE, limit=PAGE_SIZE
             )
     pages = max(1, math.ceil(total / PAGE_SIZE))
     template = "traffic_table.html" if request.headers.get("hx-request") == "true" else None
@@ -199,10 +202,10 @@ def _scratch_file() -> Path:
 async def export_jsonl(request: Request[Any, Any, Any]) -> File:
     """The filtered log as JSONL, written by ``retort logs export``'s writer."""
     store = _require_store(request)
-    kwargs = TrafficFilters.from_query(request.query_params).store_kwargs()
+    where = TrafficFilters.from_query(request.query_params).row_filter()
     path = await asyncio.to_thread(_scratch_file)
     try:
-        await export_logs(store, "jsonl", path, ExportFilters(**kwargs))
+        await export_logs(store, "jsonl", path, where)
     except BaseException:
         await asyncio.to_thread(path.unlink, missing_ok=True)
         raise
@@ -215,14 +218,10 @@ async def export_jsonl(request: Request[Any, Any, Any]) -> File:
 
 
 async def _queue_rows(store: PromptStore, queue: dict[str, str]) -> list[dict[str, Any]]:
-    rows, _ = await store.page(
-        offset=0,
-        limit=QUEUE_SCAN,
-        oldest_first=True,
-        rated=False,
-        model=queue.get("model") or None,
-        adapter=queue.get("adapter") or None,
+    where = RowFilter(
+        rated=False, model=queue.get("model") or None, adapter=queue.get("adapter") or None
     )
+    rows, _ = await store.page(where, offset=0, limit=QUEUE_SCAN, oldest_first=True)
     return rows
 
 
@@ -250,7 +249,7 @@ def _request_url(request_id: str, queue: dict[str, str]) -> str:
 @get("/requests/{request_id:str}", name="console:request")
 async def request_page(request: Request[Any, Any, Any], request_id: str) -> Template:
     store = _require_store(request)
-    found = await store.query(request_id=request_id, limit=1)
+    found = await store.query(RowFilter(request_id=request_id), limit=1)
     if not found:
         raise NotFoundError(f"No logged request has the id `{request_id}`.", param="request_id")
     row = found[0]

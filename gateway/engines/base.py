@@ -27,6 +27,7 @@ __all__ = [
     "OutputConstraint",
     "PromptTooLongError",
     "Sampling",
+    "ServedModel",
     "TokenLogprob",
     "plain_sampling",
     "refuse_unsupported",
@@ -192,6 +193,22 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class ServedModel:
+    """:class:`Engine`'s ``model_name`` and ``max_model_len``, read from the ``_name`` and
+    ``_max_len`` an engine sets: a base class the engines share."""
+
+    _name: str
+    _max_len: int
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
 
 
 @runtime_checkable

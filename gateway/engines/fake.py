@@ -15,6 +15,7 @@ from gateway.engines.base import (
     EngineDeadError,
     GenerateRequest,
     PromptTooLongError,
+    ServedModel,
     TokenLogprob,
     refuse_unsupported,
 )
@@ -27,7 +28,7 @@ __all__ = ["FakeEngine"]
 ANSWER = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."]
 
 
-class FakeEngine:
+class FakeEngine(ServedModel):
     def __init__(
         self,
         model_name: str = "fake-model",
@@ -42,14 +43,6 @@ class FakeEngine:
         self._adapters: dict[str, str] = {}
         self._dead = False
         self.aborted: list[str] = []
-
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
 
     def kill(self) -> None:
         """Simulate the engine process dying."""

@@ -44,6 +44,7 @@ from gateway.engines.base import (
     GenerateRequest,
     InvalidInputError,
     PromptTooLongError,
+    ServedModel,
     TokenLogprob,
 )
 from gateway.engines.guide import GuideCompiler
@@ -79,7 +80,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
-class OnnxEngine:
+class OnnxEngine(ServedModel):
     """The :class:`~gateway.engines.base.Engine` protocol over an onnxruntime-genai folder."""
 
     def __init__(
@@ -145,14 +146,6 @@ class OnnxEngine:
         return await asyncio.to_thread(lambda: cls(path, **kwargs))
 
     # -- protocol -------------------------------------------------------------------------
-
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
 
     @property
     def inflight(self) -> int:

@@ -1,5 +1,8 @@
 """Continuous batching for students: one decode step serves every running sequence.
 
+Just past ~400 lines on purpose: the runner and the batcher that owns it are one decode loop
+and read top to bottom.
+
 :class:`OrtRunner` runs an exported student's ``model.onnx`` with onnxruntime directly. Its
 key/value cache is one buffer per layer, ``[rows, kv_heads, length, head_size]``, shared by
 ``past_key_values.*`` and ``present.*`` (GroupQueryAttention writes the new token in place).

@@ -24,6 +24,7 @@ from gateway.engines.base import (
     OutputConstraint,
     PromptTooLongError,
     Sampling,
+    ServedModel,
     TokenLogprob,
 )
 from gateway.metrics import EngineStats
@@ -118,7 +119,7 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-class VLLMEngine:
+class VLLMEngine(ServedModel):
     """An :class:`~gateway.engines.base.Engine` over vLLM's ``AsyncLLM``."""
 
     def __init__(self, llm: Any, served_name: str, stats: Any = None) -> None:
@@ -181,14 +182,6 @@ class VLLMEngine:
 
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
         return cls(llm, served_name, holder[0] if holder else None)
-
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
 
     # ------------------------------------------------------------------ prompts
 

@@ -1,5 +1,8 @@
 """OpenAI wire protocol: msgspec Structs, framework-free.
 
+Past ~400 lines on purpose: declarations with almost no logic, in the one file DESIGN.md
+names for the chat, completions and models wire shapes.
+
 Requests are validated by msgspec on decode (types, ranges, roles). Unknown fields are
 ignored. Each request converts itself to engine-level :class:`~gateway.engines.base.Sampling`.
 Responses follow ``CreateChatCompletionResponse``, ``CreateChatCompletionStreamResponse``,

@@ -32,12 +32,10 @@ from gateway.openai.protocol import encode
 from gateway.openai.responses_convert import (
     LOGPROBS_INCLUDE,
     chat_param_to_responses,
-    new_id,
     output_messages,
-    response_from_chat,
-    skeleton,
     to_chat,
 )
+from gateway.openai.responses_output import new_id, response_from_chat, skeleton
 from gateway.openai.responses_protocol import DeletedResponse, ResponsesRequest
 from gateway.openai.responses_protocol import Response as ResponseObject
 from gateway.openai.responses_stream import EventEncoder, chat_sse_objects

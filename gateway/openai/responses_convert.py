@@ -4,7 +4,7 @@ A ``CreateResponse`` becomes a :class:`ChatCompletionRequest` (so it is served b
 path: routing, limits, metrics, prompt log, adapters and students alike): ``input`` items
 become chat messages, ``instructions`` a system message, ``text.format`` the chat
 ``response_format``, flat function tools the chat's nested ones. The chat completion that
-comes back becomes a ``Response`` (:func:`response_from_chat`).
+comes back becomes a ``Response`` in :mod:`gateway.openai.responses_output`.
 
 Every output-changing field is honoured or refused with a 400 that names it
 (``code: "unsupported_parameter"``): see :data:`REFUSED`.
@@ -12,7 +12,6 @@ Every output-changing field is honoured or refused with a 400 that names it
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +20,9 @@ import msgspec
 from gateway.errors import BadRequestError
 from gateway.openai.protocol import ChatCompletionRequest, ChatMessage
 from gateway.openai.responses_protocol import (
-    FunctionCall,
-    IncompleteDetails,
-    ItemStatus,
-    LogProb,
     OutputItem,
     OutputMessage,
-    OutputText,
-    Response,
     ResponsesRequest,
-    ResponseUsage,
-    TopLogProb,
 )
 
 __all__ = [
@@ -43,16 +34,10 @@ __all__ = [
     "chat_tool_choice",
     "chat_tools",
     "check_refused",
-    "finish",
     "input_messages",
-    "logprobs_from_chat",
-    "new_id",
     "output_messages",
     "response_format_of",
-    "response_from_chat",
-    "skeleton",
     "to_chat",
-    "usage_from_chat",
 ]
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -86,10 +71,6 @@ def _unsupported(param: str, message: str | None = None) -> BadRequestError:
 
 def _invalid(param: str, message: str) -> BadRequestError:
     return BadRequestError(message, param=param, code="invalid_value")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def _chat_has(field: str) -> bool:
@@ -392,118 +373,3 @@ def chat_param_to_responses(param: str | None) -> str | None:
     if param.startswith("tool_choice.function."):
         return "tool_choice." + param[len("tool_choice.function.") :]
     return param
-
-
-# ---------------------------------------------------------------- chat -> response
-
-
-def skeleton(req: ResponsesRequest, response_id: str, created_at: int, *, store: bool) -> Response:
-    """The response as it starts (``in_progress``, no output), echoing the request."""
-    tools = [
-        {
-            "type": "function",
-            "name": t.get("name"),
-            "description": t.get("description"),
-            "parameters": t.get("parameters"),
-            "strict": t.get("strict"),
-        }
-        for t in req.tools or ()
-    ]
-    resp = Response(
-        id=response_id,
-        created_at=created_at,
-        status="in_progress",
-        model=req.model,
-        output=[],
-        instructions=req.instructions,
-        max_output_tokens=req.max_output_tokens,
-        metadata=dict(req.metadata or {}),
-        parallel_tool_calls=req.parallel_tool_calls is not False,
-        previous_response_id=req.previous_response_id,
-        store=store,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_logprobs=req.top_logprobs,
-        tool_choice=req.tool_choice if req.tool_choice is not None else "auto",
-        tools=tools,
-    )
-    if req.text is not None:
-        resp.text = req.text
-    if req.user is not None:
-        resp.user = req.user
-    return resp
-
-
-def usage_from_chat(usage: dict[str, Any] | None) -> ResponseUsage:
-    usage = usage or {}
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    return ResponseUsage(
-        input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
-    )
-
-
-def logprobs_from_chat(logprobs: dict[str, Any] | None) -> list[LogProb]:
-    """Chat ``choices[].logprobs`` (or a stream delta's) as output-text logprobs."""
-    return [
-        LogProb(
-            token=e["token"],
-            logprob=e["logprob"],
-            bytes=e.get("bytes") or list(e["token"].encode()),
-            top_logprobs=[
-                TopLogProb(
-                    token=t["token"],
-                    logprob=t["logprob"],
-                    bytes=t.get("bytes") or list(t["token"].encode()),
-                )
-                for t in e.get("top_logprobs") or ()
-            ],
-        )
-        for e in (logprobs or {}).get("content") or ()
-    ]
-
-
-def finish(resp: Response, finish_reason: str | None, completed_at: int) -> None:
-    """Set the final status from the chat ``finish_reason`` (``length`` -> incomplete)."""
-    if finish_reason == "length":
-        resp.status = "incomplete"
-        resp.incomplete_details = IncompleteDetails(reason="max_output_tokens")
-    else:
-        resp.status = "completed"
-        resp.completed_at = completed_at
-
-
-def response_from_chat(chat: dict[str, Any], resp: Response, completed_at: int) -> Response:
-    """Fill ``resp`` (a :func:`skeleton`) from a chat completion body."""
-    choice = chat["choices"][0]
-    message = choice.get("message") or {}
-    finish_reason = choice.get("finish_reason")
-    item_status: ItemStatus = "incomplete" if finish_reason == "length" else "completed"
-    text = message.get("content") or ""
-    calls = message.get("tool_calls") or []
-    output: list[OutputItem] = []
-    if text or not calls:
-        output.append(
-            OutputMessage(
-                id=new_id("msg"),
-                status=item_status,
-                content=[
-                    OutputText(text=text, logprobs=logprobs_from_chat(choice.get("logprobs")))
-                ],
-            )
-        )
-    for call in calls:
-        fn = call.get("function") or {}
-        output.append(
-            FunctionCall(
-                id=new_id("fc"),
-                call_id=call.get("id") or new_id("call"),
-                name=fn.get("name") or "",
-                arguments=fn.get("arguments") or "",
-                status=item_status,
-            )
-        )
-    resp.output = output
-    resp.usage = usage_from_chat(chat.get("usage"))
-    finish(resp, finish_reason, completed_at)
-    return resp

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway.openai.responses_convert import (
+from gateway.openai.responses_output import (
     finish,
     logprobs_from_chat,
     new_id,
@@ -123,7 +123,7 @@ class _Call:
 @dataclass(slots=True)
 class EventEncoder:
     """Turns chat chunks into Responses events for one response (``response`` is the
-    :func:`~gateway.openai.responses_convert.skeleton`, filled in as the stream goes)."""
+    :func:`~gateway.openai.responses_output.skeleton`, filled in as the stream goes)."""
 
     response: Response
     seq: int = 0

@@ -1,6 +1,9 @@
 """Function tools and structured outputs for chat: what a request asks of the output, and how
 the model's text becomes ``tool_calls``.
 
+Just past ~400 lines on purpose: the parsers, the plan and the stream that applies the plan
+chunk by chunk are one concept and read top to bottom.
+
 A request's ``response_format``, ``tools``, ``tool_choice`` and ``parallel_tool_calls`` become
 one :class:`OutputPlan`:
 

@@ -25,6 +25,7 @@ import msgspec
 import typer
 
 from retort.chat_template import render_tools, tool_spec
+from retort.db.filters import RowFilter
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXPORT_COLUMNS",
-    "ExportFilters",
     "ExportFormat",
     "arrow_schema",
     "export_logs",
@@ -57,22 +57,6 @@ class ExportFormat(enum.StrEnum):
     jsonl = "jsonl"
     parquet = "parquet"
     hf = "hf"
-
-
-class ExportFilters(msgspec.Struct, kw_only=True):
-    model: str | None = None
-    adapter: str | None = None
-    since: float | None = None
-    until: float | None = None
-    min_score: float | None = None
-    status: str | None = None
-    served_by: str | None = None
-    max_score: float | None = None
-    rated: bool | None = None
-    """Only rows with (``True``) or without (``False``) feedback."""
-    search: str | None = None
-    """Case-insensitive text in the messages, prompt, completion or request id."""
-    limit: int | None = None
 
 
 def arrow_schema() -> pa.Schema:
@@ -129,9 +113,9 @@ def export_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _batches(store: PromptStore, filters: ExportFilters) -> Any:
+async def _batches(store: PromptStore, where: RowFilter, limit: int | None) -> Any:
     batch: list[dict[str, Any]] = []
-    async for row in store.iter_rows(**msgspec.structs.asdict(filters)):
+    async for row in store.iter_rows(where, limit=limit):
         batch.append(export_row(row))
         if len(batch) >= _BATCH_ROWS:
             yield batch
@@ -145,12 +129,12 @@ def _tmp_sibling(out: Path, suffix: str = "") -> Path:
     return out.with_name(f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}{suffix}")
 
 
-async def _write_jsonl(store: PromptStore, filters: ExportFilters, out: Path) -> int:
+async def _write_jsonl(store: PromptStore, where: RowFilter, limit: int | None, out: Path) -> int:
     tmp = _tmp_sibling(out)
     n = 0
     try:
         with tmp.open("wb") as f:
-            async for batch in _batches(store, filters):
+            async for batch in _batches(store, where, limit):
                 f.write(b"".join(_ENCODER.encode(r) + b"\n" for r in batch))
                 n += len(batch)
         tmp.replace(out)
@@ -159,32 +143,40 @@ async def _write_jsonl(store: PromptStore, filters: ExportFilters, out: Path) ->
     return n
 
 
-async def _write_parquet(store: PromptStore, filters: ExportFilters, path: Path) -> int:
+async def _write_parquet(
+    store: PromptStore, where: RowFilter, limit: int | None, path: Path
+) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = arrow_schema()
     n = 0
     with pq.ParquetWriter(path, schema) as writer:
-        async for batch in _batches(store, filters):
+        async for batch in _batches(store, where, limit):
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
             n += len(batch)
     return n
 
 
 async def export_logs(
-    store: PromptStore, fmt: ExportFormat | str, out: Path, filters: ExportFilters | None = None
+    store: PromptStore,
+    fmt: ExportFormat | str,
+    out: Path,
+    where: RowFilter | None = None,
+    *,
+    limit: int | None = None,
 ) -> int:
-    """Write the matching records to ``out`` in ``fmt``; returns how many."""
+    """Write the records matching ``where`` (at most ``limit``) to ``out`` in ``fmt``;
+    returns how many."""
     fmt = ExportFormat(fmt)
-    filters = filters or ExportFilters()
+    where = where or RowFilter()
     out = Path(out)
     if fmt is ExportFormat.jsonl:
-        return await _write_jsonl(store, filters, out)
+        return await _write_jsonl(store, where, limit, out)
     if fmt is ExportFormat.parquet:
         tmp = _tmp_sibling(out)
         try:
-            n = await _write_parquet(store, filters, tmp)
+            n = await _write_parquet(store, where, limit, tmp)
             tmp.replace(out)
         finally:
             tmp.unlink(missing_ok=True)
@@ -192,7 +184,7 @@ async def export_logs(
     # hf: Parquet in a scratch folder, then datasets' own save_to_disk format.
     with tempfile.TemporaryDirectory(prefix="retort-export-") as scratch:
         parquet = Path(scratch) / "data.parquet"
-        n = await _write_parquet(store, filters, parquet)
+        n = await _write_parquet(store, where, limit, parquet)
         await asyncio.to_thread(_save_hf, parquet, Path(scratch) / "cache", out)
     return n
 
@@ -296,7 +288,7 @@ def export_command(
     from retort.db.store import PromptStore, StoreError
     from retort.settings import SettingsError
 
-    filters = ExportFilters(
+    where = RowFilter(
         model=model,
         adapter=adapter,
         since=_time_option(since),
@@ -304,7 +296,6 @@ def export_command(
         min_score=min_score,
         status=status,
         served_by=served_by,
-        limit=limit,
     )
     try:
         db_url = resolve_url(url, config)
@@ -319,7 +310,7 @@ def export_command(
 
     async def run() -> int:
         async with store:
-            return await export_logs(store, fmt, out, filters)
+            return await export_logs(store, fmt, out, where, limit=limit)
 
     try:
         n = asyncio.run(run())

@@ -17,6 +17,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 
+from retort.db.filters import RowFilter, select_rows
 from retort.db.schema import distill_runs, feedback, requests, responses, shadow
 
 if TYPE_CHECKING:
@@ -243,108 +244,12 @@ class PromptStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def _select(
-        self,
-        *,
-        model: str | None,
-        adapter: str | None,
-        since: float | None,
-        until: float | None,
-        min_score: float | None,
-        status: str | None,
-        served_by: str | None,
-        request_id: str | None,
-        max_score: float | None = None,
-        rated: bool | None = None,
-        search: str | None = None,
-    ) -> sa.Select[Any]:
-        fb = (
-            sa.select(
-                feedback.c.request_id,
-                sa.func.avg(feedback.c.score).label("score"),
-                sa.func.count().label("feedback_count"),
-            )
-            .group_by(feedback.c.request_id)
-            .subquery("fb")
-        )
-        stmt = sa.select(requests, fb.c.score, fb.c.feedback_count).select_from(
-            requests.outerjoin(fb, fb.c.request_id == requests.c.request_id)
-        )
-        if model is not None:
-            stmt = stmt.where(requests.c.model == model)
-        if adapter is not None:
-            stmt = stmt.where(requests.c.adapter == adapter)
-        if since is not None:
-            stmt = stmt.where(requests.c.created >= since)
-        if until is not None:
-            stmt = stmt.where(requests.c.created < until)
-        if min_score is not None:
-            stmt = stmt.where(fb.c.score >= min_score)
-        if status is not None:
-            stmt = stmt.where(requests.c.status == status)
-        if served_by is not None:
-            stmt = stmt.where(requests.c.served_by == served_by)
-        if request_id is not None:
-            stmt = stmt.where(requests.c.request_id == request_id)
-        if max_score is not None:
-            stmt = stmt.where(fb.c.score <= max_score)
-        if rated is not None:
-            stmt = stmt.where(fb.c.request_id.is_not(None) if rated else fb.c.request_id.is_(None))
-        if search:
-            needle = search.lower()
-            stmt = stmt.where(
-                sa.or_(
-                    *(
-                        sa.func.lower(col).contains(needle, autoescape=True)
-                        for col in (
-                            requests.c.completion,
-                            requests.c.prompt,
-                            sa.cast(requests.c.messages, sa.Text),
-                            requests.c.request_id,
-                        )
-                    )
-                )
-            )
-        return stmt
-
     async def iter_rows(
-        self,
-        *,
-        model: str | None = None,
-        adapter: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        min_score: float | None = None,
-        status: str | None = None,
-        served_by: str | None = None,
-        request_id: str | None = None,
-        max_score: float | None = None,
-        rated: bool | None = None,
-        search: str | None = None,
-        limit: int | None = None,
-        page_size: int = 1000,
+        self, where: RowFilter | None = None, *, limit: int | None = None, page_size: int = 1000
     ) -> AsyncIterator[dict[str, Any]]:
-        """Matching rows in insertion order, fetched in pages (for exports of any size).
-
-        ``since`` is inclusive and ``until`` exclusive (unix seconds); ``min_score`` keeps
-        rows whose mean feedback score is at least that (rows without feedback drop out),
-        ``max_score`` at most that; ``rated`` keeps rows with (``True``) or without
-        (``False``) feedback; ``search`` matches text in the messages, prompt, completion or
-        request id (case-insensitive).
-        """
-        base = self._select(
-            model=model,
-            adapter=adapter,
-            since=since,
-            until=until,
-            min_score=min_score,
-            status=status,
-            served_by=served_by,
-            request_id=request_id,
-            max_score=max_score,
-            rated=rated,
-            search=search,
-        )
+        """Rows matching ``where`` in insertion order, fetched in pages (for exports of any
+        size); at most ``limit``."""
+        base = select_rows(where or RowFilter())
         last_id: int | None = None
         remaining = limit
         while remaining is None or remaining > 0:
@@ -366,72 +271,22 @@ class PromptStore:
                 remaining -= len(rows)
 
     async def query(
-        self,
-        *,
-        model: str | None = None,
-        adapter: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        min_score: float | None = None,
-        status: str | None = None,
-        served_by: str | None = None,
-        request_id: str | None = None,
-        max_score: float | None = None,
-        rated: bool | None = None,
-        search: str | None = None,
-        limit: int | None = None,
+        self, where: RowFilter | None = None, *, limit: int | None = None
     ) -> list[dict[str, Any]]:
         """Like :meth:`iter_rows`, as a list."""
-        return [
-            row
-            async for row in self.iter_rows(
-                model=model,
-                adapter=adapter,
-                since=since,
-                until=until,
-                min_score=min_score,
-                status=status,
-                served_by=served_by,
-                request_id=request_id,
-                max_score=max_score,
-                rated=rated,
-                search=search,
-                limit=limit,
-            )
-        ]
+        return [row async for row in self.iter_rows(where, limit=limit)]
 
     async def page(
         self,
+        where: RowFilter | None = None,
         *,
         offset: int = 0,
         limit: int = 50,
         oldest_first: bool = False,
-        model: str | None = None,
-        adapter: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        min_score: float | None = None,
-        max_score: float | None = None,
-        rated: bool | None = None,
-        status: str | None = None,
-        served_by: str | None = None,
-        search: str | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
-        """One page of matching rows (newest first unless ``oldest_first``) and how many
-        match in all: the console's traffic view. Filters as in :meth:`iter_rows`."""
-        base = self._select(
-            model=model,
-            adapter=adapter,
-            since=since,
-            until=until,
-            min_score=min_score,
-            status=status,
-            served_by=served_by,
-            request_id=None,
-            max_score=max_score,
-            rated=rated,
-            search=search,
-        )
+        """One page of rows matching ``where`` (newest first unless ``oldest_first``) and
+        how many match in all: the console's traffic view."""
+        base = select_rows(where or RowFilter())
         order = requests.c.id.asc() if oldest_first else requests.c.id.desc()
         stmt = base.order_by(order).offset(max(0, offset)).limit(max(0, limit))
         count = sa.select(sa.func.count()).select_from(base.subquery())

@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from loadtest.servers import fake_gateway_config, start_gateway
 from tests.browser.conftest import CHROMIUM_ARGS, chromium_path
 from tests.browser.seed import SEED_ADAPTER, seed_log
-from tests.unit.gateway.test_serve_process import start_gateway
 
 N = 20
 
@@ -22,7 +22,8 @@ N = 20
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    gw = start_gateway(Path(tempfile.mkdtemp()), "bench", {"students": {"autoload": False}})
+    config = fake_gateway_config({"students": {"autoload": False}})
+    gw = start_gateway(Path(tempfile.mkdtemp()), "bench", config)
     try:
         records = asyncio.run(seed_log(f"sqlite+aiosqlite:///{gw.home}/retort.db", 70, rated=0))
         queue = [r.request_id for r in records if r.adapter == SEED_ADAPTER][: N + 1]

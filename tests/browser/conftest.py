@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from gateway.auth import hash_key
+from loadtest.servers import Gateway, fake_gateway_config, start_gateway
 from tests.browser.seed import SEED_ADAPTER, seed_adapter, seed_log, seed_student
-from tests.unit.gateway.test_serve_process import Gateway, start_gateway
 
 ADMIN_KEY = "sk-admin-browser-0123456789abcdef"
 USER_KEY = "sk-user-browser-0123456789abcdef"
@@ -62,16 +62,18 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gw = start_gateway(
         tmp,
         "console",
-        {
-            "engine": {"enable_lora": True},
-            "auth": {
-                "api_keys": [
-                    {"id": "app", "sha256": hash_key(USER_KEY)},
-                    {"id": "ops", "sha256": hash_key(ADMIN_KEY), "admin": True},
-                ]
-            },
-            "students": {"autoload": False},
-        },
+        fake_gateway_config(
+            {
+                "engine": {"enable_lora": True},
+                "auth": {
+                    "api_keys": [
+                        {"id": "app", "sha256": hash_key(USER_KEY)},
+                        {"id": "ops", "sha256": hash_key(ADMIN_KEY), "admin": True},
+                    ]
+                },
+                "students": {"autoload": False},
+            }
+        ),
     )
     try:
         asyncio.run(seed_log(f"sqlite+aiosqlite:///{gw.home}/retort.db"))

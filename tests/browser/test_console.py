@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from loadtest.servers import Gateway
 from tests.browser.conftest import (
     ADMIN_KEY,
     USER_KEY,
@@ -18,7 +19,6 @@ from tests.browser.conftest import (
     screenshot,
 )
 from tests.browser.seed import SEED_ADAPTER, seed_records
-from tests.unit.gateway.test_serve_process import Gateway
 
 RECORDS = seed_records()
 

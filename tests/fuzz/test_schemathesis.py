@@ -7,15 +7,10 @@ are generated from the gateway's own OpenAPI document at ``/schema/openapi.json`
 
 from __future__ import annotations
 
-import socket
 import tempfile
-import threading
-import time
 from collections import Counter
 
-import httpx
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 
@@ -23,15 +18,13 @@ from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
 from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, ServerSettings, Settings
+from loadtest.servers import AppServer
 from tests.openai_schema import assert_valid
 
 EXAMPLES_PER_OPERATION = 200  # x 3 POST operations, models, responses GET/DELETE: > 500 cases
 
 
 def _serve() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     settings_ = Settings(
         engine=EngineSettings(kind="fake", max_model_len=256),
         server=ServerSettings(max_body_bytes=256 * 1024),
@@ -39,16 +32,7 @@ def _serve() -> str:
         promptlog=PromptLogSettings(url=f"sqlite+aiosqlite:///{tempfile.mkdtemp()}/retort.db"),
     )
     app = create_app(settings_, engine=FakeEngine(model_name="fake-model", max_model_len=256))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(url + "/ready").status_code == 200:
-                return url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    raise RuntimeError("fuzz server did not start")
+    return AppServer(app).start()  # a daemon thread: it ends with the test run
 
 
 BASE_URL = _serve()

@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from adapters.synthetic import STYLE_RECIPE, make_style_dataset
 from adapters.train import TrainConfig, train
-from loadtest.servers import free_port
+from loadtest.servers import Gateway, start_gateway
 from retort.models import DEFAULT_MODEL_NAME, pull_default
 from retort.settings import default_home
 
 READY_TIMEOUT_S = 900  # the first start on a fresh machine compiles the model (~2 min)
 
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    model: str
-    home: Path
-
-    @property
-    def adapters_dir(self) -> Path:
-        return self.home / "adapters"
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+Server = Gateway  # the tests' name for a started gateway process
 
 
 def start_server(
@@ -46,58 +25,20 @@ def start_server(
     name: str = "server",
     env: dict[str, str] | None = None,
 ) -> Server:
-    port = free_port()
-    log = tmp / f"{name}.log"
-    env = {
-        **os.environ,
-        "RETORT_HOME": str(tmp / "home"),
-        # The engine runs `make serve`'s defaults (LoRA on); only the LRU bound is
-        # lowered, so that the eviction test needs five adapters, not nine.
-        "RETORT_ADAPTERS__MAX_LOADED": "4",
-        **(env or {}),
+    """The gateway on ``model_dir`` with `make serve`'s engine defaults (LoRA on), its
+    ``RETORT_HOME`` at ``tmp/home`` (servers started in one ``tmp`` share it)."""
+    config = {
+        "model": {"path": str(model_dir), "served_name": DEFAULT_MODEL_NAME},
+        # Only the LRU bound is lowered, so that the eviction test needs five adapters, not nine.
+        "adapters": {"max_loaded": 4},
     }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--served-model-name",
-            DEFAULT_MODEL_NAME,
-            "--port",
-            str(port),
-            *extra,
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
+    return start_gateway(
+        tmp, name, config, home=tmp / "home", env=env, args=extra, ready_timeout_s=READY_TIMEOUT_S
     )
-    server = Server(f"http://127.0.0.1:{port}", proc, log, DEFAULT_MODEL_NAME, tmp / "home")
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S}s:\n{server.log_tail()}")
 
 
 def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait(timeout=30)
+    server.stop(timeout_s=60)
 
 
 @pytest.fixture(scope="session")

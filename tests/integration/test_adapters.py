@@ -175,7 +175,7 @@ def test_on_demand_loading_is_single_flight_and_lru_evicts(
             if c.delete(f"/admin/adapters/{name}").status_code == 409:
                 c.post(f"/admin/adapters/{name}/pin", json={"pinned": False})
                 c.delete(f"/admin/adapters/{name}")
-        before = server.log.read_text(errors="replace").count("adapter rand-0 loaded")
+        before = server.log_text().count("adapter rand-0 loaded")
 
         async def burst() -> None:
             async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x") as client:
@@ -187,7 +187,7 @@ def test_on_demand_loading_is_single_flight_and_lru_evicts(
                 )
 
         asyncio.run(burst())
-        after = server.log.read_text(errors="replace").count("adapter rand-0 loaded")
+        after = server.log_text().count("adapter rand-0 loaded")
         assert after - before == 1, "concurrent first requests must load the adapter once"
 
         for name in random_adapters[1:4]:  # rand-0 is now the least recently used

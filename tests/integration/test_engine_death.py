@@ -24,6 +24,7 @@ def test_engine_death_fails_requests_and_exits_nonzero(model_dir: Path, tmp_path
     srv = start_server(tmp_path, model_dir, name="doomed")
     try:
         result: dict[str, object] = {}
+        flowing = threading.Event()
 
         def stream() -> None:
             try:
@@ -40,13 +41,17 @@ def test_engine_death_fails_requests_and_exits_nonzero(model_dir: Path, tmp_path
                     timeout=60,
                 ) as r:
                     result["status"] = r.status_code
-                    result["body"] = "".join(r.iter_text())
+                    parts = []
+                    for part in r.iter_text():
+                        parts.append(part)
+                        flowing.set()
+                    result["body"] = "".join(parts)
             except httpx.HTTPError as exc:  # a dropped connection is also a clear failure
                 result["error"] = repr(exc)
 
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(3)  # the stream is flowing
+        assert flowing.wait(60), f"the stream never started: {result}"
         children = psutil.Process(srv.proc.pid).children(recursive=True)
         assert children, "the engine core runs in a child process"
         for child in children:

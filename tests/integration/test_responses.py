@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from gateway.openai.protocol import ChatCompletionRequest
+from retort.db.filters import RowFilter
 from retort.db.store import PromptStore
 from tests.integration.conftest import Server, start_server, stop_server
 from tests.openai_schema import assert_valid
@@ -222,7 +223,7 @@ def test_previous_response_id_across_a_restart(
 async def _log_rows(db: Path, response_id: str) -> list[dict[str, Any]]:
     async with PromptStore(f"sqlite+aiosqlite:///{db}") as store:
         for _ in range(50):
-            rows = await store.query(request_id=response_id.removeprefix("resp_"))
+            rows = await store.query(RowFilter(request_id=response_id.removeprefix("resp_")))
             if rows:
                 return rows
             await asyncio.sleep(0.1)

@@ -24,7 +24,7 @@ def _start_and_read_log(tmp: Path, model_dir: Path, name: str, env: dict[str, st
     tmp.mkdir(parents=True, exist_ok=True)
     srv = start_server(tmp, model_dir, name=name, env=env)
     try:
-        return srv.log.read_text(errors="replace")
+        return srv.log_text()
     finally:
         stop_server(srv)
 

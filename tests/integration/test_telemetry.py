@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +91,11 @@ def adapter(server: Server, model_dir: Path) -> str:
     return ADAPTER
 
 
+def scraped_after(t: float) -> Callable[[list[dict[str, Any]]], bool]:
+    """For ``timestamp(up)``: a scrape that started after ``t`` has landed."""
+    return lambda result: bool(result) and float(result[0]["value"][1]) > t
+
+
 def _finite_positive(value: str) -> bool:
     v = float(value)
     return math.isfinite(v) and v > 0
@@ -124,7 +129,7 @@ def test_prometheus_scrapes_per_adapter_ttft_engine_gauges_and_log(
         for model in models:
             one(model, round_)
             one(model, round_ + 10)
-        time.sleep(2.5)
+        prometheus.wait_for('timestamp(up{job="retort"})', scraped_after(time.time()))
 
     def both_adapters(result: list[dict[str, Any]]) -> bool:
         got = {r["metric"].get("adapter"): r["value"][1] for r in result}

@@ -182,3 +182,16 @@ def test_no_private_name_is_imported_across_modules() -> None:
         if name.startswith("_") and not name.startswith("__")
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_no_module_imports_a_test_module() -> None:
+    """Shared test code lives in helpers (``tests/services.py``, ``waits.py``, ``tiny.py``,
+    ``conftest.py`` fixtures, ``loadtest.servers``), never in a ``test_*.py`` others import."""
+    bad = [
+        _where(imp)
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for imp in _imports(path)
+        if imp.target.split(".")[0] == "tests"
+        and any(part.startswith("test_") for part in imp.target.split("."))
+    ]
+    assert not bad, "\n".join(bad)

@@ -45,10 +45,11 @@ def client(engine: FakeEngine, tmp_path: Path) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real exported tiny student (2 layers, hidden 64; exported in seconds)."""
+    """A real exported tiny student (2 layers, hidden 64, context 2048: room for tools; exported
+    in seconds)."""
     from distill.export import build_onnx
     from tests.tiny import make_tiny_base
 
     root = tmp_path_factory.mktemp("student")
-    base = make_tiny_base(root / "tiny-student", seed=3, hidden_size=64)
+    base = make_tiny_base(root / "tiny-student", seed=3, hidden_size=64, context=2048)
     return build_onnx(base, root / "onnx", "fp32")

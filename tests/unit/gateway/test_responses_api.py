@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +19,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from litestar.testing import TestClient
 
 from gateway.app import create_app
@@ -29,6 +26,8 @@ from gateway.auth import APIKey, AuthSettings, hash_key
 from gateway.engines.fake import FakeEngine
 from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
+from loadtest.servers import serving_app
+from retort.db.filters import RowFilter
 from retort.db.schema import responses as responses_table
 from retort.db.store import PromptStore
 from tests.openai_schema import assert_valid
@@ -56,7 +55,7 @@ class Served:
 
         async def q() -> list[dict[str, Any]]:
             async with PromptStore(f"sqlite+aiosqlite:///{self.db}") as store:
-                return await store.query(**(sql_filter or {}))
+                return await store.query(RowFilter(**(sql_filter or {})))
 
         return asyncio.run(q())
 
@@ -94,29 +93,8 @@ def _serve(tmp: Path, engine: FakeEngine) -> Iterator[Served]:
             ]
         ),
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    app = create_app(settings, engine=engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/ready").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
+    with serving_app(create_app(settings, engine=engine)) as url:
         yield Served(url, db, engine)
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")

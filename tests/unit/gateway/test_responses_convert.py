@@ -23,10 +23,9 @@ from gateway.openai.responses_convert import (
     input_messages,
     output_messages,
     response_format_of,
-    response_from_chat,
-    skeleton,
     to_chat,
 )
+from gateway.openai.responses_output import response_from_chat, skeleton
 from gateway.openai.responses_protocol import FunctionCall, OutputMessage, ResponsesRequest
 from tests.openai_schema import assert_valid
 

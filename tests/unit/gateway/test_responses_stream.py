@@ -17,7 +17,7 @@ from openai._types import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import ResponseStreamEvent
 
-from gateway.openai.responses_convert import skeleton
+from gateway.openai.responses_output import skeleton
 from gateway.openai.responses_protocol import ResponsesRequest
 from gateway.openai.responses_stream import EventEncoder, chat_sse_objects
 from tests.openai_schema import assert_valid

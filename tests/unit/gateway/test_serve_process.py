@@ -5,116 +5,53 @@ limits shared by two gateway processes through a real Redis (Debian ``redis-serv
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import yaml
 
 from gateway.auth import hash_key
-from loadtest.servers import free_port, redis_server
+from loadtest.servers import FAKE_MODEL, Gateway, fake_gateway_config, redis_server, start_gateway
+from retort.db.filters import RowFilter
 from retort.db.store import PromptStore
 from tests.services import service
 
-MODEL = "fake-model"
+MODEL = FAKE_MODEL
 READY_TIMEOUT_S = 60.0
 USER_KEY = "sk-user-0123456789abcdef"
 LIMITED_KEY = "sk-limited-0123456789abcdef"
 ADMIN_KEY = "sk-admin-0123456789abcdef"
 
 
-@dataclass
-class Gateway:
-    """A ``python -m gateway.cli serve`` process with the fake engine."""
-
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-    home: Path
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def client(self, key: str = "unused", **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        """SIGTERM (a graceful drain), then SIGKILL to its process group if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
-
-    def rows(self, **filters: Any) -> list[dict[str, Any]]:
-        async def query() -> list[dict[str, Any]]:
-            async with PromptStore(f"sqlite+aiosqlite:///{self.home}/retort.db") as store:
-                return await store.query(**filters)
-
-        return asyncio.run(query())
-
-    def wait_rows(self, n: int, timeout_s: float = 10.0, **filters: Any) -> list[dict[str, Any]]:
-        """Poll the log (flushed every ``flush_interval_s``) until it holds ``n`` rows."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            got = self.rows(**filters)
-            if len(got) >= n or time.monotonic() > deadline:
-                return got
-            time.sleep(0.1)
+def openai_client(gw: Gateway, key: str = "unused", **kwargs: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, **kwargs)
 
 
-def start_gateway(tmp: Path, name: str, config: dict[str, Any]) -> Gateway:
-    """Write ``config`` (over fake-engine defaults) to ``tmp`` and serve it on a free port."""
-    port = free_port()
-    home = tmp / name / "home"
-    home.mkdir(parents=True)
-    base: dict[str, Any] = {
-        "model": {"served_name": MODEL},
-        "engine": {"kind": "fake", "max_model_len": 2048},
-        "server": {"log_level": "info"},
-        "promptlog": {"flush_interval_s": 0.1},
-    }
-    for section, values in config.items():
-        base[section] = {**base.get(section, {}), **values}
-    cfg = tmp / name / "retort.yaml"
-    cfg.write_text(yaml.safe_dump(base))
-    log = tmp / name / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETORT_")}
-    env["RETORT_HOME"] = str(home)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    gw = Gateway(name, f"http://127.0.0.1:{port}", proc, home, log)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{gw.log_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(gw.url + "/ready", timeout=2).status_code == 200:
-                return gw
+def log_rows(gw: Gateway, **filters: Any) -> list[dict[str, Any]]:
+    async def query() -> list[dict[str, Any]]:
+        async with PromptStore(f"sqlite+aiosqlite:///{gw.home}/retort.db") as store:
+            return await store.query(RowFilter(**filters))
+
+    return asyncio.run(query())
+
+
+def wait_rows(gw: Gateway, n: int, timeout_s: float = 10.0, **filters: Any) -> list[dict[str, Any]]:
+    """Poll the log (flushed every ``flush_interval_s``) until it holds ``n`` rows."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = log_rows(gw, **filters)
+        if len(got) >= n or time.monotonic() > deadline:
+            return got
         time.sleep(0.1)
-    gw.stop()
-    raise RuntimeError(f"{name} not ready after {READY_TIMEOUT_S:.0f}s:\n{gw.log_text()[-3000:]}")
+
+
+def start_fake(tmp: Path, name: str, config: dict[str, Any]) -> Gateway:
+    return start_gateway(tmp, name, fake_gateway_config(config), ready_timeout_s=READY_TIMEOUT_S)
 
 
 @pytest.fixture
@@ -123,7 +60,7 @@ def gateways(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
     def start(name: str, config: dict[str, Any]) -> Gateway:
-        gw = start_gateway(tmp_path, name, config)
+        gw = start_fake(tmp_path, name, config)
         started.append(gw)
         return gw
 
@@ -216,7 +153,7 @@ def test_sigterm_drains_16_streams_then_exits_with_all_logged(
     # uvicorn re-raises the SIGTERM it captured once it has shut down: -15 (or 0).
     assert gw.proc.wait(30) in (0, -signal.SIGTERM), gw.log_text()[-3000:]
     assert "drain: every request finished" in gw.log_text()
-    rows = {r["request_id"]: r for r in gw.rows()}
+    rows = {r["request_id"]: r for r in log_rows(gw)}
     for rid, _ in results:
         assert rid in rows, f"stream {rid} missing from the prompt log"
         assert rows[rid]["status"] == "ok"
@@ -230,7 +167,7 @@ def test_sigterm_drains_16_streams_then_exits_with_all_logged(
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(
+    gw = start_fake(
         tmp_path_factory.mktemp("keyed"),
         "keyed",
         {
@@ -247,7 +184,10 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 def test_missing_or_invalid_key_is_authentication_error(keyed: Gateway) -> None:
     no_key = {"Authorization": openai.Omit()}  # the client sends no Authorization at all
-    for client, headers in ((keyed.client(), no_key), (keyed.client("sk-wrong-0123456789"), {})):
+    for client, headers in (
+        (openai_client(keyed), no_key),
+        (openai_client(keyed, "sk-wrong-0123456789"), {}),
+    ):
         with pytest.raises(openai.AuthenticationError) as exc:
             chat(client, extra_headers=headers)
         assert exc.value.status_code == 401
@@ -255,12 +195,12 @@ def test_missing_or_invalid_key_is_authentication_error(keyed: Gateway) -> None:
         assert exc.value.response.headers["www-authenticate"] == "Bearer"
         with pytest.raises(openai.AuthenticationError):
             client.models.list(extra_headers=headers)
-    assert chat(keyed.client(USER_KEY)).choices[0].message.content
-    assert [m.id for m in keyed.client(USER_KEY).models.list()] == [MODEL]
+    assert chat(openai_client(keyed, USER_KEY)).choices[0].message.content
+    assert [m.id for m in openai_client(keyed, USER_KEY).models.list()] == [MODEL]
 
 
 def test_rpm_limit_is_rate_limit_error_with_retry_after(keyed: Gateway) -> None:
-    client = keyed.client(LIMITED_KEY)
+    client = openai_client(keyed, LIMITED_KEY)
     for _ in range(3):
         chat(client)
     with pytest.raises(openai.RateLimitError) as exc:
@@ -272,7 +212,7 @@ def test_rpm_limit_is_rate_limit_error_with_retry_after(keyed: Gateway) -> None:
     with pytest.raises(openai.RateLimitError):
         chat(client, stream=True)
     # Other keys keep their own budget.
-    chat(keyed.client(USER_KEY))
+    chat(openai_client(keyed, USER_KEY))
 
 
 def test_personal_data_and_secrets_are_redacted_in_the_log(keyed: Gateway) -> None:
@@ -286,14 +226,14 @@ def test_personal_data_and_secrets_are_redacted_in_the_log(keyed: Gateway) -> No
         f"Mail {secrets['EMAIL']}, call {secrets['PHONE']}, card {secrets['CARD']}, "
         f"my key is {secrets['API_KEY']}."
     )
-    client = keyed.client(USER_KEY)
+    client = openai_client(keyed, USER_KEY)
     resp = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=4
     )
     rid = resp.headers["x-request-id"]
     # The completion passes through untouched (the fake engine does not echo the prompt).
     assert resp.parse().choices[0].message.content == "The quick brown fox"
-    (row,) = keyed.wait_rows(1, request_id=rid)
+    (row,) = wait_rows(keyed, 1, request_id=rid)
     stored = row["messages"][0]["content"]
     for kind, value in secrets.items():
         assert value not in stored
@@ -311,10 +251,10 @@ def test_personal_data_and_secrets_are_redacted_in_the_log(keyed: Gateway) -> No
 def test_admin_endpoints_need_an_admin_key(keyed: Gateway) -> None:
     body = {"lora_name": "x", "lora_path": "x"}
     with pytest.raises(openai.PermissionDeniedError) as exc:
-        keyed.client(USER_KEY).post("/load_lora_adapter", body=body, cast_to=httpx.Response)
+        openai_client(keyed, USER_KEY).post("/load_lora_adapter", body=body, cast_to=httpx.Response)
     assert exc.value.status_code == 403
     with pytest.raises(openai.AuthenticationError):
-        keyed.client("sk-wrong-0123456789").post(
+        openai_client(keyed, "sk-wrong-0123456789").post(
             "/load_lora_adapter", body=body, cast_to=httpx.Response
         )
     admin_root = openai.OpenAI(base_url=keyed.url, api_key=USER_KEY, max_retries=0)
@@ -352,7 +292,7 @@ def test_redis_shares_one_rpm_budget_across_two_gateways(
 ) -> None:
     n = 5
     a, b = two_gateways(gateways, redis_url, "rpm", {"rpm": n})
-    clients = [a.client(USER_KEY), b.client(USER_KEY)]
+    clients = [openai_client(a, USER_KEY), openai_client(b, USER_KEY)]
     outcomes: list[tuple[int, str]] = []
     for i in range(2 * n + 2):
         try:
@@ -409,4 +349,4 @@ def test_redis_shares_max_concurrent_across_two_gateways(
     assert all(t.endswith("data: [DONE]\n\n") for t in texts)
     # Every slot was released: each replica admits again.
     for gw in (a, b):
-        assert chat(gw.client(USER_KEY), max_tokens=1).choices[0].finish_reason == "length"
+        assert chat(openai_client(gw, USER_KEY), max_tokens=1).choices[0].finish_reason == "length"

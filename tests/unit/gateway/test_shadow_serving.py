@@ -18,11 +18,9 @@ from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
 from gateway.shadow import ShadowSettings, ShadowTarget
 from gateway.studentpool import StudentsSettings
-from tests.unit.gateway.test_students_serving import onnx_dir, publish
+from tests.tiny import publish_student
 
 pytest.importorskip("onnxruntime_genai")
-
-__all__ = ["onnx_dir"]  # the fixture, shared with the students tests
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi there"}]}
 
@@ -37,9 +35,9 @@ def wait_for(cond: Any, timeout_s: float = 30.0) -> Any:
     raise AssertionError("condition not met in time")
 
 
-def test_shadow_pairs_through_the_gateway(tmp_path: Path, onnx_dir: Path) -> None:
+def test_shadow_pairs_through_the_gateway(tmp_path: Path, tiny_onnx: Path) -> None:
     home = tmp_path / "home"
-    publish(home, onnx_dir)
+    publish_student(home, tiny_onnx)
     settings = Settings(
         home=str(home),
         engine=EngineSettings(kind="fake", max_model_len=64),

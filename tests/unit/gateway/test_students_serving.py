@@ -18,29 +18,14 @@ from gateway.engines.fake import FakeEngine
 from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
 from gateway.studentpool import StudentsSettings, TrafficSplit
-from gateway.students import StudentRegistry
+from retort.db.filters import RowFilter
 from retort.db.store import PromptStore
 from tests.openai_schema import assert_valid
+from tests.tiny import publish_student
 
 pytest.importorskip("onnxruntime_genai")
 
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
-
-
-@pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from distill.export import build_onnx
-    from tests.tiny import make_tiny_base
-
-    root = tmp_path_factory.mktemp("student-build")
-    base = make_tiny_base(root / "tiny", seed=3, hidden_size=64, context=2048)  # room for tools
-    return build_onnx(base, root / "onnx", "fp32")
-
-
-def publish(home: Path, onnx_dir: Path, name: str = "fake-student") -> None:
-    StudentRegistry(home / "students").publish(
-        name, onnx_dir, teacher_model="fake-model", precision="fp32", report={"agreement": 1.0}
-    )
 
 
 def make_app(home: Path, **students: Any) -> Any:
@@ -59,8 +44,8 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def client(home: Path, onnx_dir: Path) -> Iterator[TestClient[Any]]:
-    publish(home, onnx_dir)
+def client(home: Path, tiny_onnx: Path) -> Iterator[TestClient[Any]]:
+    publish_student(home, tiny_onnx)
     with TestClient(make_app(home)) as c:
         yield c
 
@@ -98,7 +83,7 @@ def test_student_is_listed_and_served(client: TestClient[Any], home: Path) -> No
 
     async def read() -> list[dict[str, Any]]:
         async with PromptStore(f"sqlite+aiosqlite:///{home}/retort.db") as store:
-            return await store.query(served_by="student")
+            return await store.query(RowFilter(served_by="student"))
 
     rows = asyncio.run(read())
     assert [r["model"] for r in rows] == ["fake-student", "fake-student"]
@@ -132,10 +117,10 @@ def test_student_returns_logprobs(client: TestClient[Any], stream: bool) -> None
         )  # ranked: the first is the likeliest
 
 
-def test_hot_load_and_unload_through_the_admin_api(home: Path, onnx_dir: Path) -> None:
+def test_hot_load_and_unload_through_the_admin_api(home: Path, tiny_onnx: Path) -> None:
     with TestClient(make_app(home, autoload=False)) as c:
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["fake-model"]
-        publish(home, onnx_dir, "late-student")  # published while the gateway runs
+        publish_student(home, tiny_onnx, "late-student")  # published while the gateway runs
         listing = c.get("/admin/students").json()
         assert listing["loaded"] == []
         assert [s["name"] for s in listing["registered"]] == ["late-student"]
@@ -154,16 +139,16 @@ def test_hot_load_and_unload_through_the_admin_api(home: Path, onnx_dir: Path) -
         assert c.post("/admin/students", json={}).status_code == 400
 
 
-def test_registered_student_loads_on_first_request(home: Path, onnx_dir: Path) -> None:
-    publish(home, onnx_dir)
+def test_registered_student_loads_on_first_request(home: Path, tiny_onnx: Path) -> None:
+    publish_student(home, tiny_onnx)
     with TestClient(make_app(home, autoload=False)) as c:
         r = c.post("/v1/chat/completions", json={"model": "fake-student", **CHAT, "max_tokens": 2})
         assert r.status_code == 200, r.text
         assert c.get("/admin/students").json()["loaded"] == ["fake-student"]
 
 
-def test_traffic_share_goes_to_the_student(home: Path, onnx_dir: Path) -> None:
-    publish(home, onnx_dir)
+def test_traffic_share_goes_to_the_student(home: Path, tiny_onnx: Path) -> None:
+    publish_student(home, tiny_onnx)
     app = make_app(home, traffic={"fake-model": TrafficSplit(student="fake-student", share=0.5)})
     with TestClient(app) as c:
         for _ in range(40):

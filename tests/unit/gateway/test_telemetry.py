@@ -18,6 +18,7 @@ from gateway.engines.fake import FakeEngine
 from gateway.pricing import ModelPrice, PricingSettings
 from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings
+from retort.db.filters import RowFilter
 from retort.db.store import PromptStore
 from tests.openai_schema import assert_valid
 
@@ -37,7 +38,7 @@ def make_settings(home: Path, **sections: Any) -> Settings:
 
 async def arows(home: Path, **filters: Any) -> list[dict[str, Any]]:
     async with PromptStore(f"sqlite+aiosqlite:///{home}/retort.db") as store:
-        return await store.query(**filters)
+        return await store.query(RowFilter(**filters))
 
 
 async def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:

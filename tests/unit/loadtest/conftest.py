@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
 from gateway.settings import EngineSettings, ServerSettings, Settings
+from loadtest.servers import serving_app
 from retort.settings import ModelSettings
 
 ADAPTER = "fake-adapter"
@@ -30,23 +27,5 @@ def gateway_url() -> Iterator[str]:
         model=ModelSettings(served_name="fake-model"),
         server=ServerSettings(log_level="warning"),
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, engine=engine), log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with serving_app(create_app(settings, engine=engine), log_level="warning") as url:
+        yield url

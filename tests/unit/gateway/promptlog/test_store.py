@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from retort.db.filters import RowFilter
 from retort.db.migrate import upgrade
 from retort.db.store import PromptStore
 from tests.unit.gateway.promptlog.conftest import make_record
@@ -95,8 +97,9 @@ async def test_filters(store: PromptStore) -> None:
         ]
     )
 
-    async def ids(**kw: object) -> list[str]:
-        return [r["request_id"] for r in await store.query(**kw)]  # type: ignore[arg-type]
+    async def ids(**kw: Any) -> list[str]:
+        limit = kw.pop("limit", None)
+        return [r["request_id"] for r in await store.query(RowFilter(**kw), limit=limit)]
 
     assert await ids() == ["req-0", "req-1", "req-2", "req-3"]
     assert await ids(model="a") == ["req-0", "req-1"]
@@ -122,8 +125,11 @@ async def test_feedback_joins_as_mean_score(store: PromptStore) -> None:
     assert rows["req-0"]["feedback_count"] == 2
     assert rows["req-1"]["score"] == pytest.approx(0.9)
     assert rows["req-2"]["score"] is None
-    assert [r["request_id"] for r in await store.query(min_score=0.6)] == ["req-1"]
-    assert [r["request_id"] for r in await store.query(min_score=0.5)] == ["req-0", "req-1"]
+    assert [r["request_id"] for r in await store.query(RowFilter(min_score=0.6))] == ["req-1"]
+    assert [r["request_id"] for r in await store.query(RowFilter(min_score=0.5))] == [
+        "req-0",
+        "req-1",
+    ]
 
 
 async def test_duplicate_request_ids_are_kept(store: PromptStore) -> None:
@@ -181,8 +187,8 @@ async def test_page_filters_search_and_feedback(store: PromptStore) -> None:
     rows, total = await store.page(offset=2, limit=2, oldest_first=True)
     assert (total, [r["request_id"] for r in rows]) == (3, ["req-2"])
 
-    async def ids(**kw: object) -> list[str]:
-        found, n = await store.page(oldest_first=True, **kw)  # type: ignore[arg-type]
+    async def ids(**kw: Any) -> list[str]:
+        found, n = await store.page(RowFilter(**kw), oldest_first=True)
         assert n == len(found)
         return [r["request_id"] for r in found]
 
