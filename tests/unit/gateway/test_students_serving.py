@@ -108,13 +108,15 @@ def test_student_returns_logprobs(client: TestClient[Any], stream: bool) -> None
         choice = r.json()["choices"][0]
         entries, text = choice["logprobs"]["content"], choice["message"]["content"]
     assert len(entries) == 4
-    assert "".join(e["token"] for e in entries) == text
+    # (The tokens' own texts need not add up to the text here: a random model's byte-level
+    # tokens often end inside a UTF-8 character.)
+    assert text
     for e in entries:
         assert e["logprob"] <= 0
         assert len(e["top_logprobs"]) == 3
-        assert (
-            e["top_logprobs"][0]["logprob"] >= e["logprob"] - 1e-6
-        )  # ranked: the first is the likeliest
+        ranked = [t["logprob"] for t in e["top_logprobs"]]
+        assert ranked == sorted(ranked, reverse=True)
+        assert ranked[0] >= e["logprob"] - 1e-6  # the first is the likeliest
 
 
 def test_hot_load_and_unload_through_the_admin_api(home: Path, tiny_onnx: Path) -> None:
