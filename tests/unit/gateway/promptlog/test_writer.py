@@ -175,18 +175,38 @@ async def test_transient_failures_are_retried() -> None:
     assert not writer.dropped
 
 
-async def test_database_down_drops_after_retries_and_counts(metrics: Metrics) -> None:
-    sink = Sink(fail_times=-1)  # always down
-    writer = BatchWriter(sink, retries=2, retry_backoff_s=0.01, metrics=metrics)
+async def test_database_down_holds_records_until_it_returns(metrics: Metrics) -> None:
+    sink = Sink(fail_times=-1)  # down
+    writer = BatchWriter(
+        sink, retries=2, retry_backoff_s=0.01, retry_max_backoff_s=0.02, metrics=metrics
+    )
     writer.start()
     for i in range(7):
         writer.submit(make_record(i))
-    await writer.flush()
-    assert sink.calls == 3  # one try and two retries
-    assert writer.dropped["db_error"] == 7
-    assert metric(metrics, "retort_promptlog_dropped_total", reason="db_error") == 7
-    assert writer.depth == 0
+    while sink.calls < 6:
+        await asyncio.sleep(0.01)
+    assert writer.degraded  # past `retries` failures
+    assert metric(metrics, "retort_promptlog_degraded") == 1
+    assert not writer.dropped
+    assert writer.depth == 7
+    sink.fail_times = 0  # back
+    await asyncio.wait_for(writer.flush(), 5)
+    assert [r.request_id for r in sink.records] == [f"req-{i}" for i in range(7)]
+    assert not writer.degraded
+    assert metric(metrics, "retort_promptlog_degraded") == 0
     await writer.close()
+    assert not writer.dropped
+
+
+async def test_database_down_at_shutdown_counts_what_is_left(metrics: Metrics) -> None:
+    sink = Sink(fail_times=-1)
+    writer = BatchWriter(sink, retry_backoff_s=0.01, metrics=metrics)
+    writer.start()
+    for i in range(5):
+        writer.submit(make_record(i))
+    await writer.close(timeout_s=0.2)
+    assert writer.dropped == {"shutdown": 5}
+    assert metric(metrics, "retort_promptlog_dropped_total", reason="shutdown") == 5
 
 
 async def test_a_bad_record_drops_alone(metrics: Metrics) -> None:
@@ -246,11 +266,13 @@ async def test_prepare_runs_before_insert_and_its_failure_is_counted() -> None:
 
 
 async def test_postgres_down_then_back(metrics: Metrics) -> None:
-    """A real Postgres stops: batches are retried, then counted dropped; when it is back,
-    records are written again."""
+    """A real Postgres stops: records wait in the queue (nothing dropped); when it is back,
+    they are written, in order."""
     with service(postgres_server()) as pg:
         async with PromptStore(pg.url) as store:
-            writer = BatchWriter(store, retries=1, retry_backoff_s=0.05, metrics=metrics)
+            writer = BatchWriter(
+                store, retries=1, retry_backoff_s=0.05, retry_max_backoff_s=0.2, metrics=metrics
+            )
             writer.start()
             writer.submit(make_record(0))
             await writer.flush()
@@ -258,17 +280,18 @@ async def test_postgres_down_then_back(metrics: Metrics) -> None:
             pg.stop()
             for i in range(1, 6):
                 writer.submit(make_record(i))
-            await writer.flush()
-            assert writer.dropped["db_error"] == 5
-            assert metric(metrics, "retort_promptlog_dropped_total", reason="db_error") == 5
+            while not writer.degraded:
+                await asyncio.sleep(0.05)
+            assert writer.depth == 5
             pg.start()
             for i in range(6, 9):
                 writer.submit(make_record(i))
             await writer.close()
-            assert writer.written == 4
+            assert writer.written == 9
+            assert not writer.dropped
             assert [r["request_id"] for r in await store.query()] == [
-                "req-0", "req-6", "req-7", "req-8"
-            ]  # fmt: skip
+                f"req-{i}" for i in range(9)
+            ]
 
 
 async def test_queue_memory_stays_within_the_bound() -> None:
