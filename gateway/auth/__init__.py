@@ -15,6 +15,7 @@ from gateway.auth.keys import (
 )
 from gateway.auth.limits import (
     KeyLimits,
+    LimiterUnavailableError,
     LimitLease,
     LimitsSettings,
     MemoryRateLimiter,
@@ -32,6 +33,7 @@ __all__ = [
     "KeyInfo",
     "KeyLimits",
     "LimitLease",
+    "LimiterUnavailableError",
     "LimitsSettings",
     "MemoryRateLimiter",
     "PermissionDeniedError",

@@ -160,10 +160,12 @@ class PromptStore:
     @property
     def _insert_requests(self) -> sa.Insert:
         if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        return insert(requests).on_conflict_do_nothing(index_elements=["record_key"])
+            from sqlalchemy.dialects import postgresql
+
+            return postgresql.insert(requests).on_conflict_do_nothing(index_elements=["record_key"])
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert(requests).on_conflict_do_nothing(index_elements=["record_key"])
 
     async def list_distill_runs(
         self, *, adapter: str | None = None, limit: int = 50

@@ -29,7 +29,8 @@ def test_the_view_knows_every_section_of_the_gateway() -> None:
         "",
         "home: /srv/r\nmodel: {path: /m, served_name: m}\nengine: {max_lora_rank: 64}\n"
         "adapters: {dir: /a, max_loaded: 2}\nstudents: {dir: /s}\n"
-        "promptlog: {url: 'sqlite+aiosqlite:////x.db', spool: disk, spool_dir: /sp}\nserver: {port: 9000}\n",
+        "promptlog: {url: 'sqlite+aiosqlite:////x.db', spool: disk, spool_dir: /sp}\n"
+        "server: {port: 9000}\n",
     ],
 )
 def test_both_read_the_shared_fields_alike(tmp_path: Path, text: str) -> None:

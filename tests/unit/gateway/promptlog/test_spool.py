@@ -14,6 +14,7 @@ from gateway.metrics import Metrics
 from gateway.promptlog.spool import Spool
 from gateway.promptlog.writer import BatchWriter
 from retort.db.store import PromptStore
+from tests import waits
 from tests.unit.gateway.promptlog.conftest import make_record
 from tests.unit.gateway.promptlog.test_writer import Sink, metric
 
@@ -29,9 +30,7 @@ def spool_files(root: Path) -> list[Path]:
     return sorted(root.glob("*.jsonl")) if root.exists() else []
 
 
-async def test_down_database_spools_then_replays_in_order(
-    tmp_path: Path, metrics: Metrics
-) -> None:
+async def test_down_database_spools_then_replays_in_order(tmp_path: Path, metrics: Metrics) -> None:
     sink = Sink(fail_times=-1)
     spool = Spool(tmp_path / "spool", 1 << 20)
     writer = BatchWriter(
@@ -46,8 +45,7 @@ async def test_down_database_spools_then_replays_in_order(
     writer.start()
     for i in range(5):
         writer.submit(make_record(i))
-    while writer.spooled < 5:
-        await asyncio.sleep(0.01)
+    await waits.until(lambda: writer.spooled >= 5)
     assert writer.degraded
     assert writer.depth == 0  # on disk, not in memory
     for i in range(5, 10):  # while down, each record goes to the spool at once
@@ -58,8 +56,7 @@ async def test_down_database_spools_then_replays_in_order(
     assert metric(metrics, "retort_promptlog_spool_bytes") > 0
     assert sink.records == []
     sink.fail_times = 0  # the database is back: the next probe replays the spool
-    while writer.degraded:
-        await asyncio.sleep(0.01)
+    await waits.until(lambda: not writer.degraded)
     await writer.close()
     assert [r.request_id for r in sink.records] == [f"req-{i}" for i in range(10)]
     assert spool_files(tmp_path / "spool") == []
@@ -158,8 +155,7 @@ async def test_an_unwritable_spool_falls_back_to_the_queue(tmp_path: Path) -> No
     writer.start()
     for i in range(3):
         writer.submit(make_record(i))
-    while not writer.degraded or sink.calls < 4:
-        await asyncio.sleep(0.01)
+    await waits.until(lambda: writer.degraded and sink.calls >= 4)
     assert writer.spooled == 0
     assert writer.depth == 3  # waiting in memory
     sink.fail_times = 0

@@ -14,6 +14,7 @@ from gateway.promptlog.writer import BatchWriter
 from loadtest.servers import postgres_server
 from retort.db.record import LogRecord
 from retort.db.store import PromptStore
+from tests import waits
 from tests.services import service
 from tests.unit.gateway.promptlog.conftest import make_record
 
@@ -183,8 +184,7 @@ async def test_database_down_holds_records_until_it_returns(metrics: Metrics) ->
     writer.start()
     for i in range(7):
         writer.submit(make_record(i))
-    while sink.calls < 6:
-        await asyncio.sleep(0.01)
+    await waits.until(lambda: sink.calls >= 6)
     assert writer.degraded  # past `retries` failures
     assert metric(metrics, "retort_promptlog_degraded") == 1
     assert not writer.dropped
@@ -280,8 +280,7 @@ async def test_postgres_down_then_back(metrics: Metrics) -> None:
             pg.stop()
             for i in range(1, 6):
                 writer.submit(make_record(i))
-            while not writer.degraded:
-                await asyncio.sleep(0.05)
+            await waits.until(lambda: bool(writer.degraded))
             assert writer.depth == 5
             pg.start()
             for i in range(6, 9):
@@ -289,9 +288,7 @@ async def test_postgres_down_then_back(metrics: Metrics) -> None:
             await writer.close()
             assert writer.written == 9
             assert not writer.dropped
-            assert [r["request_id"] for r in await store.query()] == [
-                f"req-{i}" for i in range(9)
-            ]
+            assert [r["request_id"] for r in await store.query()] == [f"req-{i}" for i in range(9)]
 
 
 async def test_queue_memory_stays_within_the_bound() -> None:
