@@ -301,3 +301,29 @@ async def test_queue_memory_stays_within_the_bound() -> None:
         # The estimate tracks the real memory of the queued records.
         assert got.traced_bytes <= got.bound_bytes * 1.1
         assert got.traced_bytes >= got.bound_bytes * 0.8
+
+
+async def test_a_locked_sqlite_file_delays_records_and_drops_none(tmp_path: Path) -> None:
+    """Another process holds the SQLite file locked: inserts wait (``busy_timeout``), the
+    request path does not, and everything is written once the lock goes."""
+    import sqlite3
+
+    db = tmp_path / "retort.db"
+    async with PromptStore(f"sqlite+aiosqlite:///{db}") as store:
+        writer = BatchWriter(store, flush_interval_s=0.05)
+        writer.start()
+        locker = sqlite3.connect(db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            for i in range(50):
+                assert writer.submit(make_record(i))  # never waits on the lock
+            await asyncio.sleep(0.5)
+            assert writer.written == 0
+            assert writer.depth == 50
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await asyncio.wait_for(writer.flush(), 10)
+        await writer.close()
+        assert await store.count() == 50
+    assert not writer.dropped
