@@ -11,6 +11,9 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+
+from gateway.errors import ServiceUnavailableError
 from gateway.promptlog.policy import CapturePolicy, run_retention
 from gateway.promptlog.redact import Redactor
 from gateway.promptlog.responses import ResponseStore
@@ -26,12 +29,22 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from retort.db.record import LogRecord
 
-__all__ = ["PromptLog"]
+__all__ = ["PromptLog", "PromptLogUnavailableError"]
 
 log = logging.getLogger("retort.promptlog")
 
 FEEDBACK_FLUSH_S = 5.0
 """How long feedback waits for its request's record to be written."""
+
+
+class PromptLogUnavailableError(ServiceUnavailableError):
+    """503: the prompt-log database cannot be reached (feedback cannot be stored now)."""
+
+    code = "promptlog_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The prompt-log database is unreachable; retry later.")
+        self.headers: dict[str, str] = {"Retry-After": "5"}
 
 
 class PromptLog:
@@ -135,7 +148,12 @@ class PromptLog:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FEEDBACK_FLUSH_S):
                     await self.writer.flush()
-        return await self.store.add_feedback(request_id, score, comment, correction)
+        try:
+            return await self.store.add_feedback(request_id, score, comment, correction)
+        except (DBAPIError, OSError) as exc:
+            if isinstance(exc, IntegrityError | DataError):
+                raise
+            raise PromptLogUnavailableError from exc
 
     async def close(self) -> None:
         """Flush the queue (bounded by ``close_timeout_s``), stop the purge, close the store."""
