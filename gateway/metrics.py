@@ -451,7 +451,7 @@ class Metrics:
     def set_promptlog_spool_bytes(self, size: int) -> None:
         self.promptlog_spool_bytes.set(size)
 
-    # -- limits (used by gateway.auth.limits) ----------------------------------------------
+    # -- limits (used by gateway.auth.redis_limits) ----------------------------------------
 
     def set_limits_degraded(self, degraded: bool) -> None:
         self.limits_degraded.set(1 if degraded else 0)
