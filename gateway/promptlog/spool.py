@@ -15,6 +15,7 @@ The methods do blocking file I/O: call them in a worker thread (``asyncio.to_thr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -27,9 +28,10 @@ import msgspec
 from retort.db.record import LogRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
-__all__ = ["Spool", "SpoolFullError", "SpoolReader"]
+__all__ = ["Spool", "SpoolFullError", "SpoolReader", "replay"]
 
 log = logging.getLogger("retort.promptlog")
 
@@ -189,3 +191,39 @@ class Spool:
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
+
+
+async def replay(
+    spool: Spool,
+    insert: Callable[[list[LogRecord], int], Awaitable[bool]],
+    batch_size: int,
+) -> bool:
+    """Hand the backlog to ``insert`` in chunks, oldest file first, deleting each file once
+    all of it is in; the file being appended to is sealed and replayed last. ``insert(chunk,
+    corrupt)`` (``corrupt``: unreadable lines the file ended with, reported once with an
+    empty chunk) returns ``False`` when the database is down: the chunk is read again at
+    the next call, and ``replay`` returns ``False``."""
+    while True:
+        readers = await asyncio.to_thread(spool.backlog)
+        if not readers:
+            if spool.appending:  # the database may be back: replay the open file too
+                await asyncio.to_thread(spool.seal)
+                continue
+            return True
+        for reader in readers:
+            while True:
+                position = reader.position()
+                chunk = await asyncio.to_thread(reader.read, batch_size)
+                if not chunk:
+                    break
+                if not await insert(chunk, 0):
+                    reader.rewind(position)
+                    return False
+            if reader.corrupt:
+                log.error("prompt log: %d unreadable lines in the spool file %s",
+                          reader.corrupt, reader.path)  # fmt: skip
+                await insert([], reader.corrupt)
+            log.info("prompt log: replayed the spool file %s", reader.path.name)
+            await asyncio.to_thread(spool.remove, reader)
+        if not spool.appending:
+            return True

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from gateway.metrics import Metrics
-    from gateway.promptlog.spool import Spool, SpoolReader
+    from gateway.promptlog.spool import Spool
     from retort.db.record import LogRecord
 
 __all__ = ["BatchWriter", "RecordSink"]
@@ -382,55 +382,40 @@ class BatchWriter:
             return False
 
     async def _replay_backlog(self) -> bool:
-        spool = self.spool
-        assert spool is not None
-        while True:
-            readers = await asyncio.to_thread(spool.backlog)
-            if not readers:
-                if spool.appending:  # the database may be back: replay the open file too
-                    await asyncio.to_thread(spool.seal)
-                    continue
-                break
-            for reader in readers:
-                if not await self._replay_file(reader):
-                    self._next_probe = time.monotonic() + self._probe_delay
-                    self._probe_delay = min(self._probe_delay * 2, self.retry_max_backoff_s)
-                    await self._refresh_spool_bytes()
-                    return False
-                await asyncio.to_thread(spool.remove, reader)
-            if not spool.appending:
-                break
+        from gateway.promptlog.spool import replay
+
+        assert self.spool is not None
+        if not await replay(self.spool, self._insert_replayed, self.batch_size):
+            self._next_probe = time.monotonic() + self._probe_delay
+            self._probe_delay = min(self._probe_delay * 2, self.retry_max_backoff_s)
+            await self._refresh_spool_bytes()
+            return False
         self._backlog = False
         self._probe_delay = self.retry_backoff_s
         self._set_down(False)
         await self._refresh_spool_bytes()
         return True
 
-    async def _replay_file(self, reader: SpoolReader) -> bool:
-        while True:
-            position = reader.position()
-            chunk = await asyncio.to_thread(reader.read, self.batch_size)
-            if not chunk:
-                break
-            try:
-                await self.store.insert_many(chunk)
-                written = len(chunk)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not self._is_data_error(exc):
-                    self._set_down(True, exc)
-                    reader.rewind(position)  # from here at the next attempt
-                    return False
-                written = await self._insert_one_by_one(chunk)
-            self.written += written
-            if self.metrics is not None:
-                self.metrics.promptlog_written(written)
-        if reader.corrupt:
-            log.error("prompt log: %d unreadable lines in the spool file %s",
-                      reader.corrupt, reader.path)  # fmt: skip
-            self._count_dropped("error", reader.corrupt)
-        log.info("prompt log: replayed the spool file %s", reader.path.name)
+    async def _insert_replayed(self, chunk: list[LogRecord], corrupt: int) -> bool:
+        """Write a chunk of the spool (and count its file's unreadable lines); ``False``
+        when the database is down."""
+        if corrupt:
+            self._count_dropped("error", corrupt)
+        if not chunk:
+            return True
+        try:
+            await self.store.insert_many(chunk)
+            written = len(chunk)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not self._is_data_error(exc):
+                self._set_down(True, exc)
+                return False
+            written = await self._insert_one_by_one(chunk)
+        self.written += written
+        if self.metrics is not None:
+            self.metrics.promptlog_written(written)
         return True
 
     async def _refresh_spool_bytes(self) -> None:
