@@ -241,23 +241,29 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outage]:
 
             spool_done = threading.Event()
 
+            failed: list[BaseException] = []
+
             def fault() -> None:
-                time.sleep(1.0)
+                time.sleep(1.0)  # the outage starts 1 s into the load
                 pg.stop()
                 marks["stopped"] = time.monotonic()
-                assert spool_done.wait(30), "the spool gateway's load did not finish"
-                for gw in gws:
-                    degraded[gw.name] = gw.metric("retort_promptlog_degraded")
-                # Every record the spooled gateway accepted is on disk: kill it.
-                deadline = time.monotonic() + 5
-                while spool.metric("retort_promptlog_queue_depth") > 0:
-                    assert time.monotonic() < deadline, "the spool gateway kept records in memory"
-                    time.sleep(0.05)
-                marks["spooled"] = spool.metric("retort_promptlog_spooled_total")
-                spool.kill()
-                time.sleep(max(0.0, marks["stopped"] + OUTAGE_S - time.monotonic()))
-                pg.start()
-                marks["started"] = time.monotonic()
+                try:
+                    assert spool_done.wait(30), "the spool gateway's load did not finish"
+                    for gw in gws:
+                        degraded[gw.name] = gw.metric("retort_promptlog_degraded")
+                    # Every record the spooled gateway accepted is on disk: kill it.
+                    deadline = time.monotonic() + 5
+                    while spool.metric("retort_promptlog_queue_depth") > 0:
+                        assert time.monotonic() < deadline, "the spool gateway kept records"
+                        time.sleep(0.05)
+                    marks["spooled"] = spool.metric("retort_promptlog_spooled_total")
+                    spool.kill()
+                    time.sleep(max(0.0, marks["stopped"] + OUTAGE_S - time.monotonic()))
+                except BaseException as exc:  # re-raised by the test's thread
+                    failed.append(exc)
+                finally:
+                    pg.start()
+                    marks["started"] = time.monotonic()
 
             faulter = threading.Thread(target=fault)
             faulter.start()
@@ -273,6 +279,8 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outage]:
 
             asyncio.run(traffic())
             faulter.join()
+            if failed:
+                raise failed[0]
             assert marks["spooled"] > 0, "the spooled gateway spooled nothing"
 
             async def recovery() -> tuple[float, float, collections.Counter[str]]:
