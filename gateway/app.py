@@ -225,7 +225,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        limiter = build_rate_limiter(settings.limits, auth)
+        limiter = build_rate_limiter(settings.limits, auth, app_metrics)
         gw = Gateway(
             settings=settings,
             router=None,

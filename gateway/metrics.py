@@ -71,7 +71,7 @@ TIME_PER_OUTPUT_TOKEN_BUCKETS = (
 )  # fmt: skip
 ADAPTER_LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-DROP_REASONS = ("queue_full", "db_error", "shutdown", "error")
+DROP_REASONS = ("queue_full", "db_error", "shutdown", "error", "spool_full")
 """Why prompt-log records get dropped; each is exported from the start (at 0)."""
 
 
@@ -235,10 +235,40 @@ class Metrics:
         )
         self.promptlog_dropped_total = Counter(
             "promptlog_dropped",
-            "Prompt-log records dropped, by reason (queue_full, db_error, shutdown, error).",
+            "Prompt-log records dropped, by reason (queue_full, db_error, shutdown, error, "
+            "spool_full).",
             ("reason",),
             namespace=NAMESPACE,
             registry=r,
+        )
+        self.promptlog_degraded = Gauge(
+            "promptlog_degraded",
+            "1 while the prompt-log database is unreachable (records wait in the queue or "
+            "the spool), else 0.",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.promptlog_spooled_total = Counter(
+            "promptlog_spooled",
+            "Prompt-log records written to the disk spool while the database was down.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.promptlog_spool_bytes = Gauge(
+            "promptlog_spool_bytes",
+            "Bytes in the prompt log's disk spool, waiting to be replayed into the database.",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.limits_degraded = Gauge(
+            "limits_degraded",
+            "1 while Redis (limits.redis_url) is unreachable: limits are per replica "
+            "(fail_open) or requests are refused, else 0.",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.engine_running_requests = Gauge(
             "engine_running_requests",
@@ -414,6 +444,20 @@ class Metrics:
 
     def set_promptlog_queue_depth(self, depth: int) -> None:
         self.promptlog_queue_depth.set(depth)
+
+    def set_promptlog_degraded(self, degraded: bool) -> None:
+        self.promptlog_degraded.set(1 if degraded else 0)
+
+    def promptlog_spooled(self, count: int) -> None:
+        self.promptlog_spooled_total.inc(count)
+
+    def set_promptlog_spool_bytes(self, size: int) -> None:
+        self.promptlog_spool_bytes.set(size)
+
+    # -- limits (used by gateway.auth.redis_limits) ----------------------------------------
+
+    def set_limits_degraded(self, degraded: bool) -> None:
+        self.limits_degraded.set(1 if degraded else 0)
 
     # -- engine ---------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ __all__ = [
     "AppServer",
     "Gateway",
     "Postgres",
+    "Redis",
     "RssSampler",
     "Server",
     "ServerError",
@@ -58,6 +59,7 @@ __all__ = [
     "postgres_bindir",
     "postgres_server",
     "prometheus_server",
+    "redis_instance",
     "redis_server",
     "running",
     "serving_app",
@@ -537,27 +539,57 @@ def _stop(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
         proc.wait(timeout_s)
 
 
+class Redis:
+    """A redis-server without persistence on a fixed loopback port: :meth:`stop` and
+    :meth:`start` it again (a restart, for fault tests)."""
+
+    def __init__(self, exe: str, root: Path, port: int) -> None:
+        self.exe = exe
+        self.root = root
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.root), "--daemonize", "no"],
+            stdout=(self.root / "redis.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A redis-server without persistence; yields ``redis://127.0.0.1:PORT/0``."""
+def redis_instance() -> Iterator[Redis]:
+    """A started :class:`Redis` on a free port, stopped and removed afterwards."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise ServiceMissing("Redis is not installed (Debian package redis-server)")
     root = Path(tempfile.mkdtemp(prefix="retort-redis-"))
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(root), "--daemonize", "no"],
-        stdout=(root / "redis.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    redis = Redis(exe, root, free_port())
     try:
-        wait_port(port, proc)
-        yield f"redis://127.0.0.1:{port}/0"
+        redis.start()
+        yield redis
     finally:
-        _stop(proc)
+        redis.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server without persistence; yields ``redis://127.0.0.1:PORT/0``."""
+    with redis_instance() as redis:
+        yield redis.url
 
 
 @contextlib.contextmanager

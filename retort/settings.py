@@ -33,6 +33,7 @@ __all__ = [
     "load_shared",
     "read_yaml",
     "resolve_home",
+    "spool_dir",
     "state_dir",
 ]
 
@@ -63,6 +64,12 @@ def state_dir(configured: str, home: Path, name: str) -> Path:
 def default_url(home: Path) -> str:
     """The default prompt-log database: SQLite in the state folder."""
     return f"sqlite+aiosqlite:///{(Path(home).expanduser() / DEFAULT_DB_NAME).as_posix()}"
+
+
+def spool_dir(configured: str, home: Path) -> Path:
+    """The prompt log's disk spool folder: the configured one, else
+    ``home/promptlog-spool``."""
+    return state_dir(configured, home, "promptlog-spool")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -121,8 +128,12 @@ class _Dir(msgspec.Struct, kw_only=True):
     dir: str = ""
 
 
-class _Url(msgspec.Struct, kw_only=True):
+class _PromptLog(msgspec.Struct, kw_only=True):
     url: str | None = None
+    spool: Literal["none", "disk"] = "none"
+    """``disk``: records wait in a spool file while the database is down (the gateway's
+    ``promptlog.spool``; see :attr:`SharedSettings.promptlog_spool_path`)."""
+    spool_dir: str = ""
 
 
 class _Engine(msgspec.Struct, kw_only=True):
@@ -145,7 +156,7 @@ class SharedSettings(StatePaths, msgspec.Struct, kw_only=True, forbid_unknown_fi
     engine: _Engine = msgspec.field(default_factory=_Engine)
     adapters: _Dir = msgspec.field(default_factory=_Dir)
     students: _Dir = msgspec.field(default_factory=_Dir)
-    promptlog: _Url = msgspec.field(default_factory=_Url)
+    promptlog: _PromptLog = msgspec.field(default_factory=_PromptLog)
     server: dict[str, Any] = _section()
     shutdown: dict[str, Any] = _section()
     auth: dict[str, Any] = _section()
@@ -158,6 +169,11 @@ class SharedSettings(StatePaths, msgspec.Struct, kw_only=True, forbid_unknown_fi
     def promptlog_url(self) -> str:
         """``promptlog.url``, else SQLite in the state folder."""
         return self.promptlog.url or default_url(self.home_path)
+
+    @property
+    def promptlog_spool_path(self) -> Path:
+        """Where the prompt log's disk spool lives (records not yet in the database)."""
+        return spool_dir(self.promptlog.spool_dir, self.home_path)
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

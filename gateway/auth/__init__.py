@@ -1,5 +1,6 @@
 """Who may call, and how much: API keys (:mod:`gateway.auth.keys`) and per-key limits
-(:mod:`gateway.auth.limits`, with its Redis scripts ``acquire.lua`` and ``release.lua``).
+(:mod:`gateway.auth.limits`, and :mod:`gateway.auth.redis_limits` with its Redis scripts
+``acquire.lua`` and ``release.lua``).
 The guards that apply them to routes are in :mod:`gateway.guards`."""
 
 from gateway.auth.keys import (
@@ -15,14 +16,15 @@ from gateway.auth.keys import (
 )
 from gateway.auth.limits import (
     KeyLimits,
+    LimiterUnavailableError,
     LimitLease,
     LimitsSettings,
     MemoryRateLimiter,
     RateLimitedError,
     RateLimiter,
-    RedisRateLimiter,
     build_rate_limiter,
 )
+from gateway.auth.redis_limits import RedisRateLimiter
 
 __all__ = [
     "APIKey",
@@ -32,6 +34,7 @@ __all__ = [
     "KeyInfo",
     "KeyLimits",
     "LimitLease",
+    "LimiterUnavailableError",
     "LimitsSettings",
     "MemoryRateLimiter",
     "PermissionDeniedError",

@@ -3,9 +3,8 @@
 Limits are counted per key over a sliding one-minute window of ``limits.bucket_s`` buckets
 (the window spans the last ``60 / bucket_s`` buckets). By default they are counted in
 memory, per process (:class:`MemoryRateLimiter`); with ``limits.redis_url`` set, every
-replica shares them through Redis (:class:`RedisRateLimiter`: one atomic Lua script per
-acquire, ``acquire.lua`` beside this file; concurrent leases are a sorted set whose entries
-expire after ``limits.lease_ttl_s``, so a crashed replica cannot hold a slot forever).
+replica shares them through Redis (:class:`gateway.auth.redis_limits.RedisRateLimiter`,
+which also says what happens when Redis goes away).
 """
 
 from __future__ import annotations
@@ -13,34 +12,31 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from gateway.errors import APIError
+from gateway.errors import APIError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
 
     from gateway.auth.keys import Authenticator
+    from gateway.metrics import Metrics
 
 __all__ = [
     "KeyLimits",
     "LimitLease",
+    "LimiterUnavailableError",
     "LimitsSettings",
     "MemoryRateLimiter",
     "RateLimitedError",
     "RateLimiter",
-    "RedisRateLimiter",
     "build_rate_limiter",
 ]
 
 log = logging.getLogger("retort.auth")
-
-_HERE = Path(__file__).parent
 
 
 class RateLimitedError(APIError):
@@ -74,6 +70,16 @@ class RateLimitedError(APIError):
         self.headers: dict[str, str] = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
+class LimiterUnavailableError(ServiceUnavailableError):
+    """503: Redis is unreachable and ``limits.fail_open`` is false."""
+
+    code = "limiter_unavailable"
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("Rate limiter unavailable (its Redis cannot be reached); retry later.")
+        self.headers: dict[str, str] = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+
+
 class LimitsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis_url: str | None = None
     """Share limits across replicas through this Redis (``redis://host:6379/0``); in memory,
@@ -91,7 +97,10 @@ class LimitsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lease_ttl_s: float = 900.0
     """Redis: a concurrency slot not released after this long is freed (crashed replica)."""
     fail_open: bool = True
-    """Redis unreachable: admit the request (logged) rather than fail it."""
+    """Redis unreachable: ``true`` enforces each key's limits per replica (in memory) until
+    Redis is back; ``false`` refuses requests with 503 ``limiter_unavailable``."""
+    probe_interval_s: float = 1.0
+    """While Redis is unreachable, how often it is pinged to notice its return."""
 
 
 class KeyLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -291,93 +300,16 @@ class MemoryRateLimiter(RateLimiter):
             )
 
 
-class RedisRateLimiter(RateLimiter):
-    """Limits shared by every replica through Redis (``limits.redis_url``)."""
-
-    def __init__(
-        self,
-        settings: LimitsSettings,
-        key_limits: Mapping[str, KeyLimits] | None = None,
-        *,
-        client: Any = None,
-    ) -> None:
-        super().__init__(settings, key_limits)
-        if client is None:
-            if not settings.redis_url:
-                raise ValueError("RedisRateLimiter needs limits.redis_url")
-            import redis.asyncio as aioredis
-
-            client = aioredis.Redis.from_url(
-                settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-            )
-        self._redis = client
-        self._acquire_script = client.register_script((_HERE / "acquire.lua").read_text())
-        self._release_script = client.register_script((_HERE / "release.lua").read_text())
-        self._last_error_log = 0.0
-
-    def _keys(self, key_id: str) -> tuple[str, str, str]:
-        # One hash tag per key id: a key's three Redis keys live on one cluster slot.
-        base = f"{self.settings.key_prefix}:{{{key_id}}}"
-        return f"{base}:req", f"{base}:tok", f"{base}:conc"
-
-    def _redis_failed(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_error_log > 10.0:
-            self._last_error_log = now
-            log.warning("rate limiter: Redis unavailable (%s); fail_open=%s", exc,
-                        self.settings.fail_open)  # fmt: skip
-
-    async def _acquire(self, key_id: str, limits: KeyLimits, est_tokens: int) -> LimitLease:
-        from redis.exceptions import RedisError
-
-        lease_id = uuid.uuid4().hex
-        s = self.settings
-        try:
-            admitted, value, reason = await self._acquire_script(
-                keys=list(self._keys(key_id)),
-                args=[
-                    limits.rpm or 0,
-                    limits.tpm or 0,
-                    limits.max_concurrent or 0,
-                    est_tokens,
-                    round(s.bucket_s * 1000),
-                    self.n_buckets,
-                    round(s.lease_ttl_s * 1000),
-                    lease_id,
-                ],
-            )
-        except (TimeoutError, RedisError, OSError) as exc:
-            self._redis_failed(exc)
-            if s.fail_open:
-                return LimitLease(None, key_id, est_tokens, 0)
-            raise RateLimitedError(1.0, "unavailable", "Rate limiter unavailable.") from exc
-        if int(admitted) != 1:
-            why = reason.decode() if isinstance(reason, bytes) else str(reason)
-            raise RateLimitedError(int(value) / 1000.0, why)
-        return LimitLease(self, key_id, est_tokens, int(value), lease_id)
-
-    async def _release(self, lease: LimitLease, actual_tokens: int | None) -> None:
-        from redis.exceptions import RedisError
-
-        assert lease.key_id is not None
-        _, tok, conc = self._keys(lease.key_id)
-        delta = 0 if actual_tokens is None else int(actual_tokens) - lease.est_tokens
-        try:
-            await self._release_script(keys=[tok, conc], args=[lease.lease_id, lease.bucket, delta])
-        except (TimeoutError, RedisError, OSError) as exc:
-            # The slot expires after lease_ttl_s anyway.
-            self._redis_failed(exc)
-
-    async def close(self) -> None:
-        await self._redis.aclose()
-
-
 def build_rate_limiter(
-    settings: LimitsSettings | None, authenticator: Authenticator | None = None
+    settings: LimitsSettings | None,
+    authenticator: Authenticator | None = None,
+    metrics: Metrics | None = None,
 ) -> RateLimiter:
     """The limiter the settings ask for: Redis when ``redis_url`` is set, else in memory."""
     settings = settings or LimitsSettings()
     key_limits = authenticator.limits if authenticator is not None else {}
     if settings.redis_url:
-        return RedisRateLimiter(settings, key_limits)
+        from gateway.auth.redis_limits import RedisRateLimiter
+
+        return RedisRateLimiter(settings, key_limits, metrics=metrics)
     return MemoryRateLimiter(settings, key_limits)

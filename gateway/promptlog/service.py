@@ -11,13 +11,17 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+
+from gateway.errors import ServiceUnavailableError
 from gateway.promptlog.policy import CapturePolicy, run_retention
 from gateway.promptlog.redact import Redactor
 from gateway.promptlog.responses import ResponseStore
 from gateway.promptlog.settings import PromptLogSettings
+from gateway.promptlog.spool import Spool
 from gateway.promptlog.writer import BatchWriter
 from retort.db.store import PromptStore
-from retort.settings import default_url
+from retort.settings import default_url, spool_dir
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -25,9 +29,22 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from retort.db.record import LogRecord
 
-__all__ = ["PromptLog"]
+__all__ = ["PromptLog", "PromptLogUnavailableError"]
 
 log = logging.getLogger("retort.promptlog")
+
+FEEDBACK_FLUSH_S = 5.0
+"""How long feedback waits for its request's record to be written."""
+
+
+class PromptLogUnavailableError(ServiceUnavailableError):
+    """503: the prompt-log database cannot be reached (feedback cannot be stored now)."""
+
+    code = "promptlog_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The prompt-log database is unreachable; retry later.")
+        self.headers: dict[str, str] = {"Retry-After": "5"}
 
 
 class PromptLog:
@@ -76,9 +93,15 @@ class PromptLog:
             flush_interval_s=settings.flush_interval_s,
             retries=settings.retries,
             retry_backoff_s=settings.retry_backoff_s,
+            retry_max_backoff_s=settings.retry_max_backoff_s,
             close_timeout_s=settings.close_timeout_s,
             metrics=metrics,
             prepare=prepare if redactor is not None else None,
+            spool=(
+                Spool(spool_dir(settings.spool_dir, home), settings.spool_max_bytes)
+                if settings.spool == "disk"
+                else None
+            ),
         )
         writer.start()
         self = cls(settings, store=store, writer=writer)
@@ -116,13 +139,21 @@ class PromptLog:
         correction: str | None = None,
     ) -> bool:
         """Store feedback (``correction``: a corrected answer); ``False`` (404) when no
-        request has that id. A request whose record is still queued is flushed first, so
-        feedback right after a response works. ``/v1/feedback`` and the console use this."""
+        request has that id. A request whose record is still queued is flushed first (for
+        at most ``FEEDBACK_FLUSH_S``: the database may be down), so feedback right after a
+        response works. ``/v1/feedback`` and the console use this."""
         if self.store is None:
             return False
         if self.writer is not None and self.writer.pending(request_id):
-            await self.writer.flush()
-        return await self.store.add_feedback(request_id, score, comment, correction)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FEEDBACK_FLUSH_S):
+                    await self.writer.flush()
+        try:
+            return await self.store.add_feedback(request_id, score, comment, correction)
+        except (DBAPIError, OSError) as exc:
+            if isinstance(exc, IntegrityError | DataError):
+                raise
+            raise PromptLogUnavailableError from exc
 
     async def close(self) -> None:
         """Flush the queue (bounded by ``close_timeout_s``), stop the purge, close the store."""

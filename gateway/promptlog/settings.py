@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 __all__ = ["PromptLogSettings"]
@@ -21,9 +23,23 @@ class PromptLogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     flush_interval_s: float = 0.5
     """A partial batch is written after at most this long."""
     retries: int = 3
-    """Retries of a failed insert (exponential backoff) before its batch is dropped."""
+    """Failed tries of an insert after which the database counts as down
+    (``retort_promptlog_degraded`` 1; with ``spool: disk`` batches then go to the spool).
+    Records are never dropped for a database error: they wait, within ``queue_max_bytes``."""
     retry_backoff_s: float = 0.2
-    """First retry delay; doubles each retry."""
+    """First retry delay; doubles each retry, up to ``retry_max_backoff_s``."""
+    retry_max_backoff_s: float = 2.0
+    """Longest wait between tries while the database is down: its return is noticed
+    within this long."""
+    spool: Literal["none", "disk"] = "none"
+    """``disk``: while the database is down, records go to an append-only spool file
+    (redacted, one JSON line each) instead of waiting in memory; on recovery, and on the
+    next start after a crash, the spool is replayed into the database, each record once."""
+    spool_dir: str = ""
+    """The spool's folder; ``$RETORT_HOME/promptlog-spool`` when empty. Give each replica
+    its own (the state volume is per pod)."""
+    spool_max_bytes: int = 1024 * 1024 * 1024
+    """Bound on the spool's size; past it records are dropped (``reason="spool_full"``)."""
     close_timeout_s: float = 10.0
     """On shutdown, how long flushing the queue may take; what is left is counted dropped."""
     sample_rate: float = 1.0

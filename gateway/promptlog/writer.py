@@ -5,11 +5,18 @@ approximate bytes (:meth:`LogRecord.approx_bytes`), or counts the record dropped
 (``queue_full``) when the bound would be passed. One background task drains the queue:
 everything queued is written when ``batch_size`` records are waiting or every
 ``flush_interval_s``, in transactions of at most ``batch_size`` records (under load the
-batches grow by themselves). A failed insert is retried with exponential backoff; a
-batch that still fails is counted dropped (``db_error``), and when the failure is about
-the rows themselves its records are tried one by one so that only the bad ones drop.
-``close`` writes everything left; what cannot be written in ``close_timeout_s`` is counted
-dropped (``shutdown``). Nothing leaves the queue uncounted.
+batches grow by themselves).
+
+A database error never drops a record. A failed insert is tried again with exponential
+backoff (``retry_backoff_s`` doubling up to ``retry_max_backoff_s``); after ``retries``
+failures the database counts as down (``retort_promptlog_degraded`` 1). Its batch and
+everything behind it then wait in the bounded queue (the bound still applies: past it,
+``queue_full``), or, with a :class:`~gateway.promptlog.spool.Spool`, go to the disk spool,
+which is replayed into the database once it answers again (and at the next start after a
+crash). When a failure is about the rows themselves, the batch's records are tried one
+by one so that only the bad ones drop (``error``). ``close`` writes everything left;
+what cannot be written (or spooled) in ``close_timeout_s`` is counted dropped
+(``shutdown``). Nothing leaves the queue uncounted.
 
 Call ``submit`` from the event loop's thread (it is not thread-safe).
 """
@@ -27,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from gateway.metrics import Metrics
+    from gateway.promptlog.spool import Spool
     from retort.db.record import LogRecord
 
 __all__ = ["BatchWriter", "RecordSink"]
@@ -58,9 +66,11 @@ class BatchWriter:
         flush_interval_s: float = 0.5,
         retries: int = 3,
         retry_backoff_s: float = 0.2,
+        retry_max_backoff_s: float = 2.0,
         close_timeout_s: float = 10.0,
         metrics: Metrics | None = None,
         prepare: Callable[[list[LogRecord]], list[LogRecord]] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         if max_queue_bytes <= 0 or batch_size <= 0 or flush_interval_s <= 0 or retries < 0:
             raise ValueError("max_queue_bytes, batch_size and flush_interval_s must be positive")
@@ -70,9 +80,16 @@ class BatchWriter:
         self.flush_interval_s = flush_interval_s
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
+        self.retry_max_backoff_s = max(retry_max_backoff_s, retry_backoff_s)
         self.close_timeout_s = close_timeout_s
         self.metrics = metrics
         self.prepare = prepare
+        self.spool = spool
+        self._down = False
+        self._backlog = spool is not None
+        """The spool may hold records to replay (a previous process's, at first)."""
+        self._next_probe = 0.0
+        self._probe_delay = retry_backoff_s
         is_data_error = getattr(store, "is_data_error", None)
         self._is_data_error: Callable[[BaseException], bool] = (
             is_data_error if callable(is_data_error) else lambda _e: False
@@ -95,6 +112,8 @@ class BatchWriter:
         """Records written so far."""
         self.dropped: collections.Counter[str] = collections.Counter()
         """Records dropped so far, by reason."""
+        self.spooled = 0
+        """Records written to the disk spool so far."""
 
     # -- state ----------------------------------------------------------------------------
 
@@ -102,6 +121,11 @@ class BatchWriter:
     def depth(self) -> int:
         """Records queued or being written."""
         return len(self._queue) + len(self._inflight)
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the database counts as down (records wait, or go to the spool)."""
+        return self._down
 
     @property
     def queued_bytes(self) -> int:
@@ -164,6 +188,8 @@ class BatchWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._drop_all_left("shutdown")
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.close)
 
     # -- the request path ----------------------------------------------------------------
 
@@ -185,26 +211,39 @@ class BatchWriter:
         self._pending[rid] = self._pending.get(rid, 0) + 1
         if self.metrics is not None:
             self.metrics.set_promptlog_queue_depth(len(self._queue) + len(self._inflight))
-        if len(self._queue) >= self.batch_size:
+        if len(self._queue) >= self.batch_size or self._spooling:
+            # While spooling, each record goes to disk at once: a crash loses next to none.
             assert self._wake is not None
             self._wake.set()
         return True
+
+    @property
+    def _spooling(self) -> bool:
+        return self._down and self.spool is not None
 
     # -- the background task ---------------------------------------------------------------
 
     async def _run(self) -> None:
         assert self._wake is not None
+        if self._backlog:  # what a previous process left in the spool
+            await self._replay()
         while True:
+            if self._backlog and not self._closing and time.monotonic() >= self._next_probe:
+                await self._replay()
             if not self._queue and self._closing:
                 return
             if (
                 len(self._queue) < self.batch_size
                 and not self._closing
                 and not self._flush_requested
+                and not (self._spooling and self._queue)
             ):
+                timeout = self.flush_interval_s
+                if self._backlog:  # wake up for the next replay attempt
+                    timeout = min(timeout, max(0.0, self._next_probe - time.monotonic()))
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.flush_interval_s):
+                    async with asyncio.timeout(timeout):
                         await self._wake.wait()
             flushing, self._flush_requested = self._flush_requested, False
             while self._queue:
@@ -222,7 +261,9 @@ class BatchWriter:
                 # writing it at once would degrade, under steady load, into a stream of
                 # tiny batches that keeps the writer (and the request path's CPU) busy.
                 flushing = flushing or self._flush_requested
-                if len(self._queue) < self.batch_size and not (flushing or self._closing):
+                if len(self._queue) < self.batch_size and not (
+                    flushing or self._closing or self._spooling
+                ):
                     break
             self._signal_progress()
 
@@ -260,42 +301,139 @@ class BatchWriter:
                 self._count_dropped("error", len(batch))
                 self._finish(batch)
                 return
-        written = await self._insert(records)
+        written = await self._store(records)
         if written:
             self.written += written
             if self.metrics is not None:
                 self.metrics.promptlog_written(written)
         self._finish(batch)
 
-    async def _insert(self, records: list[LogRecord]) -> int:
-        """Insert with retries; returns how many were written, counting the rest dropped."""
+    async def _store(self, records: list[LogRecord]) -> int:
+        """Insert (or, while the database is down, spool) a batch; returns how many rows
+        were written. Tries until it succeeds: a database error never drops a record."""
         delay = self.retry_backoff_s
-        error: BaseException | None = None
-        for attempt in range(self.retries + 1):
+        failures = 0
+        spool_refused = False
+        while True:
+            if self._spooling and not spool_refused:
+                if await self._to_spool(records):
+                    return 0
+                spool_refused = True  # the disk refuses: wait in memory, as without a spool
             try:
                 await self.store.insert_many(records)
-                return len(records)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                error = exc
                 if self._is_data_error(exc):
-                    break
-                if attempt < self.retries:
-                    self._log_rate_limited(
-                        "retry",
-                        "prompt log: insert of %d records failed (%s); retry %d/%d in %.1fs",
-                        len(records), exc, attempt + 1, self.retries, delay,
-                    )  # fmt: skip
-                    await asyncio.sleep(delay)
-                    delay *= 2
-        assert error is not None
-        if self._is_data_error(error) and len(records) > 1:
-            return await self._insert_one_by_one(records)
-        log.error("prompt log: dropping %d records after %d retries: %s",
-                  len(records), self.retries, error)  # fmt: skip
-        self._count_dropped("db_error", len(records))
-        return 0
+                    return await self._insert_one_by_one(records)
+                failures += 1
+                if failures > self.retries:
+                    self._set_down(True, exc)
+                self._log_rate_limited(
+                    "retry",
+                    "prompt log: insert of %d records failed (%s); trying again in %.1fs",
+                    len(records), exc, delay,
+                )  # fmt: skip
+                if self._spooling and not spool_refused:
+                    continue  # to the spool at once
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_backoff_s)
+                spool_refused = False
+                continue
+            if self._down and not self._backlog:
+                self._set_down(False)
+            return len(records)
+
+    # -- the spool ------------------------------------------------------------------------
+
+    async def _to_spool(self, records: list[LogRecord]) -> bool:
+        """Append to the spool; ``False`` when the disk refuses (the batch then waits in
+        memory, as without a spool). Past ``spool_max_bytes`` the records are dropped."""
+        from gateway.promptlog.spool import SpoolFullError
+
+        assert self.spool is not None
+        try:
+            size = await asyncio.to_thread(self.spool.append, records)
+        except SpoolFullError as exc:
+            self._log_rate_limited("spool_full", "prompt log: %s; dropping records", exc)
+            self._count_dropped("spool_full", len(records))
+            return True
+        except OSError as exc:
+            self._log_rate_limited("spool", "prompt log: cannot write the spool: %s", exc)
+            return False
+        self._backlog = True
+        self.spooled += len(records)
+        if self.metrics is not None:
+            self.metrics.promptlog_spooled(len(records))
+            self.metrics.promptlog_spool_bytes.inc(size)
+        return True
+
+    async def _replay(self) -> bool:
+        """Write the spool's backlog into the database, oldest file first (idempotent: a
+        record already there is skipped). ``False`` when the database is still down (or the
+        spool cannot be read): tried again later."""
+        try:
+            return await self._replay_backlog()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("prompt log: replaying the spool failed; trying again later")
+            self._next_probe = time.monotonic() + self.retry_max_backoff_s
+            return False
+
+    async def _replay_backlog(self) -> bool:
+        from gateway.promptlog.spool import replay
+
+        assert self.spool is not None
+        if not await replay(self.spool, self._insert_replayed, self.batch_size):
+            self._next_probe = time.monotonic() + self._probe_delay
+            self._probe_delay = min(self._probe_delay * 2, self.retry_max_backoff_s)
+            await self._refresh_spool_bytes()
+            return False
+        self._backlog = False
+        self._probe_delay = self.retry_backoff_s
+        self._set_down(False)
+        await self._refresh_spool_bytes()
+        return True
+
+    async def _insert_replayed(self, chunk: list[LogRecord], corrupt: int) -> bool:
+        """Write a chunk of the spool (and count its file's unreadable lines); ``False``
+        when the database is down."""
+        if corrupt:
+            self._count_dropped("error", corrupt)
+        if not chunk:
+            return True
+        try:
+            await self.store.insert_many(chunk)
+            written = len(chunk)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not self._is_data_error(exc):
+                self._set_down(True, exc)
+                return False
+            written = await self._insert_one_by_one(chunk)
+        self.written += written
+        if self.metrics is not None:
+            self.metrics.promptlog_written(written)
+        return True
+
+    async def _refresh_spool_bytes(self) -> None:
+        if self.metrics is not None and self.spool is not None:
+            self.metrics.set_promptlog_spool_bytes(await asyncio.to_thread(self.spool.size))
+
+    def _set_down(self, down: bool, exc: BaseException | None = None) -> None:
+        if down == self._down:
+            return
+        self._down = down
+        if down:
+            where = "the disk spool" if self.spool is not None else "the queue"
+            log.warning("prompt log: the database is down (%s); records wait in %s", exc, where)
+            self._next_probe = time.monotonic() + self._probe_delay
+        else:
+            log.warning("prompt log: the database is back")
+        if self.metrics is not None:
+            self.metrics.set_promptlog_degraded(down)
 
     async def _insert_one_by_one(self, records: list[LogRecord]) -> int:
         written = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from sys import getsizeof
 from typing import Any, Literal
 
@@ -50,6 +51,10 @@ class LogRecord(msgspec.Struct, kw_only=True):
     """From the request's ``metadata`` or the ``x-retort-tags`` header."""
     user: str | None = None
     """The request's ``user`` field."""
+    record_key: str = msgspec.field(default_factory=lambda: os.urandom(16).hex())
+    """Unique per record (a request id may repeat: clients send their own): the database
+    keeps one row per key, so writing a record again (spool replay, a retried batch) is a
+    no-op."""
 
     def approx_bytes(self) -> int:
         """A cheap estimate of the record's memory: its text (``sys.getsizeof``, so wide

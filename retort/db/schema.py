@@ -38,10 +38,13 @@ requests = sa.Table(
     sa.Column("error", sa.Text()),
     sa.Column("tags", _JSON, nullable=False),
     sa.Column("user", sa.String(256)),
+    # Unique per record (migration 0006): inserts are idempotent (spool replay, retries).
+    sa.Column("record_key", sa.String(64)),
     sa.Index("ix_requests_request_id", "request_id"),
     sa.Index("ix_requests_created", "created"),
     sa.Index("ix_requests_model", "model"),
     sa.Index("ix_requests_adapter", "adapter"),
+    sa.Index("ux_requests_record_key", "record_key", unique=True),
 )
 
 feedback = sa.Table(

@@ -148,13 +148,25 @@ class PromptStore:
     # -- writes ---------------------------------------------------------------------------
 
     async def insert_many(self, records: Iterable[LogRecord]) -> int:
-        """Insert records in one transaction; returns how many."""
+        """Insert records in one transaction; returns how many were given. Idempotent: a
+        record whose ``record_key`` is already stored is skipped (a replayed spool, a batch
+        retried after its commit's answer was lost)."""
         rows = [_row(r) for r in records]
         if not rows:
             return 0
         async with self.engine.begin() as conn:
-            await conn.execute(requests.insert(), rows)
+            await conn.execute(self._insert_requests, rows)
         return len(rows)
+
+    @property
+    def _insert_requests(self) -> sa.Insert:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            return postgresql.insert(requests).on_conflict_do_nothing(index_elements=["record_key"])
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert(requests).on_conflict_do_nothing(index_elements=["record_key"])
 
     async def list_distill_runs(
         self, *, adapter: str | None = None, limit: int = 50

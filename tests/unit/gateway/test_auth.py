@@ -18,6 +18,7 @@ from gateway.auth import (
     Authenticator,
     AuthSettings,
     KeyLimits,
+    LimiterUnavailableError,
     LimitsSettings,
     MemoryRateLimiter,
     PermissionDeniedError,
@@ -312,15 +313,22 @@ async def test_redis_budget_shared_with_another_process(redis_url: str) -> None:
 
 async def test_redis_down_fails_open_or_closed() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    open_ = RedisRateLimiter(LimitsSettings(redis_url=url), {"k": KeyLimits(rpm=1)})
+    open_ = RedisRateLimiter(LimitsSettings(redis_url=url), {"k": KeyLimits(rpm=2)})
     closed = RedisRateLimiter(
-        LimitsSettings(redis_url=url, fail_open=False), {"k": KeyLimits(rpm=1)}
+        LimitsSettings(redis_url=url, fail_open=False), {"k": KeyLimits(rpm=2)}
     )
     try:
-        for _ in range(3):
+        # Open: the key's limits still hold, per replica.
+        for _ in range(2):
             await (await open_.acquire("k")).release()
         with pytest.raises(RateLimitedError):
+            await open_.acquire("k")
+        assert open_.degraded
+        with pytest.raises(LimiterUnavailableError) as refused:
             await closed.acquire("k")
+        assert refused.value.status_code == 503
+        assert refused.value.headers["Retry-After"] == "1"
+        assert closed.degraded
     finally:
         await open_.close()
         await closed.close()

@@ -8,7 +8,13 @@ import msgspec
 import pytest
 
 from gateway.settings import Settings, load_settings
-from retort.settings import SettingsError, SharedSettings, default_url, load_shared
+from retort.settings import (
+    SettingsError,
+    SharedSettings,
+    default_url,
+    load_shared,
+    spool_dir,
+)
 
 
 def test_the_view_knows_every_section_of_the_gateway() -> None:
@@ -23,7 +29,8 @@ def test_the_view_knows_every_section_of_the_gateway() -> None:
         "",
         "home: /srv/r\nmodel: {path: /m, served_name: m}\nengine: {max_lora_rank: 64}\n"
         "adapters: {dir: /a, max_loaded: 2}\nstudents: {dir: /s}\n"
-        "promptlog: {url: 'sqlite+aiosqlite:////x.db'}\nserver: {port: 9000}\n",
+        "promptlog: {url: 'sqlite+aiosqlite:////x.db', spool: disk, spool_dir: /sp}\n"
+        "server: {port: 9000}\n",
     ],
 )
 def test_both_read_the_shared_fields_alike(tmp_path: Path, text: str) -> None:
@@ -37,6 +44,8 @@ def test_both_read_the_shared_fields_alike(tmp_path: Path, text: str) -> None:
     assert view.adapters_path == full.adapters_path
     assert view.students_path == full.students_path
     assert view.promptlog_url == (full.promptlog.url or default_url(full.home_path))
+    assert view.promptlog.spool == full.promptlog.spool
+    assert view.promptlog_spool_path == spool_dir(full.promptlog.spool_dir, full.home_path)
 
 
 def test_an_unknown_section_is_an_error_on_both_sides(tmp_path: Path) -> None:

@@ -82,3 +82,20 @@ async def test_settings_are_strict_and_documented() -> None:
     assert s.queue_max_bytes == 64 * 1024 * 1024
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"sampel_rate": 0.5}, PromptLogSettings)
+
+
+async def test_feedback_while_the_database_is_down_is_a_503() -> None:
+    from gateway.promptlog.service import PromptLogUnavailableError
+    from loadtest.servers import free_port
+    from retort.db.store import PromptStore
+
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x"  # nothing listens
+    store = await PromptStore(url).open(migrate=False)
+    try:
+        plog = PromptLog(PromptLogSettings(), store=store)
+        with pytest.raises(PromptLogUnavailableError) as err:
+            await plog.add_feedback("req-1", 1.0)
+        assert err.value.status_code == 503
+        assert err.value.headers["Retry-After"] == "5"
+    finally:
+        await store.close()

@@ -28,7 +28,7 @@ async def test_migrations_create_the_schema_at_head(store: PromptStore) -> None:
         feedback_columns = await conn.run_sync(
             lambda c: {col["name"] for col in sa.inspect(c).get_columns("feedback")}
         )
-    assert version == "0005"
+    assert version == "0006"
     assert "correction" in feedback_columns
     assert {
         "requests",
@@ -46,6 +46,18 @@ async def test_upgrade_is_idempotent_and_safe_to_race(store_url: str) -> None:
     async with PromptStore(store_url) as s:
         await s.insert_many([make_record()])
         assert await s.count() == 1
+
+
+async def test_inserting_a_record_twice_keeps_one_row(store: PromptStore) -> None:
+    """Idempotent by ``record_key`` (a replayed spool, a retried batch); a request id a
+    client sent twice is two records, and both are kept."""
+    first, second = make_record(1), make_record(1)
+    assert first.record_key != second.record_key
+    await store.insert_many([first])
+    await store.insert_many([first, second])
+    await store.insert_many([second])
+    rows = await store.query(request_id="req-1")
+    assert sorted(r["record_key"] for r in rows) == sorted([first.record_key, second.record_key])
 
 
 async def test_round_trip_keeps_every_field(store: PromptStore) -> None:

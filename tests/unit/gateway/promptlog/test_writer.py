@@ -14,6 +14,7 @@ from gateway.promptlog.writer import BatchWriter
 from loadtest.servers import postgres_server
 from retort.db.record import LogRecord
 from retort.db.store import PromptStore
+from tests import waits
 from tests.services import service
 from tests.unit.gateway.promptlog.conftest import make_record
 from tests.waits import until
@@ -176,18 +177,37 @@ async def test_transient_failures_are_retried() -> None:
     assert not writer.dropped
 
 
-async def test_database_down_drops_after_retries_and_counts(metrics: Metrics) -> None:
-    sink = Sink(fail_times=-1)  # always down
-    writer = BatchWriter(sink, retries=2, retry_backoff_s=0.01, metrics=metrics)
+async def test_database_down_holds_records_until_it_returns(metrics: Metrics) -> None:
+    sink = Sink(fail_times=-1)  # down
+    writer = BatchWriter(
+        sink, retries=2, retry_backoff_s=0.01, retry_max_backoff_s=0.02, metrics=metrics
+    )
     writer.start()
     for i in range(7):
         writer.submit(make_record(i))
-    await writer.flush()
-    assert sink.calls == 3  # one try and two retries
-    assert writer.dropped["db_error"] == 7
-    assert metric(metrics, "retort_promptlog_dropped_total", reason="db_error") == 7
-    assert writer.depth == 0
+    await waits.until(lambda: sink.calls >= 6)
+    assert writer.degraded  # past `retries` failures
+    assert metric(metrics, "retort_promptlog_degraded") == 1
+    assert not writer.dropped
+    assert writer.depth == 7
+    sink.fail_times = 0  # back
+    await asyncio.wait_for(writer.flush(), 5)
+    assert [r.request_id for r in sink.records] == [f"req-{i}" for i in range(7)]
+    assert not writer.degraded
+    assert metric(metrics, "retort_promptlog_degraded") == 0
     await writer.close()
+    assert not writer.dropped
+
+
+async def test_database_down_at_shutdown_counts_what_is_left(metrics: Metrics) -> None:
+    sink = Sink(fail_times=-1)
+    writer = BatchWriter(sink, retry_backoff_s=0.01, metrics=metrics)
+    writer.start()
+    for i in range(5):
+        writer.submit(make_record(i))
+    await writer.close(timeout_s=0.2)
+    assert writer.dropped == {"shutdown": 5}
+    assert metric(metrics, "retort_promptlog_dropped_total", reason="shutdown") == 5
 
 
 async def test_a_bad_record_drops_alone(metrics: Metrics) -> None:
@@ -247,11 +267,13 @@ async def test_prepare_runs_before_insert_and_its_failure_is_counted() -> None:
 
 
 async def test_postgres_down_then_back(metrics: Metrics) -> None:
-    """A real Postgres stops: batches are retried, then counted dropped; when it is back,
-    records are written again."""
+    """A real Postgres stops: records wait in the queue (nothing dropped); when it is back,
+    they are written, in order."""
     with service(postgres_server()) as pg:
         async with PromptStore(pg.url) as store:
-            writer = BatchWriter(store, retries=1, retry_backoff_s=0.05, metrics=metrics)
+            writer = BatchWriter(
+                store, retries=1, retry_backoff_s=0.05, retry_max_backoff_s=0.2, metrics=metrics
+            )
             writer.start()
             writer.submit(make_record(0))
             await writer.flush()
@@ -259,17 +281,15 @@ async def test_postgres_down_then_back(metrics: Metrics) -> None:
             pg.stop()
             for i in range(1, 6):
                 writer.submit(make_record(i))
-            await writer.flush()
-            assert writer.dropped["db_error"] == 5
-            assert metric(metrics, "retort_promptlog_dropped_total", reason="db_error") == 5
+            await waits.until(lambda: bool(writer.degraded))
+            assert writer.depth == 5
             pg.start()
             for i in range(6, 9):
                 writer.submit(make_record(i))
             await writer.close()
-            assert writer.written == 4
-            assert [r["request_id"] for r in await store.query()] == [
-                "req-0", "req-6", "req-7", "req-8"
-            ]  # fmt: skip
+            assert writer.written == 9
+            assert not writer.dropped
+            assert [r["request_id"] for r in await store.query()] == [f"req-{i}" for i in range(9)]
 
 
 async def test_queue_memory_stays_within_the_bound() -> None:
@@ -282,3 +302,29 @@ async def test_queue_memory_stays_within_the_bound() -> None:
         # The estimate tracks the real memory of the queued records.
         assert got.traced_bytes <= got.bound_bytes * 1.1
         assert got.traced_bytes >= got.bound_bytes * 0.8
+
+
+async def test_a_locked_sqlite_file_delays_records_and_drops_none(tmp_path: Path) -> None:
+    """Another process holds the SQLite file locked: inserts wait (``busy_timeout``), the
+    request path does not, and everything is written once the lock goes."""
+    import sqlite3
+
+    db = tmp_path / "retort.db"
+    async with PromptStore(f"sqlite+aiosqlite:///{db}") as store:
+        writer = BatchWriter(store, flush_interval_s=0.05)
+        writer.start()
+        locker = sqlite3.connect(db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            for i in range(50):
+                assert writer.submit(make_record(i))  # never waits on the lock
+            await asyncio.sleep(0.5)
+            assert writer.written == 0
+            assert writer.depth == 50
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await asyncio.wait_for(writer.flush(), 10)
+        await writer.close()
+        assert await store.count() == 50
+    assert not writer.dropped
