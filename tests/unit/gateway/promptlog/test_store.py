@@ -56,7 +56,7 @@ async def test_inserting_a_record_twice_keeps_one_row(store: PromptStore) -> Non
     await store.insert_many([first])
     await store.insert_many([first, second])
     await store.insert_many([second])
-    rows = await store.query(request_id="req-1")
+    rows = await store.query(RowFilter(request_id="req-1"))
     assert sorted(r["record_key"] for r in rows) == sorted([first.record_key, second.record_key])
 
 
