@@ -1,0 +1,108 @@
+"""Rollout administration under ``/admin/students`` (mounted with the other admin handlers,
+behind :func:`gateway.guards.admin_guard`):
+
+- ``GET /admin/students/rollouts``: every teacher's latest rollout;
+- ``GET /admin/students/{name}/rollout``: the student's rollout, its stage's figures, costs,
+  what the policy would decide now, and its events;
+- ``POST /admin/students/{name}/rollout/{action}``: ``start``, ``pause``, ``resume``,
+  ``promote`` or ``rollback``, with an optional body ``{"teacher", "reason"}`` (``start``
+  defaults the teacher to the one the student was distilled from).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, post
+
+from gateway.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
+from gateway.rollout.service import OPERATIONS, RolloutService, find, teacher_of
+from gateway.state import Gateway
+from retort.rollout import RolloutError
+
+__all__ = ["ROLLOUT_HANDLERS"]
+
+
+class RolloutAction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    teacher: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    """The teacher (base model or adapter) whose traffic moves; ``start`` defaults to the
+    student's own teacher (its manifest)."""
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    """Recorded with the event."""
+
+
+def _service(gw: Gateway) -> RolloutService:
+    if gw.rollouts is None:
+        raise ServiceUnavailableError(
+            "Rollouts are off (rollout.enabled, with the prompt log on).",
+            code="rollouts_disabled",
+        )
+    return gw.rollouts
+
+
+def _json(obj: Any, status: int = 200) -> Response[bytes]:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+@get("/students/rollouts", summary="Every teacher's latest rollout")
+async def list_rollouts(gateway: Gateway) -> Response[bytes]:
+    service = _service(gateway)
+    current = await service.store.current()
+    return _json({"object": "list", "data": [r.to_json() for r in current.values()]})
+
+
+@get("/students/{name:str}/rollout", summary="A student's rollout: stage, figures, cost, events")
+async def rollout_status(
+    name: str, gateway: Gateway, teacher: str | None = None
+) -> Response[bytes]:
+    service = _service(gateway)
+    try:
+        r = await find(service.store, name, teacher)
+        return _json(await service.status(r.teacher))
+    except LookupError as exc:
+        raise NotFoundError(str(exc), param="name") from exc
+    except RolloutError as exc:
+        raise ConflictError(str(exc), param="teacher") from exc
+
+
+@post(
+    "/students/{name:str}/rollout/{action:str}",
+    status_code=200,
+    summary="Start, pause, resume, promote or roll back a student's rollout",
+)
+async def rollout_action(
+    name: str, action: str, request: Request[Any, Any, Any], gateway: Gateway
+) -> Response[bytes]:
+    service = _service(gateway)
+    if action not in OPERATIONS:
+        raise NotFoundError(
+            f"Unknown rollout action `{action}`; one of {', '.join(OPERATIONS)}.", param="action"
+        )
+    raw = await request.body()
+    try:
+        body = msgspec.json.decode(raw, type=RolloutAction) if raw.strip() else RolloutAction()
+    except msgspec.ValidationError as exc:
+        raise BadRequestError(f"Invalid body: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequestError(f"The body is not valid JSON: {exc}") from exc
+    try:
+        teacher = body.teacher
+        if action == "start":
+            pool = gateway.routes.students
+            if pool is None or not pool.registered(name):
+                raise NotFoundError(f"No registered student is named `{name}`.", param="name")
+            if teacher is None:
+                teacher = await asyncio.to_thread(teacher_of, pool.registry, name)
+        else:
+            teacher = (await find(service.store, name, teacher)).teacher
+        r, event = await service.operate(action, teacher, student=name, reason=body.reason)
+    except LookupError as exc:
+        raise NotFoundError(str(exc), param="name") from exc
+    except RolloutError as exc:
+        raise ConflictError(str(exc), param="action") from exc
+    return _json({"rollout": r.to_json(), "event": event.to_json()})
+
+
+ROLLOUT_HANDLERS = [list_rollouts, rollout_status, rollout_action]
