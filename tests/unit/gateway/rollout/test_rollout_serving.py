@@ -5,11 +5,16 @@ back with its reason when it disagrees."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 from litestar.testing import TestClient
 
 from gateway.app import create_app
@@ -19,6 +24,8 @@ from gateway.rollout.policy import RolloutPolicy
 from gateway.rollout.service import RolloutSettings
 from gateway.settings import EngineSettings, Settings
 from gateway.studentpool import StudentsSettings
+from loadtest.servers import free_port, gateway_spec, postgres_server, running
+from tests.services import service
 from tests.unit.gateway.test_students_serving import onnx_dir, publish
 
 pytest.importorskip("onnxruntime_genai")
@@ -158,3 +165,102 @@ def test_admin_errors(tmp_path: Path, onnx_dir: Path) -> None:
     with TestClient(app(home, off)) as client:
         r = client.get("/admin/students/rollouts")
         assert (r.status_code, r.json()["error"]["code"]) == (503, "rollouts_disabled")
+
+
+# -- two gateway processes, one rollout, through Postgres -----------------------------------
+
+
+SPLIT_OFF = 'retort_rollout_split_ratio{student="fake-student",teacher="fake-model"} 0.0'
+
+
+def cli(config: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "students",
+            "rollout",
+            *args,
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RETORT_HOME": str(home)},
+        timeout=120,
+        check=False,
+    )
+
+
+def test_two_gateways_share_one_rollout_through_postgres(tmp_path: Path, onnx_dir: Path) -> None:
+    home = tmp_path / "home"
+    publish(home, onnx_dir)
+    with service(postgres_server()) as pg:
+        config = tmp_path / "retort.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "home": str(home),
+                    "engine": {"kind": "fake", "max_model_len": 64, "fake_token_delay_s": 0.05},
+                    "model": {"served_name": "fake-model"},
+                    "promptlog": {"url": pg.url, "flush_interval_s": 0.02},
+                    "rollout": {
+                        "interval_s": 0.1,
+                        "refresh_s": 0.1,
+                        "shadow_share": 1.0,
+                        "measure": "rouge_l",
+                        "min_rouge_l": 0.0,
+                        "policy": {"min_pairs": 3, "min_requests": 3, "min_stage_s": 0},
+                    },
+                }
+            )
+        )
+        # The operator starts the rollout on the database; no gateway is running yet.
+        done = cli(config, home, "start", "fake-student", "--reason", "from the CLI")
+        assert done.returncode == 0, done.stderr
+        assert "fake-model -> fake-student: start (none -> shadow, share 0)" in done.stdout
+        specs = [
+            gateway_spec(f"gw{i}", config, free_port(), env={"RETORT_HOME": str(home)})
+            for i in (1, 2)
+        ]
+        with running(specs, tmp_path / "logs", ready_timeout_s=180) as servers:
+            clients = [httpx.Client(base_url=s.url, timeout=30) for s in servers]
+            try:
+                # Both replicas resume the stored rollout and promote it to full together.
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    for c in clients:
+                        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+                    states = [c.get(ROLLOUT).json()["rollout"] for c in clients]
+                    if all(s["status"] == "complete" for s in states):
+                        break
+                else:
+                    raise AssertionError(f"not promoted in time: {states}")
+                events = clients[0].get(ROLLOUT).json()["events"]
+                actions = [(e["action"], e["to_stage"], e["share"]) for e in reversed(events)]
+                # Two evaluators, each decision stored once.
+                assert [a for a in actions if a[0] == "advance"] == [
+                    ("advance", "canary", 0.05),
+                    ("advance", "ramp", 0.25),
+                    ("advance", "ramp", 0.5),
+                    ("advance", "full", 1.0),
+                ]
+                assert actions[0] == ("start", "shadow", 0.0)
+                # The CLI sees the same rollout and rolls it back; both replicas follow.
+                shown = cli(config, home, "status", "fake-student")
+                assert shown.returncode == 0, shown.stderr
+                assert "fake-model -> fake-student: full (complete), share 1" in shown.stdout
+                assert "cost per 1k tokens" in shown.stdout
+                back = cli(config, home, "rollback", "fake-student", "--reason", "pager")
+                assert back.returncode == 0, back.stderr
+                for c in clients:
+                    deadline = time.monotonic() + 30
+                    while SPLIT_OFF not in c.get("/metrics").text:
+                        assert time.monotonic() < deadline, "a replica kept the old split"
+                        time.sleep(0.05)
+                    r = c.post("/v1/chat/completions", json=CHAT)
+                    assert r.json()["choices"][0]["message"]["content"] == "The quick brown fox"
+            finally:
+                for c in clients:
+                    c.close()
