@@ -14,9 +14,9 @@ if TYPE_CHECKING:
 
     from gateway.metrics import Metrics
     from gateway.promptlog import PromptLog
+    from gateway.rollout.service import RolloutService
     from gateway.routing import Router
     from gateway.settings import Settings
-    from gateway.rollout.service import RolloutService
     from gateway.shadow import ShadowRunner
 
 __all__ = ["Gateway"]

@@ -83,14 +83,16 @@ async def test_state_and_events_round_trip(store: PromptStore) -> None:
     rs = RolloutStore(store.engine)
     r, event = m.start(TEACHER, STUDENT, now=10.0)
     stored = await rs.create(r, event)
-    assert stored.id is not None and stored.version == 0
+    assert stored.id is not None
+    assert stored.version == 0
     assert await rs.latest(TEACHER) == stored
     assert (await rs.current()) == {TEACHER: stored}
     with pytest.raises(RolloutError, match="already has a active rollout"):
         await rs.create(*m.start(TEACHER, "other", now=11.0))
     after, event = m.advance(stored, reason="good", rule="passed", figures={"pairs": 5}, now=20.0)
     moved = await rs.apply(after, event)
-    assert moved is not None and (moved.version, moved.stage, moved.share) == (1, "canary", 0.05)
+    assert moved is not None
+    assert (moved.version, moved.stage, moved.share) == (1, "canary", 0.05)
     # A decision taken on the old version is dropped: it is stored once.
     assert await rs.apply(after, event) is None
     assert (await rs.latest(TEACHER)) == moved
