@@ -34,10 +34,10 @@ class StageData:
     """Shadow pairs: ``outcome``, ``agree``, latencies, the student's cost and tokens, and
     the prompt tokens of the request they copy."""
     teacher: list[dict[str, Any]]
-    """Requests for the teacher answered by it: ``status``, ``latency_s``, ``cost_usd``,
-    ``tokens``, ``score`` (mean feedback, ``None`` when unrated)."""
+    """Requests answered by the teacher (its base model or adapter): ``status``,
+    ``latency_s``, ``cost_usd``, ``tokens``, ``score`` (mean feedback, ``None`` unrated)."""
     student: list[dict[str, Any]]
-    """Requests for the teacher answered by the student (the live split), same fields."""
+    """Requests answered by the student (the live split, or asked for by its name)."""
 
 
 def _rollout(row: Any) -> Rollout:
@@ -191,7 +191,18 @@ class RolloutStore:
             .limit(ROW_LIMIT)
         )
 
-        def answers(served_by: str) -> sa.Select[Any]:
+        # A request's record names the engine that answered: the base model (and the
+        # adapter) when the teacher did, the student when a split sent it there.
+        by_teacher = sa.and_(
+            requests.c.served_by == "engine",
+            sa.or_(
+                requests.c.adapter == teacher,
+                sa.and_(requests.c.adapter.is_(None), requests.c.model == teacher),
+            ),
+        )
+        by_student = sa.and_(requests.c.served_by == "student", requests.c.model == student)
+
+        def answers(which: sa.ColumnElement[bool]) -> sa.Select[Any]:
             return (
                 sa.select(
                     requests.c.status,
@@ -201,17 +212,13 @@ class RolloutStore:
                     fb.c.score,
                 )
                 .select_from(requests.outerjoin(fb, fb.c.request_id == requests.c.request_id))
-                .where(
-                    requests.c.model == teacher,
-                    requests.c.served_by == served_by,
-                    requests.c.created >= since,
-                )
+                .where(which, requests.c.created >= since)
                 .order_by(requests.c.id.desc())
                 .limit(ROW_LIMIT)
             )
 
         async with self.engine.connect() as conn:
             p = [dict(r) for r in (await conn.execute(pairs)).mappings().all()]
-            t = [dict(r) for r in (await conn.execute(answers("engine"))).mappings().all()]
-            s = [dict(r) for r in (await conn.execute(answers("student"))).mappings().all()]
+            t = [dict(r) for r in (await conn.execute(answers(by_teacher))).mappings().all()]
+            s = [dict(r) for r in (await conn.execute(answers(by_student))).mappings().all()]
         return StageData(pairs=p, teacher=t, student=s)

@@ -42,6 +42,7 @@ async def feed(
         make_record(
             next(_n),
             created=t,
+            model=STUDENT,  # a split request's record names the engine that answered
             served_by="student",
             latency_s=student_latency,
             status=student_status,
@@ -238,3 +239,22 @@ async def test_operator_actions(store: PromptStore) -> None:
         await svc.operate("rollback", TEACHER)
     with pytest.raises(RolloutError, match="unknown rollout action"):
         await operate(rs, "explode", TEACHER)
+
+
+async def test_stage_data_picks_each_sides_answers(store: PromptStore) -> None:
+    t = 1000.0
+    await store.insert_many(
+        [
+            make_record(1, created=t),  # the base model, answered by itself
+            make_record(2, created=t, adapter="pirate"),  # an adapter on the base model
+            make_record(3, created=t, model=STUDENT, served_by="student"),
+            make_record(4, created=t, model="other-student", served_by="student"),
+            make_record(5, created=t - 1),  # before the stage began
+        ]
+    )
+    rs = RolloutStore(store.engine)
+    base = await rs.stage_data(TEACHER, STUDENT, t)
+    assert (len(base.teacher), len(base.student)) == (1, 1)
+    adapter = await rs.stage_data("pirate", STUDENT, t)
+    assert (len(adapter.teacher), len(adapter.student)) == (1, 1)
+    assert (await rs.stage_data("pirate", "nobody", t)).student == []
