@@ -33,6 +33,10 @@ UrlOpt = Annotated[str | None, typer.Option("--url", help="Prompt-log database U
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="RETORT_HOME.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even without new data.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+RolloutOpt = Annotated[
+    bool,
+    typer.Option("--rollout", help="With --publish: start a staged rollout of it, in shadow."),
+]
 
 
 def _config(
@@ -149,14 +153,35 @@ def run_command(
     home: HomeOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    rollout: RolloutOpt = False,
 ) -> None:
     """Run the whole pipeline into OUT; writes OUT/report.json (and .md, .png)."""
+    if rollout and not publish:
+        raise typer.BadParameter("--rollout needs --publish")
     cfg = _config(config, adapter, student_layers, max_steps, precision, publish, url, home)
     report = _run("publish", out, cfg, quiet=quiet, force=force, record=True)
     if report.get("skipped"):
         typer.echo(f"no new data since run {report['previous_run']}: nothing to do")
         return
     typer.echo(_summary(report))
+    if rollout and report.get("published"):
+        _start_rollout(cfg, report, out)
+
+
+def _start_rollout(cfg: Any, report: dict[str, Any], out: Path) -> None:
+    """The gateways' rollout evaluator takes it from here (see README: Staged rollout)."""
+    from distill.pipeline import log_url
+    from retort.db.rollouts import start_rollout
+    from retort.rollout import steps_from
+    from retort.settings import load_shared
+
+    teacher = report["adapter"] or report["teacher_model"]
+    steps = steps_from(load_shared(cfg.settings).rollout)
+    reason = f"published by retort distill run --out {out}"
+    r = asyncio.run(
+        start_rollout(log_url(cfg), teacher, report["student_model"], steps, reason=reason)
+    )
+    typer.echo(f"rollout started: {r.teacher} -> {r.student} in {r.stage}")
 
 
 _stage_command("dataset", "Select, deduplicate and split logged requests into OUT/dataset.")

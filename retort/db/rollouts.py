@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from retort import rollout as machine
 from retort.db.schema import feedback, requests, rollout_events, rollouts, shadow
 from retort.rollout import Rollout, RolloutError, RolloutEvent
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["RolloutStore", "StageData"]
+__all__ = ["RolloutStore", "StageData", "start_rollout"]
 
 ROW_LIMIT = 5000
 """At most this many of the newest rows per side feed a stage's figures."""
@@ -222,3 +223,30 @@ class RolloutStore:
             t = [dict(r) for r in (await conn.execute(answers(by_teacher))).mappings().all()]
             s = [dict(r) for r in (await conn.execute(answers(by_student))).mappings().all()]
         return StageData(pairs=p, teacher=t, student=s)
+
+
+async def start_rollout(
+    url: str,
+    teacher: str,
+    student: str,
+    steps: list[float],
+    *,
+    actor: str = "distill",
+    reason: str = "published",
+) -> Rollout:
+    """Start a rollout of a newly published student in shadow (``retort distill run
+    --publish --rollout``). A live rollout of the teacher is rolled back first: the new
+    student replaces the one it was judging, and earns its way from shadow again."""
+    from retort.db.store import PromptStore
+
+    async with PromptStore(url) as log:
+        store = RolloutStore(log.engine)
+        current = await store.latest(teacher)
+        if current is not None and current.status not in machine.FINAL:
+            why = f"superseded by a newly published `{student}`"
+            await store.apply(*machine.rollback(current, actor=actor, reason=why))
+            current = await store.latest(teacher)
+        r, event = machine.start(
+            teacher, student, steps, current=current, actor=actor, reason=reason
+        )
+        return await store.create(r, event)

@@ -13,7 +13,7 @@ from gateway.metrics import Metrics
 from gateway.rollout.policy import RolloutPolicy
 from gateway.rollout.service import RolloutService, RolloutSettings, find, operate
 from retort import rollout as m
-from retort.db.rollouts import RolloutStore
+from retort.db.rollouts import RolloutStore, start_rollout
 from retort.db.store import PromptStore
 from retort.rollout import RolloutError
 from tests.unit.gateway.promptlog.conftest import make_record
@@ -258,3 +258,20 @@ async def test_stage_data_picks_each_sides_answers(store: PromptStore) -> None:
     adapter = await rs.stage_data("pirate", STUDENT, t)
     assert (len(adapter.teacher), len(adapter.student)) == (1, 1)
     assert (await rs.stage_data("pirate", "nobody", t)).student == []
+
+
+async def test_distill_starts_a_rollout_and_supersedes_a_live_one(
+    store: PromptStore, store_url: str
+) -> None:
+    first = await start_rollout(store_url, TEACHER, STUDENT, [0.1], reason="run 1")
+    assert (first.stage, first.plan) == ("shadow", [0.0, 0.1, 1.0])
+    second = await start_rollout(store_url, TEACHER, STUDENT, [0.1], reason="run 2")
+    assert second.id != first.id
+    rs = RolloutStore(store.engine)
+    (old,) = [e for e in await rs.events(rollout_id=first.id) if e["action"] == "rollback"]
+    assert (old["actor"], old["reason"]) == (
+        "distill",
+        f"superseded by a newly published `{STUDENT}`",
+    )
+    (started,) = await rs.events(rollout_id=second.id)
+    assert (started["action"], started["actor"], started["reason"]) == ("start", "distill", "run 2")
