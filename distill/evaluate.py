@@ -293,6 +293,22 @@ def write_report(out: Path, report: dict[str, Any], samples: Sequence[dict[str, 
     if report.get("stages"):
         lines += ["", "## Stage seconds", "", "| stage | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in report["stages"].items()]
+    disagreements = ((report.get("dataset") or {}).get("feedback") or {}).get(
+        "shadow_disagreements"
+    )
+    if disagreements:
+        lines += [
+            "",
+            "## Shadow disagreements on rated requests",
+            "",
+            "| request | feedback score | student | measure | shadow score |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {d['request_id']} | {_fmt(d['feedback_score'])} | {d['student']} | "
+            f"{d['measure']} | {_fmt(d['shadow_score'])} |"
+            for d in disagreements
+        ]
     if samples:
         lines += ["", "## Samples", ""]
         for s in samples[:5]:

@@ -68,6 +68,10 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
         return result
 
 
+def _keep(example: dict[str, Any], relabelled: str) -> str:
+    return str(example["completion"]) if example.get("corrected") else relabelled
+
+
 def _relabel(teacher_dir: Path, src: Path, dst: Path, max_tokens: int) -> dict[str, Any]:
     from datasets import load_from_disk
 
@@ -82,7 +86,10 @@ def _relabel(teacher_dir: Path, src: Path, dst: Path, max_tokens: int) -> dict[s
     )
     completions = iter(out["completions"])
     for name, ds in splits.items():
-        new = ds.map(lambda _ex: {"completion": next(completions)}, load_from_cache_file=False)
+        # A reviewer's correction stays the target (the teacher's answer was judged wrong).
+        new = ds.map(
+            lambda ex: {"completion": _keep(ex, next(completions))}, load_from_cache_file=False
+        )
         tmp = dst / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         new.save_to_disk(str(tmp))
