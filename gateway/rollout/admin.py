@@ -46,6 +46,23 @@ def _json(obj: Any, status: int = 200) -> Response[bytes]:
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
 
 
+async def _check_teacher(gw: Gateway, teacher: str) -> None:
+    """A teacher is the base model or an adapter (loaded, or in the registry)."""
+    routes = gw.routes
+    if teacher in (routes.base_name, gw.settings.model.path):
+        return
+    adapters = routes.adapters
+    if adapters is not None and (
+        adapters.get(teacher) is not None
+        or await asyncio.to_thread(adapters.registry.get, teacher) is not None
+    ):
+        return
+    raise NotFoundError(
+        f"`{teacher}` is neither the base model nor an adapter: it cannot be a teacher.",
+        param="teacher",
+    )
+
+
 @get("/students/rollouts", summary="Every teacher's latest rollout")
 async def list_rollouts(gateway: Gateway) -> Response[bytes]:
     service = _service(gateway)
@@ -95,6 +112,7 @@ async def rollout_action(
                 raise NotFoundError(f"No registered student is named `{name}`.", param="name")
             if teacher is None:
                 teacher = await asyncio.to_thread(teacher_of, pool.registry, name)
+            await _check_teacher(gateway, teacher)
         else:
             teacher = (await find(service.store, name, teacher)).teacher
         r, event = await service.operate(action, teacher, student=name, reason=body.reason)

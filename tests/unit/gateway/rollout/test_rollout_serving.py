@@ -161,6 +161,8 @@ def test_admin_errors(tmp_path: Path, onnx_dir: Path) -> None:
         assert r.status_code == 400
         r = client.post(f"{ROLLOUT}/start", content=b"{not json")
         assert r.status_code == 400
+        r = client.post(f"{ROLLOUT}/start", json={"teacher": "fake-student"})
+        assert (r.status_code, r.json()["error"]["param"]) == (404, "teacher")
     off = RolloutSettings(enabled=False)
     with TestClient(app(home, off)) as client:
         r = client.get("/admin/students/rollouts")
