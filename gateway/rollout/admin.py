@@ -20,9 +20,9 @@ from litestar import Request, Response, get, post
 from gateway.errors import BadRequestError, ConflictError, NotFoundError, ServiceUnavailableError
 from gateway.rollout.service import OPERATIONS, RolloutService, find, teacher_of
 from gateway.state import Gateway
-from retort.rollout import RolloutError
+from retort.rollout import Rollout, RolloutError, RolloutEvent
 
-__all__ = ["ROLLOUT_HANDLERS"]
+__all__ = ["ROLLOUT_HANDLERS", "act", "status_for"]
 
 
 class RolloutAction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -74,10 +74,17 @@ async def list_rollouts(gateway: Gateway) -> Response[bytes]:
 async def rollout_status(
     name: str, gateway: Gateway, teacher: str | None = None
 ) -> Response[bytes]:
-    service = _service(gateway)
+    return _json(await status_for(gateway, name, teacher))
+
+
+async def status_for(
+    gw: Gateway, student: str, teacher: str | None = None, *, events: int = 20
+) -> dict[str, Any]:
+    """The student's rollout status (404 without one, 409 when it has several teachers')."""
+    service = _service(gw)
     try:
-        r = await find(service.store, name, teacher)
-        return _json(await service.status(r.teacher))
+        r = await find(service.store, student, teacher)
+        return await service.status(r.teacher, events=events)
     except LookupError as exc:
         raise NotFoundError(str(exc), param="name") from exc
     except RolloutError as exc:
@@ -92,7 +99,7 @@ async def rollout_status(
 async def rollout_action(
     name: str, action: str, request: Request[Any, Any, Any], gateway: Gateway
 ) -> Response[bytes]:
-    service = _service(gateway)
+    _service(gateway)
     if action not in OPERATIONS:
         raise NotFoundError(
             f"Unknown rollout action `{action}`; one of {', '.join(OPERATIONS)}.", param="action"
@@ -104,23 +111,35 @@ async def rollout_action(
         raise BadRequestError(f"Invalid body: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise BadRequestError(f"The body is not valid JSON: {exc}") from exc
+    r, event = await act(gateway, name, action, teacher=body.teacher, reason=body.reason)
+    return _json({"rollout": r.to_json(), "event": event.to_json()})
+
+
+async def act(
+    gw: Gateway, student: str, action: str, *, teacher: str | None, reason: str | None
+) -> tuple[Rollout, RolloutEvent]:
+    """An operator's action on a student's rollout (the admin API's and the console's);
+    API errors: 404 unknown student, teacher or rollout; 409 a refused transition."""
+    service = _service(gw)
+    if action not in OPERATIONS:
+        raise NotFoundError(
+            f"Unknown rollout action `{action}`; one of {', '.join(OPERATIONS)}.", param="action"
+        )
     try:
-        teacher = body.teacher
         if action == "start":
-            pool = gateway.routes.students
-            if pool is None or not pool.registered(name):
-                raise NotFoundError(f"No registered student is named `{name}`.", param="name")
+            pool = gw.routes.students
+            if pool is None or not pool.registered(student):
+                raise NotFoundError(f"No registered student is named `{student}`.", param="name")
             if teacher is None:
-                teacher = await asyncio.to_thread(teacher_of, pool.registry, name)
-            await _check_teacher(gateway, teacher)
+                teacher = await asyncio.to_thread(teacher_of, pool.registry, student)
+            await _check_teacher(gw, teacher)
         else:
-            teacher = (await find(service.store, name, teacher)).teacher
-        r, event = await service.operate(action, teacher, student=name, reason=body.reason)
+            teacher = (await find(service.store, student, teacher)).teacher
+        return await service.operate(action, teacher, student=student, reason=reason)
     except LookupError as exc:
         raise NotFoundError(str(exc), param="name") from exc
     except RolloutError as exc:
         raise ConflictError(str(exc), param="action") from exc
-    return _json({"rollout": r.to_json(), "event": event.to_json()})
 
 
 ROLLOUT_HANDLERS = [list_rollouts, rollout_status, rollout_action]

@@ -49,6 +49,9 @@ log = logging.getLogger("retort.rollout")
 
 Operation = Literal["start", "pause", "resume", "promote", "rollback"]
 OPERATIONS: tuple[str, ...] = ("start", "pause", "resume", "promote", "rollback")
+LOAD_RETRY_S = 60.0
+"""How long after a failed load a rollout's student is tried again (its shadow copies fail
+meanwhile, and count as its errors)."""
 
 
 class RolloutSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -175,6 +178,7 @@ class RolloutService:
         """Teacher -> the figures of its rollout's stage at the last evaluation."""
         self._labels: set[tuple[str, str]] = set()
         self._loading: set[str] = set()
+        self._failed: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
 
@@ -223,13 +227,22 @@ class RolloutService:
         pool = self.students
         if pool is None or pool.get(student) is not None or student in self._loading:
             return
+        if time.monotonic() - self._failed.get(student, -LOAD_RETRY_S) < LOAD_RETRY_S:
+            return
         self._loading.add(student)
 
         async def load() -> None:
             try:
                 await pool.load(student)
+                self._failed.pop(student, None)
             except Exception as exc:
-                log.error("rollout: student %s cannot be loaded: %s", student, exc)
+                self._failed[student] = time.monotonic()
+                log.error(
+                    "rollout: student %s cannot be loaded (retrying in %.0f s): %s",
+                    student,
+                    LOAD_RETRY_S,
+                    exc,
+                )
             finally:
                 self._loading.discard(student)
 
