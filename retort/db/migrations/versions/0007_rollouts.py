@@ -1,7 +1,8 @@
 """The rollouts and rollout_events tables (staged rollouts of students).
 
 Revision ID: 0007
-Revises: 0005 (0006 is reserved for the prompt-log work: if it lands, this revises 0006)
+Revises: 0005 here; 0006 (requests.record_key) is on the prompt-log branch: at merge, set
+down_revision to "0006" so that the chain stays one line (0005 -> 0006 -> 0007)
 Create Date: 2026-11-30
 """
 
