@@ -333,6 +333,7 @@ class RolloutService:
     async def run(self) -> None:
         """Refresh every ``refresh_s`` and evaluate every ``interval_s``, until cancelled."""
         last_eval = 0.0
+        failing = False
         while True:
             try:
                 if time.monotonic() - last_eval >= self.settings.interval_s:
@@ -340,8 +341,17 @@ class RolloutService:
                     await self.evaluate()
                 else:
                     await self.refresh()
-            except Exception as exc:  # the database may be away for a while
-                log.error("rollout: cannot read the rollout state: %s", exc)
+                if failing:
+                    log.info("rollout: the rollout state is readable again")
+                failing = False
+            except Exception as exc:  # the database may be away for a while: say so once
+                if not failing:
+                    log.error(
+                        "rollout: cannot read the rollout state (the last one read stays "
+                        "in force): %s",
+                        exc,
+                    )
+                failing = True
             await asyncio.sleep(min(self.settings.refresh_s, self.settings.interval_s))
 
     async def status(self, teacher: str, *, events: int = 20) -> dict[str, Any]:
