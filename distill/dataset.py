@@ -229,6 +229,15 @@ async def mark_feedback(
         ]
 
 
+def _usd_per_1k(rows: Sequence[dict[str, Any]]) -> float | None:
+    """The teacher's measured cost per 1k tokens over the selected requests (the log's costs)."""
+    tokens = sum(
+        int(r.get("prompt_tokens") or 0) + int(r.get("completion_tokens") or 0) for r in rows
+    )
+    cost = sum(float(r.get("cost_usd") or 0.0) for r in rows)
+    return cost / tokens * 1000.0 if tokens and cost else None
+
+
 def _feedback_marks(rows: Sequence[dict[str, Any]]) -> str:
     """A fingerprint of what feedback changed (a new correction or rating re-runs the stage)."""
     marks = [
@@ -314,6 +323,7 @@ def build_dataset(
         "train": len(train),
         "eval": len(evals),
         "models": models,
+        "teacher_usd_per_1k_tokens": _usd_per_1k(rows),
         "feedback": {
             "dropped_below_score": low,
             "corrected": sum(1 for ex in kept if ex["corrected"]),

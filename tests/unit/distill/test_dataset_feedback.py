@@ -9,7 +9,7 @@ from pathlib import Path
 from distill.config import DatasetConfig
 from distill.dataset import build_dataset, load_splits, select_rows
 from distill.evaluate import write_report
-from distill.teacher import _keep
+from distill.teacher import relabelled_target
 from retort.db.store import PromptStore
 from tests.unit.distill.conftest import record
 
@@ -76,11 +76,17 @@ async def test_corrections_drop_below_and_shadow_disagreements(
     )
     assert (by_id["req-3"]["completion"], by_id["req-3"]["corrected"]) == ("Answer 3.", False)
     # A relabel keeps a corrected target and replaces the others.
-    assert _keep(by_id["req-1"], "teacher says") == "The right answer, take two."
-    assert _keep(by_id["req-3"], "teacher says") == "teacher says"
+    assert relabelled_target(by_id["req-1"], "teacher says") == "The right answer, take two."
+    assert relabelled_target(by_id["req-3"], "teacher says") == "teacher says"
     # The run report lists the disagreements.
-    write_report(tmp_path / "report", {"student_model": "bot-student", "dataset": result})
+    assert result["teacher_usd_per_1k_tokens"] is None  # the seeded log has no costs
+    result = {**result, "teacher_usd_per_1k_tokens": 0.02}
+    report = {"student_model": "bot-student", "dataset": result, "speedup": 4.0}
+    write_report(tmp_path / "report", report)
     md = (tmp_path / "report" / "report.md").read_text()
+    assert "| teacher (measured: the prompt log's costs) | 0.02 |" in md
+    assert "| student (projected from the measured speedup) | 0.005 |" in md
+    assert "| projected saving at the current split (shadow: 0) / at full | 0% / 75.0% |" in md
     assert "## Shadow disagreements on rated requests" in md
     assert "| req-3 | 0.9 | bot-student | exact | 0 |" in md
 
