@@ -39,9 +39,9 @@ def test_rollout_panel_and_actions(client: TestClient) -> None:
     assert "5.0% of the teacher's requests" in r.text
     r = client.post(f"{PAGE}/rollout/pause", data={"csrf_token": token}, follow_redirects=False)
     assert (r.status_code, r.headers["location"]) == (303, PAGE)
-    page = client.get(PAGE).text
-    assert "canary</span> (paused)" in page
-    assert 'aria-label="Resume the rollout of bot-student"' in page
+    html = client.get(PAGE).text
+    assert "canary</span> (paused)" in html
+    assert 'aria-label="Resume the rollout of bot-student"' in html
     # A refused transition shows the API's own error body.
     r = client.post(f"{PAGE}/rollout/pause", data={"csrf_token": token}, headers=HX)
     assert r.status_code == 409
