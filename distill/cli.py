@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["distill_app"]
+__all__ = ["distill_app", "start_rollout_for"]
 
 distill_app = typer.Typer(
     help="Distill students from the prompt log: run, or one stage; list runs.",
@@ -165,10 +165,10 @@ def run_command(
         return
     typer.echo(_summary(report))
     if rollout and report.get("published"):
-        _start_rollout(cfg, report, out)
+        typer.echo(start_rollout_for(cfg, report, out))
 
 
-def _start_rollout(cfg: Any, report: dict[str, Any], out: Path) -> None:
+def start_rollout_for(cfg: Any, report: dict[str, Any], out: Path) -> str:
     """The gateways' rollout evaluator takes it from here (see README: Staged rollout)."""
     from distill.pipeline import log_url
     from retort.db.rollouts import start_rollout
@@ -181,7 +181,7 @@ def _start_rollout(cfg: Any, report: dict[str, Any], out: Path) -> None:
     r = asyncio.run(
         start_rollout(log_url(cfg), teacher, report["student_model"], steps, reason=reason)
     )
-    typer.echo(f"rollout started: {r.teacher} -> {r.student} in {r.stage}")
+    return f"rollout started: {r.teacher} -> {r.student} in {r.stage}"
 
 
 _stage_command("dataset", "Select, deduplicate and split logged requests into OUT/dataset.")

@@ -69,3 +69,28 @@ def test_distill_rollout_needs_publish(tmp_path: Path) -> None:
     res = runner.invoke(distill_app, ["run", "--out", str(tmp_path / "run"), "--rollout"])
     assert res.exit_code == 2
     assert "--rollout needs --publish" in res.output
+
+
+def test_distill_starts_the_published_students_rollout_with_the_configured_plan(
+    tmp_path: Path,
+) -> None:
+    from distill.cli import start_rollout_for
+    from distill.config import load_config
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'retort.db'}"
+    gateway_yaml = tmp_path / "retort.yaml"
+    gateway_yaml.write_text("rollout:\n  policy:\n    steps: [0.1, 0.3]\n")
+    cfg = load_config(None, {"promptlog_url": url, "settings": str(gateway_yaml)})
+    report = {"adapter": "pirate", "teacher_model": "base", "student_model": "pirate-student"}
+    said = start_rollout_for(cfg, report, tmp_path / "run")
+    assert said == "rollout started: pirate -> pirate-student in shadow"
+    res = runner.invoke(
+        students_app, ["rollout", "status", "pirate-student", "--json", "--url", url]
+    )
+    body = json.loads(res.output)
+    assert body["rollout"]["plan"] == [0.0, 0.1, 0.3, 1.0]
+    (event,) = body["events"]
+    assert (event["actor"], event["reason"]) == (
+        "distill",
+        f"published by retort distill run --out {tmp_path / 'run'}",
+    )
