@@ -13,6 +13,19 @@ from gateway.engines.fake import FakeEngine
 from gateway.settings import EngineSettings, ServerSettings, Settings
 
 
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny, untrained) student exported to ONNX, built once for the students,
+    shadow and rollout tests (read-only: they publish copies of it)."""
+    pytest.importorskip("onnxruntime_genai")
+    from distill.export import build_onnx
+    from tests.tiny import make_tiny_base
+
+    root = tmp_path_factory.mktemp("student-build")
+    base = make_tiny_base(root / "tiny", seed=3, hidden_size=64)
+    return build_onnx(base, root / "onnx", "fp32")
+
+
 @pytest.fixture(autouse=True)
 def in_process_client_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Litestar's in-process client names its peer ``testclient``; it is this process, so

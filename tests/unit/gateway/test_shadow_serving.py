@@ -19,11 +19,10 @@ from gateway.rollout.service import RolloutSettings
 from gateway.settings import EngineSettings, Settings
 from gateway.shadow import ShadowSettings, ShadowTarget
 from gateway.studentpool import StudentsSettings
-from tests.unit.gateway.test_students_serving import onnx_dir, publish
+from tests.unit.gateway.test_students_serving import publish
 
 pytest.importorskip("onnxruntime_genai")
 
-__all__ = ["onnx_dir"]  # the fixture, shared with the students tests
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi there"}]}
 

@@ -26,16 +26,6 @@ pytest.importorskip("onnxruntime_genai")
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
 
 
-@pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from distill.export import build_onnx
-    from tests.tiny import make_tiny_base
-
-    root = tmp_path_factory.mktemp("student-build")
-    base = make_tiny_base(root / "tiny", seed=3, hidden_size=64)
-    return build_onnx(base, root / "onnx", "fp32")
-
-
 def publish(home: Path, onnx_dir: Path, name: str = "fake-student") -> None:
     StudentRegistry(home / "students").publish(
         name, onnx_dir, teacher_model="fake-model", precision="fp32", report={"agreement": 1.0}

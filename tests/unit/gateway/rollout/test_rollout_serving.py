@@ -26,11 +26,10 @@ from gateway.settings import EngineSettings, Settings
 from gateway.studentpool import StudentsSettings
 from loadtest.servers import free_port, gateway_spec, postgres_server, running
 from tests.services import service
-from tests.unit.gateway.test_students_serving import onnx_dir, publish
+from tests.unit.gateway.test_students_serving import publish
 
 pytest.importorskip("onnxruntime_genai")
 
-__all__ = ["onnx_dir"]  # the fixture, shared with the students tests
 
 CHAT = {
     "model": "fake-model",
