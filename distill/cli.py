@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["distill_app"]
+__all__ = ["distill_app", "start_rollout_for"]
 
 distill_app = typer.Typer(
     help="Distill students from the prompt log: run, or one stage; list runs.",
@@ -33,6 +33,10 @@ UrlOpt = Annotated[str | None, typer.Option("--url", help="Prompt-log database U
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="RETORT_HOME.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even without new data.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+RolloutOpt = Annotated[
+    bool,
+    typer.Option("--rollout", help="With --publish: start a staged rollout of it, in shadow."),
+]
 
 
 def _config(
@@ -149,14 +153,35 @@ def run_command(
     home: HomeOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    rollout: RolloutOpt = False,
 ) -> None:
     """Run the whole pipeline into OUT; writes OUT/report.json (and .md, .png)."""
+    if rollout and not publish:
+        raise typer.BadParameter("--rollout needs --publish")
     cfg = _config(config, adapter, student_layers, max_steps, precision, publish, url, home)
     report = _run("publish", out, cfg, quiet=quiet, force=force, record=True)
     if report.get("skipped"):
         typer.echo(f"no new data since run {report['previous_run']}: nothing to do")
         return
     typer.echo(_summary(report))
+    if rollout and report.get("published"):
+        typer.echo(start_rollout_for(cfg, report, out))
+
+
+def start_rollout_for(cfg: Any, report: dict[str, Any], out: Path) -> str:
+    """The gateways' rollout evaluator takes it from here (see README: Staged rollout)."""
+    from distill.pipeline import log_url
+    from retort.db.rollouts import start_rollout
+    from retort.rollout import steps_from
+    from retort.settings import load_shared
+
+    teacher = report["adapter"] or report["teacher_model"]
+    steps = steps_from(load_shared(cfg.settings).rollout)
+    reason = f"published by retort distill run --out {out}"
+    r = asyncio.run(
+        start_rollout(log_url(cfg), teacher, report["student_model"], steps, reason=reason)
+    )
+    return f"rollout started: {r.teacher} -> {r.student} in {r.stage}"
 
 
 _stage_command("dataset", "Select, deduplicate and split logged requests into OUT/dataset.")

@@ -51,6 +51,11 @@ class DatasetConfig(_Base):
     """Until (exclusive), same forms."""
     min_score: float | None = None
     """Keep only requests whose mean feedback score is at least this."""
+    drop_below: float | None = None
+    """Drop requests rated below this mean feedback score (unrated ones are kept)."""
+    use_corrections: bool = True
+    """A reviewer's correction (``/v1/feedback``'s ``correction``, the latest one) replaces
+    the logged answer as the training target."""
     served_by: str = "engine"
     """``engine`` (the teacher: base model + adapter) or ``student``."""
     status: str = "ok"

@@ -9,9 +9,15 @@ time window, minimum feedback score, status, served_by). Then:
 3. each prompt goes to eval when its hash falls below ``eval_fraction``, else to train,
    so a prompt can never be in both splits, whatever the order or the run.
 
+Feedback shapes the data (:func:`mark_feedback`): a request rated below ``drop_below`` is
+dropped, a reviewer's correction replaces the logged answer as the target (``corrected``),
+and the shadow pairs where a candidate student disagreed on a rated request are listed in
+the stage's result (the run report's ``dataset.feedback``).
+
 Columns: ``request_id``, ``created``, ``model``, ``adapter``, ``messages`` (the prompt's
 ``{role, content}`` turns, empty for completions), ``prompt`` (the raw completion prompt,
-empty for chat), ``completion`` (the logged answer), ``prompt_hash``.
+empty for chat), ``completion`` (the logged answer, or its correction), ``corrected``,
+``prompt_hash``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "filters",
     "is_eval",
     "load_splits",
+    "mark_feedback",
     "normalize",
     "prompt_text",
     "select_rows",
@@ -167,7 +174,7 @@ def _example(row: dict[str, Any]) -> Example | None:
     prompt = out.get("prompt") or ""
     if not messages and not prompt:
         return None
-    completion = out.get("completion") or ""
+    completion = row.get("correction") or out.get("completion") or ""
     if not completion.strip():
         return None
     return {
@@ -178,14 +185,67 @@ def _example(row: dict[str, Any]) -> Example | None:
         "messages": messages,
         "prompt": prompt,
         "completion": completion,
+        "corrected": bool(row.get("correction")),
     }
 
 
 async def select_rows(
     store: PromptStore, config: DatasetConfig, adapter: str | None, *, now: float | None = None
 ) -> list[dict[str, Any]]:
-    """Matching log rows, oldest first."""
-    return await store.query(filters(config, adapter, now=now), limit=config.limit)
+    """Matching log rows, oldest first, marked by their feedback (:func:`mark_feedback`)."""
+    rows = await store.query(filters(config, adapter, now=now), limit=config.limit)
+    await mark_feedback(store, rows, config)
+    return rows
+
+
+async def mark_feedback(
+    store: PromptStore, rows: list[dict[str, Any]], config: DatasetConfig
+) -> None:
+    """On each rated row: ``low_score`` (rated below ``drop_below``), ``correction`` (the
+    latest reviewer's correction) and ``shadow_disagreements`` (shadow pairs where a
+    student disagreed with this answer)."""
+    for row in rows:
+        if not row.get("feedback_count"):
+            continue
+        score = row.get("score")
+        if config.drop_below is not None and score is not None and score < config.drop_below:
+            row["low_score"] = True
+        if config.use_corrections:
+            notes = await store.feedback_for(row["request_id"])
+            fixed = [f["correction"] for f in notes if f["correction"] and f["correction"].strip()]
+            if fixed:
+                row["correction"] = fixed[-1]
+        pairs = await store.shadow_pairs(request_id=row["request_id"], limit=10)
+        row["shadow_disagreements"] = [
+            {
+                "request_id": row["request_id"],
+                "feedback_score": score,
+                "student": p["student"],
+                "measure": p["measure"],
+                "shadow_score": p["score"],
+            }
+            for p in pairs
+            if p["agree"] is False
+        ]
+
+
+def _usd_per_1k(rows: Sequence[dict[str, Any]]) -> float | None:
+    """The teacher's measured cost per 1k tokens over the selected requests (the log's costs)."""
+    tokens = sum(
+        int(r.get("prompt_tokens") or 0) + int(r.get("completion_tokens") or 0) for r in rows
+    )
+    cost = sum(float(r.get("cost_usd") or 0.0) for r in rows)
+    return cost / tokens * 1000.0 if tokens and cost else None
+
+
+def _feedback_marks(rows: Sequence[dict[str, Any]]) -> str:
+    """A fingerprint of what feedback changed (a new correction or rating re-runs the stage)."""
+    marks = [
+        f"{r['request_id']}\0{bool(r.get('low_score'))}\0{r.get('correction') or ''}"
+        for r in rows
+        if r.get("low_score") or r.get("correction")
+    ]
+    return hashlib.sha256("\n".join(marks).encode()).hexdigest()
 
 
 def watermark(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -205,6 +265,7 @@ def build_dataset(
         "config": config,
         "watermark": watermark(rows),
         "ids": hashlib.sha256("\n".join(r["request_id"] for r in rows).encode()).hexdigest(),
+        "feedback": _feedback_marks(rows),
     }
     done = stage_done(stage, inputs)
     if done is not None:
@@ -212,7 +273,8 @@ def build_dataset(
     from datasets import Dataset, Features, List, Value
 
     t0 = time.perf_counter()
-    examples = [e for e in (_example(r) for r in rows) if e is not None]
+    low = sum(1 for r in rows if r.get("low_score"))
+    examples = [e for e in (_example(r) for r in rows if not r.get("low_score")) if e is not None]
     kept, exact, near = dedupe(
         examples, threshold=config.near_dup_threshold, shingle_size=config.shingle_size
     )
@@ -237,6 +299,7 @@ def build_dataset(
             "messages": List({"role": Value("string"), "content": Value("string")}),
             "prompt": Value("string"),
             "completion": Value("string"),
+            "corrected": Value("bool"),
             "prompt_hash": Value("string"),
         }
     )
@@ -260,6 +323,14 @@ def build_dataset(
         "train": len(train),
         "eval": len(evals),
         "models": models,
+        "teacher_usd_per_1k_tokens": _usd_per_1k(rows),
+        "feedback": {
+            "dropped_below_score": low,
+            "corrected": sum(1 for ex in kept if ex["corrected"]),
+            "shadow_disagreements": [d for r in rows for d in r.get("shadow_disagreements", [])][
+                :50
+            ],
+        },
         "watermark": watermark(rows),
         "seconds": round(time.perf_counter() - t0, 3),
     }

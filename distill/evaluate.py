@@ -293,6 +293,42 @@ def write_report(out: Path, report: dict[str, Any], samples: Sequence[dict[str, 
     if report.get("stages"):
         lines += ["", "## Stage seconds", "", "| stage | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in report["stages"].items()]
+    teacher_cost = (report.get("dataset") or {}).get("teacher_usd_per_1k_tokens")
+    speedup = report.get("speedup")
+    if teacher_cost:
+        # On the same instance a token costs its time: the student's cost follows its speed.
+        student_cost = teacher_cost / speedup if speedup else None
+        lines += [
+            "",
+            "## Cost per 1k tokens",
+            "",
+            "| | USD per 1k tokens |",
+            "| --- | --- |",
+            f"| teacher (measured: the prompt log's costs) | {teacher_cost:.6g} |",
+            "| student (projected from the measured speedup) | "
+            + (f"{student_cost:.6g} |" if student_cost is not None else "- |"),
+        ]
+        if student_cost is not None:
+            lines.append(
+                f"| projected saving at the current split (shadow: 0) / at full | "
+                f"0% / {100 * (1 - student_cost / teacher_cost):.1f}% |"
+            )
+    disagreements = ((report.get("dataset") or {}).get("feedback") or {}).get(
+        "shadow_disagreements"
+    )
+    if disagreements:
+        lines += [
+            "",
+            "## Shadow disagreements on rated requests",
+            "",
+            "| request | feedback score | student | measure | shadow score |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {d['request_id']} | {_fmt(d['feedback_score'])} | {d['student']} | "
+            f"{d['measure']} | {_fmt(d['shadow_score'])} |"
+            for d in disagreements
+        ]
     if samples:
         lines += ["", "## Samples", ""]
         for s in samples[:5]:

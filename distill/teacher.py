@@ -21,7 +21,7 @@ from typing import Any
 from distill.config import TeacherConfig
 from distill.stages import stage_done, write_stage
 
-__all__ = ["TeacherError", "merge_teacher", "run_vllm", "teacher_stage"]
+__all__ = ["TeacherError", "merge_teacher", "relabelled_target", "run_vllm", "teacher_stage"]
 
 
 class TeacherError(RuntimeError):
@@ -68,6 +68,11 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
         return result
 
 
+def relabelled_target(example: dict[str, Any], relabelled: str) -> str:
+    """A relabelled example's target: a reviewer's correction stays, else the teacher's."""
+    return str(example["completion"]) if example.get("corrected") else relabelled
+
+
 def _relabel(teacher_dir: Path, src: Path, dst: Path, max_tokens: int) -> dict[str, Any]:
     from datasets import load_from_disk
 
@@ -82,7 +87,11 @@ def _relabel(teacher_dir: Path, src: Path, dst: Path, max_tokens: int) -> dict[s
     )
     completions = iter(out["completions"])
     for name, ds in splits.items():
-        new = ds.map(lambda _ex: {"completion": next(completions)}, load_from_cache_file=False)
+        # A reviewer's correction stays the target (the teacher's answer was judged wrong).
+        new = ds.map(
+            lambda ex: {"completion": relabelled_target(ex, next(completions))},
+            load_from_cache_file=False,
+        )
         tmp = dst / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         new.save_to_disk(str(tmp))

@@ -1,4 +1,5 @@
-"""Administration: ``/admin/adapters[...]``, ``/admin/students[...]`` (:data:`ADMIN_HANDLERS`,
+"""Administration: ``/admin/adapters[...]``, ``/admin/students[...]`` (:data:`ADMIN_HANDLERS`;
+rollouts in :mod:`gateway.rollout.admin`,
 paths relative to ``/admin``) and vLLM's ``/v1/(un)load_lora_adapter`` (:data:`LORA_HANDLERS`,
 relative to ``/v1``). ``create_app`` mounts both under :func:`gateway.guards.admin_guard`.
 """
@@ -13,6 +14,7 @@ from litestar import Request, Response, delete, get, post
 
 from gateway.adapters import AdapterManager
 from gateway.errors import NotFoundError, ServiceUnavailableError
+from gateway.rollout.admin import ROLLOUT_HANDLERS
 from gateway.state import Gateway
 from gateway.studentpool import StudentPool
 
@@ -226,5 +228,6 @@ ADMIN_HANDLERS = [
     load_student,
     unload_student,
     student_shadow,
+    *ROLLOUT_HANDLERS,
 ]
 LORA_HANDLERS = [vllm_load, vllm_unload]

@@ -39,6 +39,7 @@ from gateway.openai.responses import RESPONSE_HANDLERS
 from gateway.pricing import Pricer
 from gateway.promptlog import PromptLog
 from gateway.requestid import add_request_id_header
+from gateway.rollout.service import RolloutService
 from gateway.routing import Router
 from gateway.shadow import ShadowRunner
 from gateway.state import Gateway
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     from gateway.settings import Settings
+    from retort.db.store import PromptStore
 
 __all__ = ["build_engine", "create_app"]
 
@@ -162,7 +164,8 @@ async def _open_promptlog(
         try:
             plog = await PromptLog.open(settings.promptlog, settings.home_path, metrics)
             gw.promptlog = plog
-            if settings.shadow.teachers and plog.store is not None:
+            rollouts = settings.rollout.enabled and plog.store is not None
+            if (settings.shadow.teachers or rollouts) and plog.store is not None:
                 gw.shadow = ShadowRunner(
                     settings.shadow,
                     students,
@@ -171,11 +174,34 @@ async def _open_promptlog(
                     pricer=gw.pricer,
                     redact=plog.redactor.redact if plog.redactor is not None else None,
                 )
+            if rollouts and plog.store is not None:
+                await _start_rollouts(gw, settings, metrics, students, plog.store)
             return
         except Exception as exc:
             log.error("prompt log: cannot open the store (retrying in %.0fs): %s", delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+
+async def _start_rollouts(
+    gw: Gateway, settings: Settings, metrics: Metrics, students: StudentPool, store: PromptStore
+) -> None:
+    """Staged rollouts: the state as stored (a restart resumes where it stood), the split
+    and shadow copies it asks for, and the evaluator in the background."""
+    from retort.db.rollouts import RolloutStore
+
+    service = RolloutService(
+        settings.rollout, RolloutStore(store.engine), students=students, metrics=metrics
+    )
+    try:
+        await service.refresh()
+    except Exception as exc:
+        log.error("rollout: cannot read the rollout state yet: %s", exc)
+    students.live_split = service.split
+    if gw.shadow is not None:
+        gw.shadow.dynamic = service.shadow_target
+    gw.rollouts = service
+    service.start()
 
 
 @dataclass
@@ -299,6 +325,8 @@ def create_app(
                 log.warning("shutdown: %d requests still in flight after the drain", gw.inflight)
             for t in tasks:
                 t.cancel()
+            if gw.rollouts is not None:
+                await gw.rollouts.close()
             if gw.shadow is not None:
                 await gw.shadow.drain(wait_s=10.0)
             if gw.promptlog is not None:

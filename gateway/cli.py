@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "adapters": ("adapters.cli:adapters_app", "LoRA adapters: train, list, validate, ..."),
     "logs": ("retort.db.export:logs_app", "The prompt log: export for distillation."),
     "distill": ("distill.cli:distill_app", "Distill ONNX students from the prompt log."),
+    "students": ("gateway.rollout.cli:students_app", "Students: staged rollouts."),
     "loadtest": ("loadtest.cli:loadtest", "Load-test an OpenAI-compatible server."),
 }
 """Subcommand name -> (``module:attribute``, the help line ``retort --help`` shows)."""

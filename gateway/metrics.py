@@ -15,6 +15,7 @@ every process's values with a ``MultiProcessCollector``. Gauges declare how they
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
@@ -322,6 +323,50 @@ class Metrics:
             buckets=REQUEST_DURATION_BUCKETS,
             registry=r,
         )
+        # Staged rollouts (gateway/rollout): every replica reads the same state from the
+        # database, so the gauges aggregate with livemax.
+        self.rollout_stage = Gauge(
+            "rollout_stage",
+            "A rollout's stage: 0 shadow, 1 canary, 2.. ramp, the plan's last step full; "
+            "-1 rolled back.",
+            ("teacher", "student"),
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_split_ratio = Gauge(
+            "rollout_split_ratio",
+            "Share of the teacher's live requests its student answers (the rollout's split).",
+            ("teacher", "student"),
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_agreement_ratio = Gauge(
+            "rollout_agreement_ratio",
+            "Agreement over the current stage's shadow pairs (what the policy judges).",
+            ("teacher", "student"),
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_projected_saving_ratio = Gauge(
+            "rollout_projected_saving_ratio",
+            "Projected share of the teacher's cost saved at the current split, from the "
+            "measured cost per 1k tokens of teacher and student.",
+            ("teacher", "student"),
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_decisions_total = Counter(
+            "rollout_decisions",
+            "Rollout decisions stored by this replica (start, advance, hold, rollback, pause, "
+            "resume).",
+            ("teacher", "student", "action"),
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.engine_start_seconds = Gauge(
             "engine_start_seconds",
             "Seconds the engine took to start (model load, compile or compile-cache load, "
@@ -347,6 +392,32 @@ class Metrics:
 
     def shadow_latency(self, teacher: str, student: str, seconds: float) -> None:
         self.shadow_student_latency_seconds.labels(teacher, student).observe(seconds)
+
+    def rollout_state(self, teacher: str, student: str, stage: int, share: float) -> None:
+        self.rollout_stage.labels(teacher, student).set(stage)
+        self.rollout_split_ratio.labels(teacher, student).set(share)
+
+    def rollout_figures(
+        self, teacher: str, student: str, agreement: float | None, saving: float | None
+    ) -> None:
+        if agreement is not None:
+            self.rollout_agreement_ratio.labels(teacher, student).set(agreement)
+        if saving is not None:
+            self.rollout_projected_saving_ratio.labels(teacher, student).set(saving)
+
+    def rollout_forget(self, teacher: str, student: str) -> None:
+        """Drop a replaced rollout's series (a teacher's newer rollout names another student)."""
+        for gauge in (
+            self.rollout_stage,
+            self.rollout_split_ratio,
+            self.rollout_agreement_ratio,
+            self.rollout_projected_saving_ratio,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(teacher, student)
+
+    def rollout_decision(self, teacher: str, student: str, action: str) -> None:
+        self.rollout_decisions_total.labels(teacher, student, action).inc()
 
     def structured_output_failed(self, model: str, kind: str) -> None:
         self.structured_output_failures_total.labels(model, kind).inc()

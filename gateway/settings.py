@@ -15,6 +15,7 @@ from gateway.auth import AuthSettings, LimitsSettings
 from gateway.metrics import MetricsSettings
 from gateway.pricing import PricingSettings
 from gateway.promptlog.settings import PromptLogSettings
+from gateway.rollout.service import RolloutSettings
 from gateway.shadow import ShadowSettings
 from gateway.studentpool import StudentsSettings
 from retort.settings import ModelSettings, StatePaths, load
@@ -108,6 +109,7 @@ class Settings(StatePaths, msgspec.Struct, kw_only=True, forbid_unknown_fields=T
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     students: StudentsSettings = msgspec.field(default_factory=StudentsSettings)
     shadow: ShadowSettings = msgspec.field(default_factory=ShadowSettings)
+    rollout: RolloutSettings = msgspec.field(default_factory=RolloutSettings)
 
 
 def load_settings(

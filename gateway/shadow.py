@@ -216,8 +216,13 @@ class ShadowRunner:
         self._inflight: dict[str, int] = {}
         self._windows: dict[tuple[str, str], deque[bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.dynamic: Callable[[str], ShadowTarget | None] | None = None
+        """Targets of live rollouts (``gateway.rollout``); they take precedence over
+        ``shadow.teachers`` (the policy judges the rollout's student)."""
 
     def target_for(self, teacher: str) -> ShadowTarget | None:
+        if self.dynamic is not None and (target := self.dynamic(teacher)) is not None:
+            return target
         return self.settings.teachers.get(teacher)
 
     def submit(self, record: LogRecord, sampling: Sampling, *, shadowable: bool) -> bool:
@@ -227,7 +232,7 @@ class ShadowRunner:
             if record.status != "ok" or record.served_by != "engine" or not shadowable:
                 return False
             teacher = record.adapter or record.model
-            target = self.settings.teachers.get(teacher)
+            target = self.target_for(teacher)
             if target is None or not _sampled(record.request_id, target.share):
                 return False
             if self._inflight.get(target.student, 0) >= self.settings.max_inflight:

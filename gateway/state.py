@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from gateway.metrics import Metrics
     from gateway.promptlog import PromptLog
+    from gateway.rollout.service import RolloutService
     from gateway.routing import Router
     from gateway.settings import Settings
     from gateway.shadow import ShadowRunner
@@ -48,6 +49,8 @@ class Gateway:
         self.promptlog = promptlog
         self.shadow: ShadowRunner | None = None
         """Shadow evaluation of candidate students (``shadow.teachers``), once the log is open."""
+        self.rollouts: RolloutService | None = None
+        """Staged rollouts (``rollout:``), once the log is open."""
         """The prompt log; ``None`` until the lifespan has opened it."""
         self.started_at = int(time.time())
         self.draining = False

@@ -17,6 +17,7 @@ import msgspec
 from gateway.errors import ConflictError, NotFoundError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from gateway.engines.base import Engine
@@ -70,6 +71,9 @@ class StudentPool:
         self._engines: dict[str, Engine] = {}
         self._loading: dict[str, asyncio.Task[Engine]] = {}
         self._rng = rng or random.Random()
+        self.live_split: Callable[[str], tuple[str, float] | None] | None = None
+        """Teacher -> ``(student, share)`` of a staged rollout (``gateway.rollout``);
+        ``students.traffic`` for the same teacher wins (the manual override)."""
 
     @property
     def root(self) -> Path:
@@ -146,12 +150,18 @@ class StudentPool:
     def split_for(self, model: str) -> Engine | None:
         """The student to answer this request for ``model`` instead, by its traffic share."""
         split = self.settings.traffic.get(model)
-        if split is None or split.share <= 0.0:
+        if split is not None:
+            student, share = split.student, split.share
+        elif self.live_split is not None and (live := self.live_split(model)) is not None:
+            student, share = live
+        else:
             return None
-        engine = self._engines.get(split.student)
+        if share <= 0.0:
+            return None
+        engine = self._engines.get(student)
         if engine is None or not engine.ready():
             return None
-        if split.share >= 1.0 or self._rng.random() < split.share:
+        if share >= 1.0 or self._rng.random() < share:
             return engine
         return None
 

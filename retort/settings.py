@@ -164,6 +164,7 @@ class SharedSettings(StatePaths, msgspec.Struct, kw_only=True, forbid_unknown_fi
     pricing: dict[str, Any] = _section()
     metrics: dict[str, Any] = _section()
     shadow: dict[str, Any] = _section()
+    rollout: dict[str, Any] = _section()
 
     @property
     def promptlog_url(self) -> str:

@@ -27,6 +27,7 @@ from litestar.template.config import TemplateConfig
 from gateway.console.login import LOGIN_HANDLERS, LOGOUT_HANDLERS
 from gateway.console.manage import MANAGE_HANDLERS
 from gateway.console.overview import Sampler
+from gateway.console.rollout import ROLLOUT_HANDLERS
 from gateway.console.session import Sessions, console_guard
 from gateway.console.traffic import TRAFFIC_HANDLERS
 from gateway.console.views import FILTERS, STATIC_DIR, TEMPLATES_DIR, console_exception_handler
@@ -60,7 +61,12 @@ def console_router() -> Router:
     """``/console`` (guarded pages and actions), its login, and its static files."""
     pages = Router(
         path="/",
-        route_handlers=[*TRAFFIC_HANDLERS, *MANAGE_HANDLERS, *LOGOUT_HANDLERS],
+        route_handlers=[
+            *TRAFFIC_HANDLERS,
+            *MANAGE_HANDLERS,
+            *ROLLOUT_HANDLERS,
+            *LOGOUT_HANDLERS,
+        ],
         guards=[console_guard],
     )
     static = create_static_files_router(

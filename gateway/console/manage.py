@@ -14,6 +14,7 @@ from litestar import Request, get, post
 from litestar.response import File, Template
 
 from gateway.console.overview import sparkline
+from gateway.console.rollout import rollout_view
 from gateway.console.session import csrf_form
 from gateway.console.views import error_json, gateway_of, render, store_of
 from gateway.errors import APIError, NotFoundError, ServiceUnavailableError
@@ -242,6 +243,7 @@ async def student_page(request: Request[Any, Any, Any], name: str) -> Template:
         has_png=(entry.path / "report.png").is_file(),
         live=_live(request).get(entry.name),
         size=_folder_bytes(entry.onnx_path),
+        rollout=await rollout_view(request, entry.name),
     )
 
 

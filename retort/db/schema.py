@@ -6,7 +6,16 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-__all__ = ["distill_runs", "feedback", "metadata", "requests", "responses", "shadow"]
+__all__ = [
+    "distill_runs",
+    "feedback",
+    "metadata",
+    "requests",
+    "responses",
+    "rollout_events",
+    "rollouts",
+    "shadow",
+]
 
 metadata = sa.MetaData()
 
@@ -126,4 +135,45 @@ responses = sa.Table(
     sa.Column("context", _JSON, nullable=False),
     sa.Column("response", _JSON, nullable=False),
     sa.Index("ix_responses_created", "created"),
+)
+
+# Staged rollouts of students (gateway/rollout, retort/rollout.py; migration 0007): one row
+# per rollout, its stage and status; every replica reads the same split from here.
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("teacher", sa.String(256), nullable=False),
+    sa.Column("student", sa.String(256), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("step", sa.Integer(), nullable=False),
+    sa.Column("plan", _JSON, nullable=False),
+    sa.Column("created", sa.Double(), nullable=False),
+    sa.Column("updated", sa.Double(), nullable=False),
+    sa.Column("stage_since", sa.Double(), nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("last_rule", sa.String(64)),
+    sa.Column("reason", sa.Text()),
+    sa.Index("ix_rollouts_teacher", "teacher"),
+)
+
+# Every rollout decision (start, advance, hold, rollback, pause, resume), its reason and
+# the figures it was taken on.
+rollout_events = sa.Table(
+    "rollout_events",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("rollout_id", _ID, nullable=False),
+    sa.Column("created", sa.Double(), nullable=False),
+    sa.Column("teacher", sa.String(256), nullable=False),
+    sa.Column("student", sa.String(256), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("actor", sa.String(16), nullable=False),
+    sa.Column("from_stage", sa.String(16), nullable=False),
+    sa.Column("to_stage", sa.String(16), nullable=False),
+    sa.Column("share", sa.Double(), nullable=False),
+    sa.Column("rule", sa.String(64)),
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("figures", _JSON, nullable=False),
+    sa.Index("ix_rollout_events_rollout", "rollout_id", "id"),
 )

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
 from gateway.promptlog import PromptLogSettings
+from gateway.rollout.service import RolloutSettings
 from gateway.settings import EngineSettings, Settings
 from gateway.shadow import ShadowSettings, ShadowTarget
 from gateway.studentpool import StudentsSettings
@@ -90,7 +91,12 @@ def test_shadow_pairs_through_the_gateway(tmp_path: Path, tiny_onnx: Path) -> No
 
 
 def test_shadow_admin_is_503_when_off(tmp_path: Path) -> None:
-    settings = Settings(home=str(tmp_path), engine=EngineSettings(kind="fake", max_model_len=64))
+    # Off: no shadow.teachers, and no rollouts (whose live ones shadow their students).
+    settings = Settings(
+        home=str(tmp_path),
+        engine=EngineSettings(kind="fake", max_model_len=64),
+        rollout=RolloutSettings(enabled=False),
+    )
     with TestClient(create_app(settings, engine=FakeEngine("fake-model", 64))) as client:
         r = client.get("/admin/students/x/shadow")
         assert r.status_code == 503

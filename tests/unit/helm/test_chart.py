@@ -49,6 +49,11 @@ METRICS = {
     "retort_structured_output_failures_total",
     "retort_endpoint_requests_total",
     "retort_engine_start_seconds",
+    "retort_rollout_stage",
+    "retort_rollout_split_ratio",
+    "retort_rollout_agreement_ratio",
+    "retort_rollout_projected_saving_ratio",
+    "retort_rollout_decisions_total",
 }
 
 

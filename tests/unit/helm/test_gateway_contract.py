@@ -320,6 +320,9 @@ def _render_metrics() -> str:
     metrics.shadow_agreement("support-bot", "support-bot-student", 0.9)
     metrics.shadow_latency("support-bot", "support-bot-student", 0.2)
     metrics.structured_output_failed("base", "json_schema")
+    metrics.rollout_state("support-bot", "support-bot-student", 1, 0.05)
+    metrics.rollout_figures("support-bot", "support-bot-student", 0.95, 0.04)
+    metrics.rollout_decision("support-bot", "support-bot-student", "advance")
     return metrics.render().decode()
 
 

@@ -28,7 +28,7 @@ async def test_migrations_create_the_schema_at_head(store: PromptStore) -> None:
         feedback_columns = await conn.run_sync(
             lambda c: {col["name"] for col in sa.inspect(c).get_columns("feedback")}
         )
-    assert version == "0006"
+    assert version == "0007"
     assert "correction" in feedback_columns
     assert {
         "requests",
@@ -36,6 +36,8 @@ async def test_migrations_create_the_schema_at_head(store: PromptStore) -> None:
         "distill_runs",
         "responses",
         "shadow",
+        "rollouts",
+        "rollout_events",
         "alembic_version",
     } <= tables
     assert {"ix_requests_created", "ix_requests_model", "ix_requests_adapter"} <= indexes
