@@ -13,6 +13,7 @@ from gateway.metrics import Metrics
 from gateway.rollout.policy import RolloutPolicy
 from gateway.rollout.service import RolloutService, RolloutSettings, find, operate
 from retort import rollout as m
+from retort.db.filters import RowFilter
 from retort.db.rollouts import RolloutStore, start_rollout
 from retort.db.store import PromptStore
 from retort.rollout import RolloutError
@@ -189,7 +190,7 @@ async def test_a_bad_feedback_score_rolls_back(store: PromptStore) -> None:
     r, _ = await svc.operate("promote", TEACHER)
     t = r.stage_since + 1
     await feed(store, t, pairs=6, teacher=6, student=6)
-    for row in await store.query(since=t, until=t + 1):
+    for row in await store.query(RowFilter(since=t, until=t + 1)):
         score = 0.0 if row["served_by"] == "student" else 1.0
         assert await store.add_feedback(row["request_id"], score)
     ((_, d),) = await svc.evaluate(now=t + 1)
