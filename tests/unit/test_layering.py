@@ -28,7 +28,8 @@ MAY_IMPORT: dict[str, set[str]] = {
 # evaluates with them) and the student registry (distill publishes into it). These modules
 # import nothing else from the gateway, so using them never pulls in the server.
 GATEWAY_FOR_LIBRARIES = {"gateway.engines", "gateway.engines.base", "gateway.engines.onnx",
-                         "gateway.engines.onnx_batch", "gateway.students"}  # fmt: skip
+                         "gateway.engines.onnx_batch", "gateway.engines.guide",
+                         "gateway.students"}  # fmt: skip
 # What loadtest may import when it is imported (its tools import the rest when they run).
 LOADTEST_AT_IMPORT = {"retort"}
 

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.metrics import Metrics
 from loadtest.servers import Postgres, postgres_server
 from retort.db.record import LogRecord
 from retort.db.store import PromptStore
@@ -71,3 +73,51 @@ def make_record(i: int = 0, **fields: Any) -> LogRecord:
     }
     base.update(fields)
     return LogRecord(**base)
+
+
+class BadRowError(Exception):
+    """What :class:`Sink` raises for a poison record (a data error, not an outage)."""
+
+
+class Sink:
+    """A fake store: optionally gated, slow, failing, or rejecting a poison record."""
+
+    def __init__(
+        self,
+        *,
+        fail_times: int = 0,
+        gate: asyncio.Event | None = None,
+        delay_s: float = 0.0,
+        poison: str | None = None,
+    ) -> None:
+        self.fail_times = fail_times
+        self.gate = gate
+        self.delay_s = delay_s
+        self.poison = poison
+        self.calls = 0
+        self.batches: list[int] = []
+        self.records: list[LogRecord] = []
+
+    async def insert_many(self, records: Sequence[LogRecord]) -> int:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_times != 0:
+            self.fail_times -= 1
+            raise ConnectionRefusedError("database down")
+        if self.poison is not None and any(r.request_id == self.poison for r in records):
+            raise BadRowError("bad row")
+        self.batches.append(len(records))
+        self.records.extend(records)
+        return len(records)
+
+    @staticmethod
+    def is_data_error(error: BaseException) -> bool:
+        return isinstance(error, BadRowError)
+
+
+def metric(m: Metrics, name: str, **labels: str) -> float:
+    value = m.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value

@@ -15,8 +15,7 @@ from gateway.promptlog.spool import Spool
 from gateway.promptlog.writer import BatchWriter
 from retort.db.store import PromptStore
 from tests import waits
-from tests.unit.gateway.promptlog.conftest import make_record
-from tests.unit.gateway.promptlog.test_writer import Sink, metric
+from tests.unit.gateway.promptlog.conftest import Sink, make_record, metric
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

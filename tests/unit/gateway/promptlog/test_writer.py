@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,58 +15,10 @@ from retort.db.record import LogRecord
 from retort.db.store import PromptStore
 from tests import waits
 from tests.services import service
-from tests.unit.gateway.promptlog.conftest import make_record
+from tests.unit.gateway.promptlog.conftest import Sink, make_record, metric
 from tests.waits import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-class BadRowError(Exception):
-    pass
-
-
-class Sink:
-    """A fake store: optionally gated, slow, failing, or rejecting a poison record."""
-
-    def __init__(
-        self,
-        *,
-        fail_times: int = 0,
-        gate: asyncio.Event | None = None,
-        delay_s: float = 0.0,
-        poison: str | None = None,
-    ) -> None:
-        self.fail_times = fail_times
-        self.gate = gate
-        self.delay_s = delay_s
-        self.poison = poison
-        self.calls = 0
-        self.batches: list[int] = []
-        self.records: list[LogRecord] = []
-
-    async def insert_many(self, records: Sequence[LogRecord]) -> int:
-        self.calls += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        if self.fail_times != 0:
-            self.fail_times -= 1
-            raise ConnectionRefusedError("database down")
-        if self.poison is not None and any(r.request_id == self.poison for r in records):
-            raise BadRowError("bad row")
-        self.batches.append(len(records))
-        self.records.extend(records)
-        return len(records)
-
-    @staticmethod
-    def is_data_error(error: BaseException) -> bool:
-        return isinstance(error, BadRowError)
-
-
-def metric(m: Metrics, name: str, **labels: str) -> float:
-    value = m.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 @pytest.fixture
