@@ -101,64 +101,32 @@ def _act(action: str, student: str, teacher: str | None, reason: str | None, **k
     typer.echo(_run(config, url, work))
 
 
-@rollout_app.command("start")
-def start(
-    student: str,
-    teacher: Teacher = None,
-    reason: Reason = None,
-    config: Config = None,
-    url: Url = None,
-) -> None:
-    """Start a rollout of STUDENT in shadow (or resume its paused one)."""
-    _act("start", student, teacher, reason, config=config, url=url)
+_ACTIONS = {
+    "start": "Start a rollout of STUDENT in shadow (or resume its paused one).",
+    "pause": "Keep the split where it is; the policy stops advancing it (it still rolls back).",
+    "resume": "Hand a paused rollout back to the policy.",
+    "promote": "Move to the next stage now.",
+    "rollback": "Send all of the teacher's traffic back to it, at once.",
+}
 
 
-@rollout_app.command("pause")
-def pause(
-    student: str,
-    teacher: Teacher = None,
-    reason: Reason = None,
-    config: Config = None,
-    url: Url = None,
-) -> None:
-    """Keep the split where it is; the policy stops advancing it (it still rolls back)."""
-    _act("pause", student, teacher, reason, config=config, url=url)
+def _action_command(action: str, doc: str) -> Callable[..., None]:
+    def command(
+        student: str,
+        teacher: Teacher = None,
+        reason: Reason = None,
+        config: Config = None,
+        url: Url = None,
+    ) -> None:
+        _act(action, student, teacher, reason, config=config, url=url)
+
+    command.__doc__ = doc
+    command.__name__ = action
+    return command
 
 
-@rollout_app.command("resume")
-def resume(
-    student: str,
-    teacher: Teacher = None,
-    reason: Reason = None,
-    config: Config = None,
-    url: Url = None,
-) -> None:
-    """Hand a paused rollout back to the policy."""
-    _act("resume", student, teacher, reason, config=config, url=url)
-
-
-@rollout_app.command("promote")
-def promote(
-    student: str,
-    teacher: Teacher = None,
-    reason: Reason = None,
-    config: Config = None,
-    url: Url = None,
-) -> None:
-    """Move to the next stage now."""
-    _act("promote", student, teacher, reason, config=config, url=url)
-
-
-@rollout_app.command("rollback")
-def rollback(
-    student: str,
-    teacher: Teacher = None,
-    reason: Reason = None,
-    config: Config = None,
-    url: Url = None,
-) -> None:
-    """Send all of the teacher's traffic back to it, at once."""
-    _act("rollback", student, teacher, reason, config=config, url=url)
+for _action, _doc in _ACTIONS.items():
+    rollout_app.command(_action)(_action_command(_action, _doc))
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
