@@ -19,6 +19,7 @@ from gateway.engines.base import (
     EngineDeadError,
     EngineError,
     EngineNotReadyError,
+    EngineOverloadedError,
     GenerateRequest,
     InvalidInputError,
     OutputConstraint,
@@ -41,7 +42,7 @@ log = logging.getLogger("retort.engine.vllm")
 try:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.exceptions import VLLMClientError
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError
     from vllm.inputs.engine import tokens_input
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -190,6 +191,11 @@ class VLLMEngine:
     def max_model_len(self) -> int:
         return self._max_len
 
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences vLLM's scheduler runs at once (the gateway admits no more)."""
+        return int(self._llm.vllm_config.scheduler_config.max_num_seqs)
+
     # ------------------------------------------------------------------ prompts
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
@@ -298,6 +304,8 @@ class VLLMEngine:
             raise
         except VLLMEngineDeadError as exc:
             raise EngineDeadError("the engine process died") from exc
+        except GracefulHTTPError as exc:  # vLLM's own admission (max_num_queued_reqs, ...)
+            raise EngineOverloadedError(exc.message) from exc
         except VLLMClientError as exc:
             param = getattr(exc, "parameter", None) or constraint_param
             raise InvalidInputError(str(exc), param=param) from exc
