@@ -24,6 +24,7 @@ by hand so that only a ``send`` that really waits arms that timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import types
@@ -192,6 +193,7 @@ async def write_events(
     frames = source.frames()
     buf: list[bytes] = []
     size = 0
+    suspended: Any = None
     try:
         try:
             next_frame = frames.__anext__
@@ -208,7 +210,9 @@ async def write_events(
                         watcher = asyncio.ensure_future(_wait_disconnect(receive))
                         watcher.add_done_callback(watch)
                     if buf:
+                        suspended = step  # mid-way while the ready frames go out
                         await _send(send, b"".join(buf), True, watch)
+                        suspended = None
                         buf.clear()
                         size = 0
                     try:
@@ -236,7 +240,7 @@ async def write_events(
         # Our own cancellation (the client left or stalled): nothing more to send.
         task.uncancel()
         if watch.stalled:
-            log.warning("a stream was cut: the client read nothing for %.0f s", stall_s)
+            log.warning("a stream was cut: the client read nothing for %g s", stall_s)
             source.disconnected(STALLED)
             if on_stall is not None:
                 on_stall()
@@ -247,9 +251,18 @@ async def write_events(
         if watcher is not None:
             watcher.cancel()
         try:
+            if suspended is not None:  # the send failed or stalled while it waited
+                _abandon(suspended)
             await frames.aclose()  # type: ignore[attr-defined]
         finally:
             await source.aclose()
+
+
+def _abandon(step: Any) -> None:
+    """End a ``__anext__`` that was started by hand and never resumed, so that the source
+    can be closed (an async generator mid-step refuses ``aclose``)."""
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        step.throw(asyncio.CancelledError())
 
 
 async def iterate_events(stream: SSEStream) -> AsyncIterator[bytes]:
