@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from gateway.errors import ConflictError, NotFoundError
+from gateway.errors import APIError, ConflictError, NotFoundError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -105,15 +105,23 @@ class StudentPool:
         from gateway.students import StudentError
 
         try:
-            entry = await asyncio.to_thread(self.registry.get, name)
+            # Every file checked against the manifest: a folder half-written or altered
+            # since its publish is refused with the file's name, not loaded.
+            entry = await asyncio.to_thread(self.registry.get, name, verify_hashes=True)
         except StudentError as exc:
             raise NotFoundError(str(exc), param="model", code="model_not_found") from exc
-        engine = await OnnxEngine.load(
-            entry.onnx_path,
-            model_name=name,
-            max_concurrency=self.settings.max_concurrency,
-            max_queue=self.settings.max_queue,
-        )
+        try:
+            engine = await OnnxEngine.load(
+                entry.onnx_path,
+                model_name=name,
+                max_concurrency=self.settings.max_concurrency,
+                max_queue=self.settings.max_queue,
+            )
+        except Exception as exc:
+            log.error("student %s failed to load: %s", name, exc)
+            raise APIError(
+                f"The student `{name}` cannot be loaded: {exc}", code="student_load_failed"
+            ) from exc
         self._engines[name] = engine
         log.info("student %s loaded from %s", name, entry.path)
         return engine
