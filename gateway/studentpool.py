@@ -82,11 +82,15 @@ class StudentPool:
         return self._engines.get(name)
 
     def registered(self, name: str) -> bool:
+        """A folder of that name is in the registry, valid or not: loading it says what is
+        wrong with it (a publish interrupted, a file changed) instead of "no such model"."""
+        from gateway.students import StudentError, check_name
+
         try:
-            self.registry.get(name)
-        except Exception:
+            check_name(name)
+        except StudentError:
             return False
-        return True
+        return (self.registry.root / name).is_dir()
 
     async def load(self, name: str) -> Engine:
         """Load ``name`` from the registry (single-flight); a loaded one is returned as is."""

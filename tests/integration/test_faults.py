@@ -177,7 +177,7 @@ def _stream_across(url: str, model: str, damage: Callable[[], None]) -> str:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         damage()
-        return "\n".join([first, *lines])
+        return "\n".join([first, *lines]).strip()
 
 
 def _completion(url: str, model: str) -> httpx.Response:
