@@ -297,6 +297,8 @@ class VLLMEngine:
                         lps = self._logprobs(o.logprobs, o.token_ids, s.logprobs)
                     finish = o.finish_reason
                     if finish == "abort":
+                        if self.dead():
+                            raise EngineDeadError("the engine process died")
                         raise EngineError("the request was aborted by the engine")
                     yield Chunk(o.index, o.text, n_prompt, produced[o.index], finish, lps)
         except (GeneratorExit, asyncio.CancelledError):
