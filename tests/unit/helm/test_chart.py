@@ -45,6 +45,9 @@ METRICS = {
     "retort_structured_output_failures_total",
     "retort_endpoint_requests_total",
     "retort_engine_start_seconds",
+    "retort_admission_rejected_total",
+    "retort_admission_waiting_sequences",
+    "retort_stream_stalls_total",
 }
 
 

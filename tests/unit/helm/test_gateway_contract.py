@@ -316,6 +316,9 @@ def _render_metrics() -> str:
     metrics.shadow_agreement("support-bot", "support-bot-student", 0.9)
     metrics.shadow_latency("support-bot", "support-bot-student", 0.2)
     metrics.structured_output_failed("base", "json_schema")
+    metrics.admission_rejected("full")
+    metrics.watch_admission(lambda: 3)
+    metrics.stream_stalled()
     return metrics.render().decode()
 
 
