@@ -117,6 +117,7 @@ def test_engine_death_fails_streams_logs_them_and_exits_nonzero(
             ids.append(out["request_id"])
 
         # Every stream's record was flushed before the exit, and says how it ended.
+        print(f"\nengine death: {STREAMS} streams, exit {code} after {took:.1f} s")  # the figure
         by_id = {r["request_id"]: r for r in _rows(srv.home)}
         for rid in ids:
             row = by_id.get(rid)
