@@ -266,6 +266,8 @@ class OverloadResult:
     ok_max_s: float = 0.0
     engine_waiting_max: float = 0.0
     """The engine's own queue (fake engine, like vLLM's) sampled during the run."""
+    gateway_waiting_max: float = 0.0
+    """Sequences waiting in the gateway for a place (``engine.max_queue`` bounds it)."""
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -280,7 +282,7 @@ async def _overload(gw: Server, rate: float, seconds: float, max_tokens: int) ->
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     res = OverloadResult(offered=0, ok=0, refused=0)
     ok_times: list[float] = []
-    waiting_max = 0.0
+    waiting_max = gateway_max = 0.0
     async with httpx.AsyncClient(base_url=gw.url, timeout=120, limits=limits) as client:
 
         async def one() -> None:
@@ -318,7 +320,9 @@ async def _overload(gw: Server, rate: float, seconds: float, max_tokens: int) ->
                 for line in r.text.splitlines():
                     if line.startswith("retort_engine_waiting_requests "):
                         waiting_max = max(waiting_max, float(line.split()[1]))
-                next_probe = now + 0.5
+                    elif line.startswith("retort_admission_waiting_sequences "):
+                        gateway_max = max(gateway_max, float(line.split()[1]))
+                next_probe = now + 0.2
             await asyncio.sleep(1 / rate)
         await asyncio.gather(*tasks)
     res.offered = i
@@ -326,6 +330,7 @@ async def _overload(gw: Server, rate: float, seconds: float, max_tokens: int) ->
     res.ok_p99_s = _pct(ok_times, 0.99)
     res.ok_max_s = max(ok_times, default=0.0)
     res.engine_waiting_max = waiting_max
+    res.gateway_waiting_max = gateway_max
     return res
 
 
