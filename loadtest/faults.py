@@ -164,7 +164,13 @@ class StallResult:
 
 async def _stalled(gw: Server, max_tokens: int, n: int, timeout_s: float) -> StallResult:
     before = gw.rss_bytes()[0]
-    body = {"model": FAKE_MODEL, "prompt": "go", "max_tokens": max_tokens, "stream": True}
+    body: dict[str, Any] = {
+        "model": FAKE_MODEL,
+        "prompt": "go",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "logprobs": 5,  # larger events: the socket buffers fill sooner
+    }
     if n > 1:
         body["n"] = n
     t0 = time.monotonic()
