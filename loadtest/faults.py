@@ -232,9 +232,11 @@ async def _idle(gw: Server, n: int) -> IdleResult:
                 *(open_stream(gw.url, body) for _ in range(min(100, n - start)))
             )
             writers.extend(w for _, w, _ in opened)
-        await asyncio.sleep(0.5)
+        running = 0.0
+        deadline = time.monotonic() + 30
+        while running < n and time.monotonic() < deadline:  # every one reached the engine
+            running = await asyncio.to_thread(engine_gauge, gw.url)
         rss_open = gw.rss_bytes()[0]
-        running = await asyncio.to_thread(engine_gauge, gw.url)
         t0 = time.perf_counter()
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
             r = await client.post(
