@@ -25,9 +25,10 @@ from prometheus_client import CollectorRegistry
 
 from gateway.adapters import AdapterManager
 from gateway.admin import ADMIN_HANDLERS, LORA_HANDLERS
+from gateway.admission import Admission
 from gateway.auth import Authenticator, build_rate_limiter
 from gateway.console import console_lifespan, console_router, template_config
-from gateway.engines.base import AdapterEngine, Engine
+from gateway.engines.base import AdapterEngine, BoundedEngine, Engine
 from gateway.errors import exception_handler
 from gateway.feedback import feedback
 from gateway.guards import admin_guard, api_guard
@@ -71,6 +72,7 @@ def build_engine(settings: Settings) -> Engine:
             model_name=settings.model.served_name or "fake-model",
             max_model_len=eng.max_model_len or 2048,
             token_delay_s=eng.fake_token_delay_s,
+            max_num_seqs=eng.max_num_seqs,
         )
     from gateway.engines.vllm import VLLMEngine
     from retort.models import resolve_model
@@ -101,6 +103,22 @@ def build_adapter_manager(settings: Settings, engine: Engine) -> AdapterManager:
         max_lora_rank=settings.engine.max_lora_rank,
     )
     return AdapterManager(engine, registry, max_loaded=settings.adapters.max_loaded)
+
+
+def build_admission(settings: Settings, engine: Engine, metrics: Metrics) -> Admission | None:
+    """The teacher engine's bounded queue (``engine.max_queue``, ``max_queue_wait_s``) over
+    its capacity (``max_num_seqs``); ``None`` for an engine without a bound."""
+    capacity = engine.max_num_seqs if isinstance(engine, BoundedEngine) else None
+    if capacity is None:
+        return None
+    admission = Admission(
+        capacity,
+        max_queue=settings.engine.max_queue,
+        max_wait_s=settings.engine.max_queue_wait_s,
+        on_reject=metrics.admission_rejected,
+    )
+    metrics.watch_admission(lambda: admission.waiting)
+    return admission
 
 
 def build_student_pool(settings: Settings) -> StudentPool:
@@ -294,6 +312,7 @@ def create_app(
                 loaded = await students.load_all()
                 if loaded:
                     log.info("students loaded: %s", ", ".join(loaded))
+            gw.admission = build_admission(settings, eng, app_metrics)
             gw.router = Router(
                 eng, aliases=(settings.model.path,), adapters=manager, students=students
             )

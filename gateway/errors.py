@@ -170,7 +170,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineNotReadyError):
         return ServiceUnavailableError(str(exc) or "The engine is not ready.")
     if isinstance(exc, EngineDeadError):
-        return APIError(f"The engine died: {exc}", code="engine_dead")
+        # 503: the replica cannot serve anymore (it exits); another one can.
+        return ServiceUnavailableError(f"The engine died: {exc}", code="engine_dead")
     if isinstance(exc, EngineError):
         return APIError(f"The engine failed: {exc}", code="engine_error")
     if isinstance(exc, InvalidInputError):

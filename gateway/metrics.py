@@ -375,6 +375,27 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.admission_rejected_total = Counter(
+            "admission_rejected",
+            "Requests refused with 503 + Retry-After because the engine was at capacity, by "
+            "reason (full: the wait queue was full; timeout: waited past engine.max_queue_wait_s).",
+            ("reason",),
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.admission_waiting_sequences = Gauge(
+            "admission_waiting_sequences",
+            "Sequences waiting in the gateway for a place in the engine (engine.max_queue).",
+            namespace=NAMESPACE,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.stream_stalls_total = Counter(
+            "stream_stalls",
+            "Streams cut because the client read nothing for server.stream_stall_s.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self._dropped = {
             reason: self.promptlog_dropped_total.labels(reason) for reason in DROP_REASONS
         }
@@ -534,6 +555,16 @@ class Metrics:
 
     def set_engine_start(self, seconds: float) -> None:
         self.engine_start_seconds.set(seconds)
+
+    def admission_rejected(self, reason: str) -> None:
+        self.admission_rejected_total.labels(reason).inc()
+
+    def watch_admission(self, waiting: Callable[[], int]) -> None:
+        """Read the waiting sequences from ``waiting`` at each scrape."""
+        self.admission_waiting_sequences.set_function(waiting)
+
+    def stream_stalled(self) -> None:
+        self.stream_stalls_total.inc()
 
     def set_engine_stats(self, stats: EngineStats) -> None:
         self.engine_running_requests.set(stats.running)

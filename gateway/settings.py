@@ -41,6 +41,10 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """uvicorn log level."""
     access_log: bool = False
     """uvicorn access log (costs throughput)."""
+    stream_stall_s: float = 30.0
+    """A streaming client that reads nothing for this long (the socket's buffers full) has
+    its stream cut and its engine request aborted; until then backpressure holds the
+    engine's output. ``0`` never cuts."""
 
 
 class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -57,6 +61,13 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cpu_kv_cache_space_gb: float | None = 2.0
     """KV-cache space on the CPU backend (VLLM_CPU_KVCACHE_SPACE), in GiB."""
     max_num_seqs: int | None = None
+    """Sequences the engine runs at once; ``null``: vLLM's default (unbounded for ``fake``).
+    The gateway admits at most this many to the engine (see ``max_queue``)."""
+    max_queue: int = 256
+    """Sequences that may wait in the gateway for a place beyond ``max_num_seqs``; more get
+    503 with ``Retry-After`` at once (students: ``students.max_queue``)."""
+    max_queue_wait_s: float = 30.0
+    """How long a request may wait for a place; then 503 with ``Retry-After``."""
     seed: int = 0
     enable_lora: bool = True
     """Serve LoRA adapters (hot-loaded at run time). Off, adapter requests get 503

@@ -12,6 +12,7 @@ from gateway.pricing import Pricer
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from gateway.admission import Admission
     from gateway.metrics import Metrics
     from gateway.promptlog import PromptLog
     from gateway.rollout.service import RolloutService
@@ -52,6 +53,8 @@ class Gateway:
         self.rollouts: RolloutService | None = None
         """Staged rollouts (``rollout:``), once the log is open."""
         """The prompt log; ``None`` until the lifespan has opened it."""
+        self.admission: Admission | None = None
+        """The teacher engine's bounded queue (``engine.max_queue``); ``None``: unbounded."""
         self.started_at = int(time.time())
         self.draining = False
         """Set on SIGTERM or shutdown: /ready turns 503 and new requests get 503."""

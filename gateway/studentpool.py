@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from gateway.errors import ConflictError, NotFoundError
+from gateway.errors import APIError, ConflictError, NotFoundError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -86,11 +86,15 @@ class StudentPool:
         return self._engines.get(name)
 
     def registered(self, name: str) -> bool:
+        """A folder of that name is in the registry, valid or not: loading it says what is
+        wrong with it (a publish interrupted, a file changed) instead of "no such model"."""
+        from gateway.students import StudentError, check_name
+
         try:
-            self.registry.get(name)
-        except Exception:
+            check_name(name)
+        except StudentError:
             return False
-        return True
+        return (self.registry.root / name).is_dir()
 
     async def load(self, name: str) -> Engine:
         """Load ``name`` from the registry (single-flight); a loaded one is returned as is."""
@@ -109,15 +113,23 @@ class StudentPool:
         from gateway.students import StudentError
 
         try:
-            entry = await asyncio.to_thread(self.registry.get, name)
+            # Every file checked against the manifest: a folder half-written or altered
+            # since its publish is refused with the file's name, not loaded.
+            entry = await asyncio.to_thread(self.registry.get, name, verify_hashes=True)
         except StudentError as exc:
             raise NotFoundError(str(exc), param="model", code="model_not_found") from exc
-        engine = await OnnxEngine.load(
-            entry.onnx_path,
-            model_name=name,
-            max_concurrency=self.settings.max_concurrency,
-            max_queue=self.settings.max_queue,
-        )
+        try:
+            engine = await OnnxEngine.load(
+                entry.onnx_path,
+                model_name=name,
+                max_concurrency=self.settings.max_concurrency,
+                max_queue=self.settings.max_queue,
+            )
+        except Exception as exc:
+            log.error("student %s failed to load: %s", name, exc)
+            raise APIError(
+                f"The student `{name}` cannot be loaded: {exc}", code="student_load_failed"
+            ) from exc
         self._engines[name] = engine
         log.info("student %s loaded from %s", name, entry.path)
         return engine

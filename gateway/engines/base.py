@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "AdapterEngine",
+    "BoundedEngine",
     "Chunk",
     "Engine",
     "EngineDeadError",
@@ -221,4 +222,15 @@ class AdapterEngine(Engine, Protocol):
 
     def adapters(self) -> list[str]:
         """Names of the adapters loaded now."""
+        ...
+
+
+@runtime_checkable
+class BoundedEngine(Protocol):
+    """The capacity capability: how many sequences the engine runs at once (vLLM's
+    ``max_num_seqs``); the gateway admits no more (:mod:`gateway.admission`)."""
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        """``None``: no bound."""
         ...

@@ -2,7 +2,10 @@
 
 It "tokenizes" on whitespace and answers with a fixed sentence, cycled up to the budget.
 It honours ``n``, ``max_tokens``, ``stop``, ``logprobs`` and the context length, so the
-gateway's protocol paths can be exercised without a model. Never used to serve users.
+gateway's protocol paths can be exercised without a model. Like vLLM it runs at most
+``max_num_seqs`` sequences at once (more wait, unbounded, in its queue), reports its running
+and waiting requests, and sends the first token at once, then one every ``token_delay_s``.
+Never used to serve users.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from gateway.engines.base import (
     TokenLogprob,
     refuse_unsupported,
 )
+from gateway.metrics import EngineStats
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -35,6 +39,7 @@ class FakeEngine(ServedModel):
         max_model_len: int = 2048,
         token_delay_s: float = 0.0,
         default_max_tokens: int = 16,
+        max_num_seqs: int | None = None,
     ) -> None:
         self._name = model_name
         self._max_len = max_model_len
@@ -43,6 +48,20 @@ class FakeEngine(ServedModel):
         self._adapters: dict[str, str] = {}
         self._dead = False
         self.aborted: list[str] = []
+        self._max_seqs = max_num_seqs
+        self._slots = asyncio.Semaphore(max_num_seqs) if max_num_seqs is not None else None
+        self.running = 0
+        """Requests generating now."""
+        self.waiting = 0
+        """Requests waiting for a place (past ``max_num_seqs``)."""
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        """Sequences run at once; ``None``: no bound."""
+        return self._max_seqs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self.running, waiting=self.waiting, kv_cache_usage=0.0)
 
     def kill(self) -> None:
         """Simulate the engine process dying."""
@@ -70,9 +89,22 @@ class FakeEngine(ServedModel):
         if s.max_tokens is None:
             budget = min(budget, self._default_max)
         done = [False] * s.n
+        slots = self._slots
+        taken = 0
+        running = False
         try:
+            if slots is not None:
+                self.waiting += 1
+                try:
+                    for _ in range(min(s.n, self._max_seqs or 1)):
+                        await slots.acquire()
+                        taken += 1
+                finally:
+                    self.waiting -= 1
+            self.running += 1
+            running = True
             for step in range(budget):
-                if self._delay:
+                if self._delay and step:
                     await asyncio.sleep(self._delay)
                 if self._dead:
                     raise EngineDeadError("engine died mid-request")
@@ -97,6 +129,12 @@ class FakeEngine(ServedModel):
         except (GeneratorExit, asyncio.CancelledError):
             self.aborted.append(request.request_id)
             raise
+        finally:
+            if running:
+                self.running -= 1
+            if slots is not None:
+                for _ in range(taken):
+                    slots.release()
 
     async def load_adapter(self, name: str, path: str) -> None:
         self._adapters[name] = path

@@ -19,6 +19,7 @@ from gateway.engines.base import (
     EngineDeadError,
     EngineError,
     EngineNotReadyError,
+    EngineOverloadedError,
     GenerateRequest,
     InvalidInputError,
     OutputConstraint,
@@ -42,7 +43,7 @@ log = logging.getLogger("retort.engine.vllm")
 try:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.exceptions import VLLMClientError
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError
     from vllm.inputs.engine import tokens_input
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -183,6 +184,11 @@ class VLLMEngine(ServedModel):
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
         return cls(llm, served_name, holder[0] if holder else None)
 
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences vLLM's scheduler runs at once (the gateway admits no more)."""
+        return int(self._llm.vllm_config.scheduler_config.max_num_seqs)
+
     # ------------------------------------------------------------------ prompts
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
@@ -284,6 +290,8 @@ class VLLMEngine(ServedModel):
                         lps = self._logprobs(o.logprobs, o.token_ids, s.logprobs)
                     finish = o.finish_reason
                     if finish == "abort":
+                        if self.dead():
+                            raise EngineDeadError("the engine process died")
                         raise EngineError("the request was aborted by the engine")
                     yield Chunk(o.index, o.text, n_prompt, produced[o.index], finish, lps)
         except (GeneratorExit, asyncio.CancelledError):
@@ -291,6 +299,8 @@ class VLLMEngine(ServedModel):
             raise
         except VLLMEngineDeadError as exc:
             raise EngineDeadError("the engine process died") from exc
+        except GracefulHTTPError as exc:  # vLLM's own admission (max_num_queued_reqs, ...)
+            raise EngineOverloadedError(exc.message) from exc
         except VLLMClientError as exc:
             param = getattr(exc, "parameter", None) or constraint_param
             raise InvalidInputError(str(exc), param=param) from exc

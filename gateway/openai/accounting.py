@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from litestar import Request
 
+    from gateway.admission import Admission
     from gateway.auth import KeyInfo, LimitLease
     from gateway.engines.base import Chunk, Sampling
     from gateway.openai.protocol import SamplingFields
@@ -217,6 +218,8 @@ class Started:
     error: str | None = None
     cost_usd: float = 0.0
     """Set when the generation is closed (the ``x-retort-cost-usd`` header)."""
+    admission: Admission | None = None
+    """The engine places this generation holds (``sampling.n``), given back when closed."""
     _closed: bool = False
 
     async def chunks(self) -> AsyncIterator[Chunk]:
@@ -241,11 +244,11 @@ class Started:
             if c.finish_reason is not None:
                 self.finish_reason = c.finish_reason
 
-    def aborted(self) -> None:
-        """The client went away before the end."""
+    def aborted(self, reason: str | None = None) -> None:
+        """The client went away (or stopped reading: ``reason``) before the end."""
         if not self.failed:
             self.failed = True
-            self.error = "the client disconnected before the end"
+            self.error = reason or "the client disconnected before the end"
 
     async def aclose(self) -> None:
         """Abort the engine request if unfinished, then account for it: metrics, cost,
@@ -303,6 +306,8 @@ class Started:
                         shadowable=plain_sampling(self.sampling) and "tools" not in record.params,
                     )
             finally:
+                if self.admission is not None:
+                    self.admission.leave(self.sampling.n)
                 route.lease.release()
                 gw.request_finished()
                 await self.limit.release(self.prompt_tokens + completion_tokens)

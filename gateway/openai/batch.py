@@ -102,9 +102,9 @@ class StartedBatch:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    def aborted(self) -> None:
+    def aborted(self, reason: str | None = None) -> None:
         for p in self.parts:
-            p.aborted()
+            p.aborted(reason)
 
     async def aclose(self) -> None:
         await self._stop()

@@ -42,6 +42,7 @@ from gateway.openai.sse import DONE, SSEStream, sse, sse_error
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
+    from gateway.admission import Admission
     from gateway.openai.protocol import Usage
     from gateway.routing import Route
     from gateway.state import Gateway
@@ -86,12 +87,16 @@ async def start(
     gw.request_started()
     route: Route | None = None
     it: AsyncIterator[Chunk] | None = None
+    admission: Admission | None = None
     try:
         # Requests a student cannot honour stay on the engine: a traffic split never
         # sends them to a student.
         route = await routes.resolve(model, split=plain_sampling(sampling))
         if not route.engine.ready():
             raise ServiceUnavailableError("The engine is not ready.")
+        if route.served_by == "engine" and gw.admission is not None:
+            await gw.admission.enter(sampling.n)  # 503 + Retry-After past a bounded wait
+            admission = gw.admission
         engine_id = info.request_id if info.id_generated else uuid.uuid4().hex
         req = GenerateRequest(
             request_id=engine_id,
@@ -118,6 +123,8 @@ async def start(
                 if aclose is not None:
                     await aclose()
         finally:
+            if admission is not None:
+                admission.leave(sampling.n)
             if route is not None:
                 route.lease.release()
                 if isinstance(exc, Exception):
@@ -143,6 +150,7 @@ async def start(
         limit=limit,
         model=base,
         texts=[] if info.capture else None,
+        admission=admission,
     )
 
 
@@ -173,7 +181,7 @@ class Generation(Protocol):
 
     def chunks(self) -> AsyncIterator[Chunk]: ...
 
-    def aborted(self) -> None: ...
+    def aborted(self, reason: str | None = None) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -244,8 +252,8 @@ class GenerationEvents:
     def failed(self, exc: Exception) -> None:
         self.started.failed = True
 
-    def disconnected(self) -> None:
-        self.started.aborted()
+    def disconnected(self, reason: str | None = None) -> None:
+        self.started.aborted(reason)
 
     async def aclose(self) -> None:
         await self.started.aclose()

@@ -13,12 +13,20 @@ to be coalesced. A failure mid-stream becomes an SSE ``error`` event, then ``[DO
 Once the source has to wait, a task watches ``receive`` for ``http.disconnect`` and cancels
 the writer, which closes the source at once (so the engine aborts the request) instead of
 at the next token. A stream whose frames are all ready at once never needs that task.
+
+A client that stops reading fills the socket's buffers; the server's ``send`` then waits
+(backpressure: no more frames are pulled from the source, so nothing piles up here). When
+one ``send`` waits longer than ``stall_s`` (``server.stream_stall_s``), the stream is cut
+like a disconnect: the source is closed and the engine request aborted. ``send`` is driven
+by hand so that only a ``send`` that really waits arms that timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import types
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,7 +37,7 @@ from gateway.errors import to_api_error
 from gateway.openai.protocol import ErrorBody, ErrorResponse, encode
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Generator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 
     from litestar import Request
     from litestar.types import HTTPResponseBodyEvent, Receive, Send
@@ -49,6 +57,7 @@ DONE = b"data: [DONE]\n\n"
 MAX_WRITE_BYTES = 64 * 1024
 """Frames ready together are coalesced into one write up to about this many bytes."""
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+log = logging.getLogger("retort.sse")
 
 
 def sse(obj: Any) -> bytes:
@@ -76,8 +85,8 @@ class SSESource(Protocol):
         """``frames`` raised ``exc``; an error event and ``[DONE]`` end the stream."""
         ...
 
-    def disconnected(self) -> None:
-        """The client went away before the end."""
+    def disconnected(self, reason: str | None = None) -> None:
+        """The client went away (or stopped reading: ``reason``) before the end."""
         ...
 
     async def aclose(self) -> None:
@@ -104,15 +113,25 @@ def _resume(step: Any, yielded: Any) -> Generator[Any, Any, bytes]:
                 return stop.value  # type: ignore[no-any-return]
 
 
+STALLED = "the client stopped reading the stream (server.stream_stall_s); it was cut"
+
+
 class _Disconnect:
-    """Cancels the writer's task when ``receive`` reports that the client went away."""
+    """Cancels the writer's task when ``receive`` reports that the client went away, or
+    when a ``send`` has waited ``stall_s`` for a client that reads nothing."""
 
-    __slots__ = ("finished", "gone", "task")
+    __slots__ = ("finished", "gone", "stall_s", "stalled", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any], stall_s: float) -> None:
         self.task = task
+        self.stall_s = stall_s
         self.gone = False
+        self.stalled = False
         self.finished = False
+
+    def stall(self) -> None:  # armed only while a send waits
+        self.gone = self.stalled = True
+        self.task.cancel()
 
     def __call__(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or self.finished:
@@ -133,6 +152,24 @@ def _body(data: bytes, more: bool) -> HTTPResponseBodyEvent:
     return {"type": "http.response.body", "body": data, "more_body": more}
 
 
+async def _send(send: Send, data: bytes, more: bool, watch: _Disconnect) -> None:
+    """``send`` one body message; if it has to wait (the client's buffers are full), cut
+    the stream after ``watch.stall_s``."""
+    step = send(_body(data, more))
+    try:
+        pending = step.send(None)  # type: ignore[attr-defined]
+    except StopIteration:
+        return
+    if watch.stall_s <= 0:
+        await _resume(step, pending)
+        return
+    timer = watch.task.get_loop().call_later(watch.stall_s, watch.stall)
+    try:
+        await _resume(step, pending)
+    finally:
+        timer.cancel()
+
+
 async def write_events(
     source: SSESource,
     send: Send,
@@ -140,19 +177,23 @@ async def write_events(
     *,
     max_write_bytes: int = MAX_WRITE_BYTES,
     done: bool = True,
+    stall_s: float = 0.0,
+    on_stall: Callable[[], None] | None = None,
 ) -> None:
     """Send ``source``'s frames, then ``[DONE]``, as ``http.response.body`` messages.
 
     ``done=False``: the source sends its own ``[DONE]`` (only after an error is one added).
-    The response start (status, headers) must already be sent.
+    ``stall_s`` > 0: a ``send`` that waits that long cuts the stream (``on_stall`` is
+    called). The response start (status, headers) must already be sent.
     """
     task = asyncio.current_task()
     assert task is not None  # ASGI apps always run in a task
-    watch = _Disconnect(task)
+    watch = _Disconnect(task, stall_s)
     watcher: asyncio.Future[bool] | None = None  # started at the first wait only
     frames = source.frames()
     buf: list[bytes] = []
     size = 0
+    suspended: Any = None
     try:
         try:
             next_frame = frames.__anext__
@@ -169,7 +210,9 @@ async def write_events(
                         watcher = asyncio.ensure_future(_wait_disconnect(receive))
                         watcher.add_done_callback(watch)
                     if buf:
-                        await send(_body(b"".join(buf), True))
+                        suspended = step  # mid-way while the ready frames go out
+                        await _send(send, b"".join(buf), True, watch)
+                        suspended = None
                         buf.clear()
                         size = 0
                     try:
@@ -179,7 +222,7 @@ async def write_events(
                 buf.append(frame)
                 size += len(frame)
                 if size >= max_write_bytes:
-                    await send(_body(b"".join(buf), True))
+                    await _send(send, b"".join(buf), True, watch)
                     buf.clear()
                     size = 0
         except Exception as exc:  # after the first frame: an error event, then [DONE]
@@ -189,21 +232,37 @@ async def write_events(
         if done:
             buf.append(DONE)
         watch.finished = True
-        await send(_body(b"".join(buf), False))
+        await _send(send, b"".join(buf), False, watch)
     except asyncio.CancelledError:
-        source.disconnected()
         if not watch.gone:
+            source.disconnected()
             raise
-        # Our own cancellation (the client left): nothing more to send; close quietly.
+        # Our own cancellation (the client left or stalled): nothing more to send.
         task.uncancel()
+        if watch.stalled:
+            log.warning("a stream was cut: the client read nothing for %g s", stall_s)
+            source.disconnected(STALLED)
+            if on_stall is not None:
+                on_stall()
+        else:
+            source.disconnected()
     finally:
         watch.finished = True
         if watcher is not None:
             watcher.cancel()
         try:
+            if suspended is not None:  # the send failed or stalled while it waited
+                _abandon(suspended)
             await frames.aclose()  # type: ignore[attr-defined]
         finally:
             await source.aclose()
+
+
+def _abandon(step: Any) -> None:
+    """End a ``__anext__`` that was started by hand and never resumed, so that the source
+    can be closed (an async generator mid-step refuses ``aclose``)."""
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        step.throw(asyncio.CancelledError())
 
 
 async def iterate_events(stream: SSEStream) -> AsyncIterator[bytes]:
@@ -248,7 +307,7 @@ class _IteratorSource:
     def failed(self, exc: Exception) -> None:
         return None
 
-    def disconnected(self) -> None:
+    def disconnected(self, reason: str | None = None) -> None:
         return None
 
     async def aclose(self) -> None:
@@ -258,13 +317,22 @@ class _IteratorSource:
 
 
 class _ASGISSEResponse(ASGIResponse):
-    __slots__ = ("done", "source")
+    __slots__ = ("done", "on_stall", "source", "stall_s")
 
-    def __init__(self, source: SSESource, done: bool, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        source: SSESource,
+        done: bool,
+        stall_s: float,
+        on_stall: Callable[[], None] | None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         del self.headers["content-length"]  # a stream: chunked transfer encoding
         self.source = source
         self.done = done
+        self.stall_s = stall_s
+        self.on_stall = on_stall
 
     async def start_response(self, send: Send) -> None:
         try:
@@ -274,7 +342,25 @@ class _ASGISSEResponse(ASGIResponse):
             raise
 
     async def send_body(self, send: Send, receive: Receive) -> None:
-        await write_events(self.source, send, receive, done=self.done)
+        await write_events(
+            self.source,
+            send,
+            receive,
+            done=self.done,
+            stall_s=self.stall_s,
+            on_stall=self.on_stall,
+        )
+
+
+def _stall_policy(
+    request: Request[Any, Any, Any] | None,
+) -> tuple[float, Callable[[], None] | None]:
+    """``server.stream_stall_s`` and the stall counter of the app serving ``request``."""
+    gw = request.app.state.get("gateway") if request is not None else None
+    if gw is None:
+        return 0.0, None
+    metrics = gw.metrics
+    return gw.settings.server.stream_stall_s, metrics.stream_stalled if metrics else None
 
 
 class SSEStream(Response[bytes]):
@@ -301,9 +387,12 @@ class SSEStream(Response[bytes]):
     ) -> ASGIResponse:
         headers = kwargs.get("headers")
         merged = {**headers, **self.headers} if headers else self.headers
+        stall_s, on_stall = _stall_policy(request)
         return _ASGISSEResponse(
             self.source,
             self.done,
+            stall_s,
+            on_stall,
             background=self.background or kwargs.get("background"),
             cookies=itertools.chain(self.cookies, kwargs.get("cookies") or ()),
             headers=merged,

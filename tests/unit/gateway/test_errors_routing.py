@@ -27,7 +27,7 @@ def test_msgspec_errors_name_the_param() -> None:
         (ModelNotFoundError("x"), 404, "model_not_found"),
         (InvalidInputError("bad ids", param="prompt"), 400, None),
         (PromptError("batch"), 400, None),
-        (EngineDeadError("gone"), 500, "engine_dead"),
+        (EngineDeadError("gone"), 503, "engine_dead"),
         (EngineError("oom"), 500, "engine_error"),
         (RuntimeError("secret internals"), 500, "internal_error"),
     ],

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.engines.base import EngineError, GenerateRequest, Sampling
 from gateway.engines.fake import FakeEngine
-from gateway.openai.sse import DONE, sse, sse_error, write_events
+from gateway.openai.sse import DONE, STALLED, sse, sse_error, write_events
 
 
 class Source:
@@ -21,6 +21,7 @@ class Source:
         self._frames = frames
         self.failures: list[Exception] = []
         self.gone = 0
+        self.reasons: list[str | None] = []
         self.closed = 0
 
     def frames(self) -> AsyncIterator[bytes]:
@@ -29,8 +30,9 @@ class Source:
     def failed(self, exc: Exception) -> None:
         self.failures.append(exc)
 
-    def disconnected(self) -> None:
+    def disconnected(self, reason: str | None = None) -> None:
         self.gone += 1
+        self.reasons.append(reason)
 
     async def aclose(self) -> None:
         self.closed += 1
@@ -232,3 +234,52 @@ async def test_a_plain_iterator_of_frames_keeps_its_own_done_and_is_closed() -> 
     assert b"content-length" not in headers
     assert client.events() == [{"i": 0}, "[DONE]"]  # one [DONE], the iterator's
     assert closed == [True]
+
+
+class StuckClient(Client):
+    """A client that stops reading after ``reads`` messages: later sends wait (as the
+    server's ``send`` does once the socket's buffers are full)."""
+
+    def __init__(self, reads: int) -> None:
+        super().__init__()
+        self.reads = reads
+
+    async def send(self, message: Any) -> None:
+        if len(self.messages) >= self.reads:
+            await asyncio.Event().wait()  # never resumes
+        await super().send(message)
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_stall() -> None:
+    engine = FakeEngine("fake-model", 10_000, token_delay_s=0.01)
+    request = GenerateRequest("req-stuck", prompt="hi", sampling=Sampling(max_tokens=5000))
+
+    async def frames() -> AsyncIterator[bytes]:
+        async for c in engine.generate(request):
+            yield sse({"text": c.text})
+
+    client, source = StuckClient(reads=2), Source(frames())
+    stalls: list[int] = []
+    await asyncio.wait_for(
+        write_events(
+            source, client.send, client.receive, stall_s=0.2, on_stall=lambda: stalls.append(1)
+        ),
+        5,
+    )
+    assert engine.aborted == ["req-stuck"]  # the engine request was aborted
+    assert engine.running == 0
+    assert (source.gone, source.closed, source.reasons) == (1, 1, [STALLED])
+    assert stalls == [1]
+    assert len(client.messages) == 2
+
+
+async def test_a_slow_send_that_completes_is_not_a_stall() -> None:
+    class SlowClient(Client):
+        async def send(self, message: Any) -> None:
+            await asyncio.sleep(0.05)  # waits, but well within the stall bound
+            await super().send(message)
+
+    client, source = SlowClient(), Source(ready_frames(3))
+    await write_events(source, client.send, client.receive, stall_s=1.0, max_write_bytes=1)
+    assert client.events() == [{"i": 0}, {"i": 1}, {"i": 2}, "[DONE]"]
+    assert (source.gone, source.closed) == (0, 1)

@@ -54,6 +54,9 @@ METRICS = {
     "retort_rollout_agreement_ratio",
     "retort_rollout_projected_saving_ratio",
     "retort_rollout_decisions_total",
+    "retort_admission_rejected_total",
+    "retort_admission_waiting_sequences",
+    "retort_stream_stalls_total",
 }
 
 

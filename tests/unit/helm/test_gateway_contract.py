@@ -323,6 +323,9 @@ def _render_metrics() -> str:
     metrics.rollout_state("support-bot", "support-bot-student", 1, 0.05)
     metrics.rollout_figures("support-bot", "support-bot-student", 0.95, 0.04)
     metrics.rollout_decision("support-bot", "support-bot-student", "advance")
+    metrics.admission_rejected("full")
+    metrics.watch_admission(lambda: 3)
+    metrics.stream_stalled()
     return metrics.render().decode()
 
 
