@@ -26,7 +26,8 @@ from prometheus_client import CollectorRegistry
 from gateway.adapters import AdapterManager
 from gateway.admin import ADMIN_HANDLERS, LORA_HANDLERS
 from gateway.admission import Admission
-from gateway.auth import Authenticator, build_rate_limiter
+from gateway.auth.keys import Authenticator
+from gateway.auth.limits import build_rate_limiter
 from gateway.console import console_lifespan, console_router, template_config
 from gateway.engines.base import AdapterEngine, BoundedEngine, Engine
 from gateway.errors import exception_handler

@@ -186,7 +186,7 @@ def keys_generate(
     admin: Annotated[bool, typer.Option(help="May call /admin and load adapters.")] = False,
 ) -> None:
     """Make a new random key; print it once, with the config entry that accepts it."""
-    from gateway.auth import generate_key
+    from gateway.auth.keys import generate_key
 
     key, digest = generate_key()
     typer.echo(f"key: {key}")
@@ -201,7 +201,7 @@ def keys_hash(
     ] = None,
 ) -> None:
     """Print the sha256 that ``auth.api_keys[].sha256`` wants for KEY."""
-    from gateway.auth import hash_key
+    from gateway.auth.keys import hash_key
 
     if key is None:
         key = sys.stdin.readline().strip()

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.auth import AuthSettings, LimitsSettings
+from gateway.auth.keys import AuthSettings
+from gateway.auth.limits import LimitsSettings
 from gateway.metrics import MetricsSettings
 from gateway.pricing import PricingSettings
 from gateway.promptlog.settings import PromptLogSettings

@@ -6,7 +6,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from gateway.auth import Authenticator, RateLimiter
+from gateway.auth.keys import Authenticator
+from gateway.auth.limits import RateLimiter
 from gateway.pricing import Pricer
 
 if TYPE_CHECKING:

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from litestar import Request
 
     from gateway.admission import Admission
-    from gateway.auth import KeyInfo, LimitLease
+    from gateway.auth.keys import KeyInfo
+    from gateway.auth.limits import LimitLease
     from gateway.engines.base import Chunk, Sampling
     from gateway.openai.protocol import SamplingFields
     from gateway.routing import Route

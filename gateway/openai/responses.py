@@ -48,7 +48,7 @@ from gateway.state import Gateway
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from gateway.auth import KeyInfo
+    from gateway.auth.keys import KeyInfo
     from gateway.promptlog.responses import ResponseStore
 
 __all__ = ["RESPONSE_HANDLERS", "create_response", "delete_response", "get_response"]

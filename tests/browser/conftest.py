@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.auth import hash_key
+from gateway.auth.keys import hash_key
 from loadtest.servers import Gateway, fake_gateway_config, start_gateway
 from tests.browser.seed import SEED_ADAPTER, seed_adapter, seed_log, seed_student
 

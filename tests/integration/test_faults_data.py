@@ -27,7 +27,7 @@ import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.auth import hash_key
+from gateway.auth.keys import hash_key
 from loadtest.servers import (
     Redis,
     Server,

@@ -12,23 +12,25 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.auth import (
+from gateway.auth.keys import (
     APIKey,
     AuthenticationError,
     Authenticator,
     AuthSettings,
-    KeyLimits,
-    LimiterUnavailableError,
-    LimitsSettings,
-    MemoryRateLimiter,
     PermissionDeniedError,
-    RateLimitedError,
-    RedisRateLimiter,
-    build_rate_limiter,
     generate_key,
     hash_key,
     is_loopback,
 )
+from gateway.auth.limits import (
+    KeyLimits,
+    LimiterUnavailableError,
+    LimitsSettings,
+    MemoryRateLimiter,
+    RateLimitedError,
+    build_rate_limiter,
+)
+from gateway.auth.redis_limits import RedisRateLimiter
 from gateway.errors import APIError, error_response, to_api_error
 from loadtest.servers import free_port, redis_server
 from tests import waits
@@ -276,7 +278,8 @@ async def test_redis_lease_ttl_frees_a_crashed_replicas_slot(redis_url: str) -> 
 
 OTHER_PROCESS = """
 import asyncio, sys
-from gateway.auth import KeyLimits, LimitsSettings, RateLimitedError, RedisRateLimiter
+from gateway.auth.limits import KeyLimits, LimitsSettings, RateLimitedError
+from gateway.auth.redis_limits import RedisRateLimiter
 
 async def main():
     lim = RedisRateLimiter(LimitsSettings(redis_url=sys.argv[1], key_prefix="t4"),

@@ -22,7 +22,7 @@ import pytest
 from litestar.testing import TestClient
 
 from gateway.app import create_app
-from gateway.auth import APIKey, AuthSettings, hash_key
+from gateway.auth.keys import APIKey, AuthSettings, hash_key
 from gateway.engines.fake import FakeEngine
 from gateway.promptlog import PromptLogSettings
 from gateway.settings import EngineSettings, Settings

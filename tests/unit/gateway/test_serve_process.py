@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.auth import hash_key
+from gateway.auth.keys import hash_key
 from loadtest.servers import FAKE_MODEL, Gateway, fake_gateway_config, redis_server, start_gateway
 from retort.db.filters import RowFilter
 from retort.db.store import PromptStore

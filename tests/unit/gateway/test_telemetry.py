@@ -13,7 +13,8 @@ import pytest
 from litestar.testing import TestClient
 
 from gateway.app import create_app
-from gateway.auth import APIKey, AuthSettings, LimitsSettings, hash_key
+from gateway.auth.keys import APIKey, AuthSettings, hash_key
+from gateway.auth.limits import LimitsSettings
 from gateway.engines.fake import FakeEngine
 from gateway.pricing import ModelPrice, PricingSettings
 from gateway.promptlog import PromptLogSettings

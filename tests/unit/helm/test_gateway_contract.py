@@ -31,7 +31,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.auth import Authenticator, RedisRateLimiter, build_rate_limiter
+from gateway.auth.keys import Authenticator
+from gateway.auth.limits import build_rate_limiter
+from gateway.auth.redis_limits import RedisRateLimiter
 from gateway.metrics import DROP_REASONS, EngineStats, Metrics
 from gateway.pricing import Pricer
 from gateway.settings import Settings, load_settings
@@ -222,7 +224,7 @@ def test_every_settings_section_is_configurable_and_checked() -> None:
         managed = {f for s, f in CHART_MANAGED if s == section}
         assert set(node["properties"]) == fields - managed, f"config.{section}"
     defs = schema["definitions"]
-    from gateway.auth import APIKey
+    from gateway.auth.keys import APIKey
     from gateway.pricing import ModelPrice
     from gateway.studentpool import TrafficSplit
 
