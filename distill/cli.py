@@ -70,7 +70,7 @@ def _config(
 
 def _run(
     until: str, out: Path, cfg: Any, *, quiet: bool, force: bool = False, record: bool = False
-) -> dict[str, Any]:
+) -> Any:
     from distill.dataset import DatasetError
     from distill.pipeline import run
 
@@ -93,11 +93,10 @@ def _silence() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _summary(report: dict[str, Any]) -> str:
-    from distill.pipeline import REPORT_KEYS
+def _summary(report: Any) -> str:
+    from distill.results import summary
 
-    keys = (*REPORT_KEYS, "published", "total_seconds")
-    return json.dumps({k: report[k] for k in keys if k in report}, indent=2)
+    return json.dumps(summary(report), indent=2)
 
 
 def _stage_command(stage: str, doc: str) -> None:
@@ -116,11 +115,13 @@ def _stage_command(stage: str, doc: str) -> None:
             config, adapter, student_layers, max_steps, precision, stage == "publish", url, home
         )
         report = _run(stage, out, cfg, quiet=quiet)
-        typer.echo(
-            _summary(report)
-            if stage in ("eval", "publish")
-            else json.dumps(report.get(_RESULT_KEY[stage], {}), indent=2, default=str)
-        )
+        if stage in ("eval", "publish"):
+            typer.echo(_summary(report))
+        else:
+            import msgspec
+
+            result = getattr(report, _RESULT_KEY[stage])
+            typer.echo(msgspec.json.format(msgspec.json.encode(result), indent=2).decode())
 
     command.__doc__ = doc
     distill_app.command(stage)(command)
@@ -132,7 +133,6 @@ _RESULT_KEY = {
     "train": "train",
     "export": "export",
     "eval": "eval",
-    "publish": "gate",
 }
 
 
@@ -153,8 +153,10 @@ def run_command(
     """Run the whole pipeline into OUT; writes OUT/report.json (and .md, .png)."""
     cfg = _config(config, adapter, student_layers, max_steps, precision, publish, url, home)
     report = _run("publish", out, cfg, quiet=quiet, force=force, record=True)
-    if report.get("skipped"):
-        typer.echo(f"no new data since run {report['previous_run']}: nothing to do")
+    from distill.results import Skipped
+
+    if isinstance(report, Skipped):
+        typer.echo(f"no new data since run {report.previous_run}: nothing to do")
         return
     typer.echo(_summary(report))
 

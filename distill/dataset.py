@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import DatasetConfig
+from distill.results import DatasetResult, Watermark
 from distill.stages import stage_done, write_stage
 
 if TYPE_CHECKING:
@@ -188,17 +189,16 @@ async def select_rows(
     return await store.query(**filters(config, adapter, now=now), limit=config.limit)
 
 
-def watermark(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def watermark(rows: Sequence[dict[str, Any]]) -> Watermark:
     """What a run saw of the log: the latest ``created`` and how many rows matched."""
-    return {
-        "created": max((float(r["created"]) for r in rows), default=None),
-        "count": len(rows),
-    }
+    return Watermark(
+        created=max((float(r["created"]) for r in rows), default=None), count=len(rows)
+    )
 
 
 def build_dataset(
     rows: Sequence[dict[str, Any]], run_dir: Path, config: DatasetConfig
-) -> dict[str, Any]:
+) -> DatasetResult:
     """Dedupe, split and save ``run_dir/dataset/{train,eval}``; returns the stage result."""
     stage = run_dir / "dataset"
     inputs = {
@@ -206,7 +206,7 @@ def build_dataset(
         "watermark": watermark(rows),
         "ids": hashlib.sha256("\n".join(r["request_id"] for r in rows).encode()).hexdigest(),
     }
-    done = stage_done(stage, inputs)
+    done = stage_done(stage, inputs, DatasetResult)
     if done is not None:
         return done
     from datasets import Dataset, Features, List, Value
@@ -252,17 +252,17 @@ def build_dataset(
     models: dict[str, int] = {}
     for ex in kept:
         models[ex["model"]] = models.get(ex["model"], 0) + 1
-    result = {
-        "selected": len(rows),
-        "usable": len(examples),
-        "exact_duplicates": exact,
-        "near_duplicates": near,
-        "train": len(train),
-        "eval": len(evals),
-        "models": models,
-        "watermark": watermark(rows),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    result = DatasetResult(
+        selected=len(rows),
+        usable=len(examples),
+        exact_duplicates=exact,
+        near_duplicates=near,
+        train=len(train),
+        eval=len(evals),
+        models=models,
+        watermark=watermark(rows),
+        seconds=round(time.perf_counter() - t0, 3),
+    )
     write_stage(stage, inputs, result)
     return result
 
