@@ -52,7 +52,8 @@ def test_gate() -> None:
     assert failed.checks["rouge_l"].passed
     none = GateConfig(min_agreement=None, min_rouge_l=None, min_speedup=None, max_param_ratio=None)
     result = gate(_summary(), none)
-    assert result.passed and result.checks == {}
+    assert result.passed
+    assert result.checks == {}
     assert not gate(_summary(speedup=None), GateConfig(min_speedup=1.0)).passed
 
 
@@ -60,8 +61,9 @@ def test_measure_is_chosen_from_the_logged_answers() -> None:
     cfg = EvalConfig()
     labels = ["Ahoy! Positive. Arr!", "Ahoy! Negative. Arr!"] * 20
     choice = choose_measure(labels, cfg)
-    assert choice.measure == "exact" and choice.chosen_by == "auto"
-    assert "40 of 40" in choice.reason and "2 distinct" in choice.reason
+    assert (choice.measure, choice.chosen_by) == ("exact", "auto")
+    assert "40 of 40" in choice.reason
+    assert "2 distinct" in choice.reason
     # Short but all different: sentences, not labels.
     styled = [f"Ahoy! The capital of Land{i} is City{i}. Arr!" for i in range(40)]
     assert choose_measure(styled, cfg).measure == "open"

@@ -54,6 +54,8 @@ def test_train_lowers_loss_and_saves(setup: dict[str, Path], tmp_path: Path) -> 
     result = train_stage(
         setup["teacher"], setup["student"], setup["data"], tmp_path, cfg, progress=False
     )
+    assert result.final_loss is not None
+    assert result.initial_loss is not None
     assert result.final_loss < result.initial_loss
     assert result.global_batch == 4
     final = tmp_path / "train" / "final"
@@ -180,7 +182,8 @@ def test_early_stop_keeps_the_best_weights(setup: dict[str, Path], tmp_path: Pat
     assert len(log["log"]) == 4
     # The saved student is step 2's: the same as a run that stopped there by max_steps.
     two = train_kd(spec(tmp_path / "b", 2, 5), progress=False)
-    assert two.early_stop is not None and two.early_stop.stopped_at is None
+    assert two.early_stop is not None
+    assert two.early_stop.stopped_at is None
     a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -190,5 +193,6 @@ def test_early_stop_keeps_the_best_weights(setup: dict[str, Path], tmp_path: Pat
 def torch_equal(x: object, y: object) -> bool:
     import torch
 
-    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    assert isinstance(x, torch.Tensor)
+    assert isinstance(y, torch.Tensor)
     return bool(torch.equal(x, y))
