@@ -20,6 +20,8 @@ greedily and its mean agreement with the teacher's answers is taken under the ru
 (:mod:`distill.measure`: exact, JSON, or for open text the teacher's likelihood of the
 answer). Training stops when :func:`should_stop` says so, and the best evaluated weights
 are the ones saved. (A resumed run starts its evaluation history afresh.)
+
+Past ~400 lines on purpose: one trainer, read top to bottom (DESIGN.md allows it).
 """
 
 from __future__ import annotations
