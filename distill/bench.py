@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 __all__ = ["DEFAULT_CONFIG", "SENTIMENT_RECIPE", "main", "reviews", "sentiment_answer"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("bench.yaml")
@@ -189,7 +191,7 @@ def _questions(task: str, rng: random.Random, n: int) -> list[tuple[str, str | N
 
 def _teacher_accuracy(completions: list[str], expected: list[str | None]) -> dict[str, Any]:
     """How often the teacher gave the expected answer (normalized exact match)."""
-    from distill.evaluate import normalize_answer
+    from retort.text import normalize_answer
 
     pairs = [(c, e) for c, e in zip(completions, expected, strict=True) if e is not None]
     if not pairs:
@@ -287,12 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from distill.config import load_config
     from distill.pipeline import run
+    from distill.results import Report, summary
     from retort.models import DEFAULT_MODEL_NAME, pull_default
+    from retort.settings import default_home
 
     work = args.work.resolve()
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
-    base = pull_default(Path(os.environ.get("RETORT_HOME", "~/.cache/retort")).expanduser())
+    base = pull_default(default_home())
     questions = _questions(args.task, random.Random(1), args.prompts)
     t0 = time.perf_counter()
     adapter = _train_adapter(home, base, args.task, [q for q, _ in questions])
@@ -314,22 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     report = run(cfg, work / "run", force=True)
     pipeline_s = time.perf_counter() - t1
-    keys = (
-        "student_model",
-        "teacher_params",
-        "student_params",
-        "param_ratio",
-        "agreement",
-        "rouge_l",
-        "teacher_tokens_per_s",
-        "student_tokens_per_s",
-        "speedup",
-        "student_size_bytes",
-        "gate",
-        "gate_passed",
-        "published",
-        "stages",
-    )
+    if not isinstance(report, Report):
+        raise SystemExit("the pipeline skipped the run")
     result = {
         "task": args.task,
         "config": str(args.config),
@@ -338,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         "populate": pop,
         "pipeline_seconds": round(pipeline_s, 1),
         "peak_rss_mb": round(_peak_rss_mb()),
-        **{k: report.get(k) for k in keys},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        **summary(report),
+        "gate": msgspec.to_builtins(report.gate),
+        "early_stop": msgspec.to_builtins(report.train.early_stop if report.train else None),
+        "stages": report.stages,
     }
     (work / "bench.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -11,9 +11,12 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from distill.results import Summary
 
 __all__ = ["distill_app", "start_rollout_for"]
 
@@ -74,7 +77,7 @@ def _config(
 
 def _run(
     until: str, out: Path, cfg: Any, *, quiet: bool, force: bool = False, record: bool = False
-) -> dict[str, Any]:
+) -> Any:
     from distill.dataset import DatasetError
     from distill.pipeline import run
 
@@ -97,11 +100,10 @@ def _silence() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _summary(report: dict[str, Any]) -> str:
-    from distill.pipeline import REPORT_KEYS
+def _summary(report: Any) -> str:
+    from distill.results import summary
 
-    keys = (*REPORT_KEYS, "published", "total_seconds")
-    return json.dumps({k: report[k] for k in keys if k in report}, indent=2)
+    return json.dumps(summary(report), indent=2)
 
 
 def _stage_command(stage: str, doc: str) -> None:
@@ -120,11 +122,13 @@ def _stage_command(stage: str, doc: str) -> None:
             config, adapter, student_layers, max_steps, precision, stage == "publish", url, home
         )
         report = _run(stage, out, cfg, quiet=quiet)
-        typer.echo(
-            _summary(report)
-            if stage in ("eval", "publish")
-            else json.dumps(report.get(_RESULT_KEY[stage], {}), indent=2, default=str)
-        )
+        if stage in ("eval", "publish"):
+            typer.echo(_summary(report))
+        else:
+            import msgspec
+
+            result = getattr(report, _RESULT_KEY[stage])
+            typer.echo(msgspec.json.format(msgspec.json.encode(result), indent=2).decode())
 
     command.__doc__ = doc
     distill_app.command(stage)(command)
@@ -136,7 +140,6 @@ _RESULT_KEY = {
     "train": "train",
     "export": "export",
     "eval": "eval",
-    "publish": "gate",
 }
 
 
@@ -160,26 +163,30 @@ def run_command(
         raise typer.BadParameter("--rollout needs --publish")
     cfg = _config(config, adapter, student_layers, max_steps, precision, publish, url, home)
     report = _run("publish", out, cfg, quiet=quiet, force=force, record=True)
-    if report.get("skipped"):
-        typer.echo(f"no new data since run {report['previous_run']}: nothing to do")
+    from distill.results import Skipped
+
+    if isinstance(report, Skipped):
+        typer.echo(f"no new data since run {report.previous_run}: nothing to do")
         return
     typer.echo(_summary(report))
-    if rollout and report.get("published"):
+    if rollout and report.published:
         typer.echo(start_rollout_for(cfg, report, out))
 
 
-def start_rollout_for(cfg: Any, report: dict[str, Any], out: Path) -> str:
+def start_rollout_for(cfg: Any, report: Summary, out: Path) -> str:
     """The gateways' rollout evaluator takes it from here (see README: Staged rollout)."""
     from distill.pipeline import log_url
     from retort.db.rollouts import start_rollout
     from retort.rollout import steps_from
     from retort.settings import load_shared
 
-    teacher = report["adapter"] or report["teacher_model"]
+    teacher = report.adapter or report.teacher_model
+    if teacher is None:
+        return "no rollout started: the report names no teacher"
     steps = steps_from(load_shared(cfg.settings).rollout)
     reason = f"published by retort distill run --out {out}"
     r = asyncio.run(
-        start_rollout(log_url(cfg), teacher, report["student_model"], steps, reason=reason)
+        start_rollout(log_url(cfg), teacher, report.student_model, steps, reason=reason)
     )
     return f"rollout started: {r.teacher} -> {r.student} in {r.stage}"
 

@@ -22,6 +22,7 @@ __all__ = [
     "DatasetConfig",
     "DistillConfig",
     "DistillConfigError",
+    "EarlyStopConfig",
     "EvalConfig",
     "ExportConfig",
     "GateConfig",
@@ -96,6 +97,21 @@ class StudentConfig(_Base):
     """Instead, any model folder whose vocabulary matches the teacher's."""
 
 
+class EarlyStopConfig(_Base):
+    """Stop training when held-out agreement stops improving."""
+
+    every: int = 0
+    """Evaluate every this many steps (0: off, train ``max_steps``)."""
+    examples: int = 16
+    """Prompts of the train split held out of training and answered at each evaluation."""
+    patience: int = 2
+    """Stop after this many evaluations in a row without improvement (or at agreement 1)."""
+    min_delta: float = 0.0
+    """An improvement is a rise of more than this."""
+    max_tokens: int = 32
+    """Answer budget at each evaluation."""
+
+
 class TrainConfig(_Base):
     """Token-level KD on the teacher's logits, mixed with CE on its completions."""
 
@@ -120,6 +136,7 @@ class TrainConfig(_Base):
     num_processes: int = 1
     """> 1: run the trainer under ``accelerate launch --num_processes N`` (``--cpu`` when
     no GPU)."""
+    early_stop: EarlyStopConfig = msgspec.field(default_factory=EarlyStopConfig)
 
 
 class ExportConfig(_Base):
@@ -138,6 +155,22 @@ class EvalConfig(_Base):
     speed_prompts: int = 4
     """Prompts for the tokens/s and latency measurements: student and teacher alike generate
     exactly ``max_tokens`` on each, one at a time."""
+    teacher_url: str | None = None
+    """A running gateway (``http://host:port``) serving the teacher: its speed is measured
+    there (``teacher_speed: vllm``) instead of on an engine started for it."""
+    teacher_api_key: str | None = None
+    """The gateway's API key, when it asks for one."""
+    measure: Literal["auto", "exact", "json", "open"] = "auto"
+    """How agreement is measured: ``auto`` chooses from the logged answers (``exact`` for
+    label-like ones, ``json`` for JSON ones, ``open`` otherwise)."""
+    short_words: int = 8
+    """``auto``: answers of at most this many words are short."""
+    label_max_distinct: float = 0.1
+    """``auto``: short answers are label-like when the distinct ones are at most this share
+    of them (labels repeat; short free answers do not)."""
+    min_likelihood: float = 0.5
+    """``open``: a pair agrees when the teacher finds the student's answer at least this
+    likely, per token, as its own answer (geometric mean of token probabilities)."""
 
 
 class GateConfig(_Base):

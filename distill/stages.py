@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 __all__ = ["STAGE_FILE", "fingerprint", "stage_done", "write_stage"]
+
+R = TypeVar("R", bound=msgspec.Struct)
 
 STAGE_FILE = "stage.json"
 
@@ -21,23 +23,27 @@ def fingerprint(inputs: Any) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def stage_done(stage: Path, inputs: Any) -> dict[str, Any] | None:
-    """The stored result if ``stage`` finished with these inputs, else ``None``."""
+def stage_done(stage: Path, inputs: Any, kind: type[R]) -> R | None:
+    """The stored result if ``stage`` finished with these inputs, else ``None`` (also when
+    the stored result no longer reads as ``kind``: the stage runs again)."""
     path = Path(stage) / STAGE_FILE
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("fingerprint") != fingerprint(inputs):
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint(inputs):
         return None
-    result = data.get("result")
-    return result if isinstance(result, dict) else None
+    try:
+        return msgspec.convert(data.get("result"), kind, strict=False)
+    except msgspec.ValidationError:
+        return None
 
 
-def write_stage(stage: Path, inputs: Any, result: dict[str, Any]) -> None:
+def write_stage(stage: Path, inputs: Any, result: msgspec.Struct) -> None:
     """Mark ``stage`` done (atomically), storing ``result``."""
     stage = Path(stage)
     stage.mkdir(parents=True, exist_ok=True)
     tmp = stage / f".{STAGE_FILE}.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fingerprint(inputs), "result": result}, indent=2))
+    record = {"fingerprint": fingerprint(inputs), "result": msgspec.to_builtins(result)}
+    tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(stage / STAGE_FILE)

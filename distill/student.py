@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import StudentConfig
+from distill.results import StudentInit
 from distill.stages import stage_done, write_stage
 
 __all__ = ["StudentInitError", "count_params", "init_student", "layer_indices", "student_stage"]
@@ -63,7 +64,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def init_student(teacher_dir: Path, out: Path, layers: int) -> dict[str, Any]:
+def init_student(teacher_dir: Path, out: Path, layers: int) -> tuple[list[int], int]:
     """Write a ``layers``-layer student taken from ``teacher_dir`` to ``out``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -97,18 +98,18 @@ def init_student(teacher_dir: Path, out: Path, layers: int) -> dict[str, Any]:
     _copy_tokenizer(teacher_dir, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return {"layers": keep, "teacher_layers": n_teacher}
+    return keep, n_teacher
 
 
 def _vocab(model_dir: Path) -> int:
     return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
-def student_stage(teacher_dir: Path, run_dir: Path, config: StudentConfig) -> dict[str, Any]:
+def student_stage(teacher_dir: Path, run_dir: Path, config: StudentConfig) -> StudentInit:
     """Build ``run_dir/student/init`` (or take ``config.source``); returns the stage result."""
     stage = run_dir / "student"
     inputs = {"teacher": str(teacher_dir), "config": config}
-    done = stage_done(stage, inputs)
+    done = stage_done(stage, inputs, StudentInit)
     if done is not None:
         return done
     stage.mkdir(parents=True, exist_ok=True)
@@ -119,16 +120,18 @@ def student_stage(teacher_dir: Path, run_dir: Path, config: StudentConfig) -> di
             raise StudentInitError(
                 f"{src} has vocabulary {_vocab(src)}, the teacher {_vocab(teacher_dir)}"
             )
-        path, info = src, {"source": str(src)}
+        path, keep, n_teacher, source = src, None, None, str(src)
     else:
-        path = stage / "init"
-        info = init_student(teacher_dir, path, config.layers)
-    result = {
-        "path": str(path),
-        **info,
-        "student_params": count_params(path),
-        "teacher_params": count_params(teacher_dir),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+        path, source = stage / "init", None
+        keep, n_teacher = init_student(teacher_dir, path, config.layers)
+    result = StudentInit(
+        path=str(path),
+        layers=keep,
+        teacher_layers=n_teacher,
+        source=source,
+        student_params=count_params(path),
+        teacher_params=count_params(teacher_dir),
+        seconds=round(time.perf_counter() - t0, 2),
+    )
     write_stage(stage, inputs, result)
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.config import TeacherConfig
+from distill.config import EvalConfig, TeacherConfig
+from distill.results import RelabelInfo, Speed, TeacherResult
 from distill.stages import stage_done, write_stage
 
 __all__ = ["TeacherError", "merge_teacher", "relabelled_target", "run_vllm", "teacher_stage"]
@@ -73,7 +75,12 @@ def relabelled_target(example: dict[str, Any], relabelled: str) -> str:
     return str(example["completion"]) if example.get("corrected") else relabelled
 
 
-def _relabel(teacher_dir: Path, src: Path, dst: Path, max_tokens: int) -> dict[str, Any]:
+def _relabel(
+    teacher_dir: Path, src: Path, dst: Path, max_tokens: int, speed: EvalConfig | None
+) -> tuple[RelabelInfo, Speed | None]:
+    """Relabel every prompt with vLLM offline batch generation; with ``speed``, time the
+    teacher on the same engine afterwards (the eval split's first ``speed.speed_prompts``,
+    exactly ``speed.max_tokens`` each, one at a time), so eval need not start vLLM again."""
     from datasets import load_from_disk
 
     splits = {name: load_from_disk(str(src / name)) for name in ("train", "eval")}
@@ -82,9 +89,19 @@ def _relabel(teacher_dir: Path, src: Path, dst: Path, max_tokens: int) -> dict[s
         for name in ("train", "eval")
         for ex in splits[name]
     ]
-    out = run_vllm(
-        {"model": str(teacher_dir), "prompts": items, "max_tokens": max_tokens, "mode": "batch"}
-    )
+    spec: dict[str, Any] = {
+        "model": str(teacher_dir),
+        "prompts": items,
+        "max_tokens": max_tokens,
+        "mode": "batch",
+    }
+    timed = [
+        {"messages": ex["messages"], "prompt": ex["prompt"]}
+        for ex in list(splits["eval"])[: speed.speed_prompts if speed else 0]
+    ]
+    if speed is not None and timed:
+        spec["speed"] = {"prompts": timed, "max_tokens": speed.max_tokens}
+    out = run_vllm(spec)
     completions = iter(out["completions"])
     for name, ds in splits.items():
         # A reviewer's correction stays the target (the teacher's answer was judged wrong).
@@ -97,7 +114,19 @@ def _relabel(teacher_dir: Path, src: Path, dst: Path, max_tokens: int) -> dict[s
         new.save_to_disk(str(tmp))
         shutil.rmtree(dst / name, ignore_errors=True)
         tmp.rename(dst / name)
-    return {k: out[k] for k in ("startup_seconds", "seconds", "tokens")}
+    info = RelabelInfo(
+        startup_seconds=out["startup_seconds"], seconds=out["seconds"], tokens=out["tokens"]
+    )
+    timing = out.get("speed")
+    if not timing:
+        return info, None
+    return info, Speed(
+        engine="vllm-cpu",
+        tokens_per_s=timing["tokens_per_s"],
+        latency_p50_s=statistics.median(timing["latencies"]),
+        startup_seconds=out["startup_seconds"],
+        source="label",
+    )
 
 
 def teacher_stage(
@@ -110,10 +139,12 @@ def teacher_stage(
     adapter: str | None,
     dataset_models: dict[str, int],
     dataset_fingerprint: str,
-) -> dict[str, Any]:
+    speed: EvalConfig | None = None,
+) -> TeacherResult:
     """Merge the teacher into ``run_dir/teacher/model`` and decide (and make) its labels.
 
-    Returns ``{"model": merged folder, "labels": dataset folder, "relabelled": bool, ...}``.
+    With ``speed`` (eval's settings, when the teacher's speed is measured on vLLM) and a
+    relabelling, the labelling engine also times the teacher.
     """
     stage = run_dir / "teacher"
     relabel = config.relabel
@@ -126,24 +157,28 @@ def teacher_stage(
         "relabel": relabel,
         "dataset": dataset_fingerprint,
     }
-    done = stage_done(stage, inputs)
+    if relabel and speed is not None:
+        inputs["speed"] = [speed.speed_prompts, speed.max_tokens]
+    done = stage_done(stage, inputs, TeacherResult)
     if done is not None:
         return done
     stage.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     merged = merge_teacher(base_dir, adapter_dir, stage / "model")
-    result: dict[str, Any] = {
-        "model": str(merged),
-        "base_model": served_model,
-        "adapter": adapter,
-        "relabelled": relabel,
-        "merge_seconds": round(time.perf_counter() - t0, 2),
-        "labels": str(run_dir / "dataset"),
-    }
+    result = TeacherResult(
+        model=str(merged),
+        base_model=served_model,
+        adapter=adapter,
+        relabelled=relabel,
+        merge_seconds=round(time.perf_counter() - t0, 2),
+        labels=str(run_dir / "dataset"),
+    )
     if relabel:
         labels = run_dir / "labels"
         labels.mkdir(parents=True, exist_ok=True)
-        result["relabel"] = _relabel(merged, run_dir / "dataset", labels, config.max_tokens)
-        result["labels"] = str(labels)
+        result.relabel, result.speed = _relabel(
+            merged, run_dir / "dataset", labels, config.max_tokens, speed
+        )
+        result.labels = str(labels)
     write_stage(stage, inputs, result)
     return result

@@ -13,6 +13,15 @@ AdamW with linear warmup, gradient clipping; with ``checkpoint_every``, a checkp
 (``accelerator.save_state``: model, optimizer, scheduler, RNG) every that many steps and at
 the end, the latest kept: a rerun resumes from it, also to extend training to more steps;
 ``train_log.json`` and ``loss.png``.
+
+Early stop (``early_stop.every`` > 0): the ``early_stop.examples`` train prompts with the
+lowest prompt hashes are held out of training; every ``every`` steps the student answers them
+greedily and its mean agreement with the teacher's answers is taken under the run's measure
+(:mod:`distill.measure`: exact, JSON, or for open text the teacher's likelihood of the
+answer). Training stops when :func:`should_stop` says so, and the best evaluated weights
+are the ones saved. (A resumed run starts its evaluation history afresh.)
+
+Past ~400 lines on purpose: one trainer, read top to bottom (DESIGN.md allows it).
 """
 
 from __future__ import annotations
@@ -28,14 +37,25 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from distill.config import TrainConfig
+from distill.config import EarlyStopConfig, TrainConfig
+from distill.results import EarlyStopInfo, Measure, TrainResult, TrainSpec
 from distill.stages import stage_done, write_stage
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["TrainError", "encode_example", "main", "train_kd", "train_stage"]
+__all__ = [
+    "TrainError",
+    "encode_example",
+    "main",
+    "prompt_ids",
+    "should_stop",
+    "train_kd",
+    "train_stage",
+]
 
 
 class TrainError(RuntimeError):
@@ -59,6 +79,72 @@ def encode_example(
     ids = (list(prompt) + list(completion))[:max_len]
     labels = ([IGNORE_INDEX] * len(prompt) + list(completion))[:max_len]
     return ids, labels
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any]) -> list[int]:
+    """The prompt's token ids, ready for the answer (chat template applied for chat)."""
+    from distill.export import chat_ids
+
+    if example.get("messages"):
+        return chat_ids(tokenizer, example["messages"])
+    return list(tokenizer(example["prompt"], add_special_tokens=False)["input_ids"])
+
+
+def should_stop(history: Sequence[float], patience: int, min_delta: float = 0.0) -> bool:
+    """The early-stop rule over held-out agreements so far (one per evaluation): stop when
+    the latest is 1 (nothing left to gain), or when none of the last ``patience`` rose more
+    than ``min_delta`` above the best before them."""
+    if not history:
+        return False
+    if history[-1] >= 1.0:
+        return True
+    if patience < 1 or len(history) <= patience:
+        return False
+    return max(history[-patience:]) <= max(history[:-patience]) + min_delta
+
+
+class _HeldOut:
+    """The early-stop slice and how to score the student on it."""
+
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        tokenizer: Any,
+        teacher: Any,
+        cfg: EarlyStopConfig,
+        measure: Measure,
+    ) -> None:
+        from distill.measure import answer_logprob
+
+        self.rows, self.tokenizer, self.teacher = rows, tokenizer, teacher
+        self.cfg, self.measure = cfg, measure
+        self.prompts = [prompt_ids(tokenizer, r) for r in rows]
+        self.own = (
+            [answer_logprob(teacher, tokenizer, r, r["completion"]) for r in rows]
+            if measure == "open"
+            else []
+        )
+
+    def score(self, model: Any) -> float:
+        """Mean agreement of ``model``'s greedy answers with the teacher's (0..1)."""
+        from distill.export import greedy_ids
+        from distill.measure import answer_logprob, likelihood_ratio, score_pair
+
+        was_training = model.training
+        model.eval()
+        try:
+            outs = greedy_ids(model, self.prompts, self.cfg.max_tokens)
+        finally:
+            model.train(was_training)
+        total = 0.0
+        for i, (row, ids) in enumerate(zip(self.rows, outs, strict=True)):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            likelihood = None
+            if self.measure == "open":
+                lp = answer_logprob(self.teacher, self.tokenizer, row, text)
+                likelihood = likelihood_ratio(lp, self.own[i])
+            total += score_pair(self.measure, row["completion"], text, likelihood, 1.0)[0]
+        return total / max(1, len(self.rows))
 
 
 def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -118,8 +204,8 @@ def _latest_checkpoint(folder: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
-    """Train per ``spec`` (teacher, student, data, out, config); returns the train log.
+def train_kd(spec: TrainSpec, *, progress: bool = True) -> TrainResult:
+    """Train per ``spec``; returns the result (the step log goes to ``train_log.json``).
 
     Works the same in one process and in each process of ``accelerate launch``.
     """
@@ -132,16 +218,28 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
     from adapters.train import training_progress
     from distill.losses import distill_loss
 
-    cfg = msgspec.convert(spec["config"], TrainConfig)
-    out = Path(spec["out"])
+    cfg = spec.config
+    out = Path(spec.out)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available()
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(spec["student"])
+    tokenizer = AutoTokenizer.from_pretrained(spec.student)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = load_from_disk(str(Path(spec["data"]) / "train")).to_list()
+    rows = load_from_disk(str(Path(spec.data) / "train")).to_list()
+    es = cfg.early_stop
+    held_rows: list[dict[str, Any]] = []
+    if es.every > 0:
+        if len(rows) <= es.examples:
+            raise TrainError(
+                f"early stop holds out {es.examples} of {len(rows)} train examples: "
+                "lower train.early_stop.examples or add data"
+            )
+        by_hash = sorted(range(len(rows)), key=lambda i: str(rows[i].get("prompt_hash") or i))
+        held = set(by_hash[: es.examples])
+        held_rows = [rows[i] for i in sorted(held)]
+        rows = [r for i, r in enumerate(rows) if i not in held]
     examples = [encode_example(tokenizer, r, cfg.max_len) for r in rows]
     examples = [e for e in examples if any(x != IGNORE_INDEX for x in e[1][1:])]
     if not examples:
@@ -155,9 +253,9 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
     global_batch = micro * world * cfg.grad_accum
 
     dtype = torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(spec.teacher, dtype=dtype)
     teacher.to(accelerator.device).eval().requires_grad_(False)
-    student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=dtype)
+    student = AutoModelForCausalLM.from_pretrained(spec.student, dtype=dtype)
     student.config.use_cache = False
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -188,6 +286,12 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
                     shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    held_out = _HeldOut(held_rows, tokenizer, teacher, es, spec.measure) if held_rows else None
+    history: list[tuple[int, float]] = []
+    best: tuple[int, float, dict[str, Any] | None] = (start, -1.0, None)
+    stopped_at: int | None = None
+    eval_s = 0.0
+    last = start
     bar = training_progress(progress and accelerator.is_main_process)
     t0 = time.perf_counter()
     with bar:
@@ -241,37 +345,69 @@ def train_kd(spec: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
             }
             log.append(row)
             bar.update(task, advance=1, loss=row["loss"])
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            last = step
+            stop = False
+            if held_out is not None and step % es.every == 0:
+                t_eval = time.perf_counter()
+                model_now: Any = accelerator.unwrap_model(student)
+                agreement = held_out.score(model_now)
+                history.append((step, round(agreement, 4)))
+                if agreement > best[1] + es.min_delta or best[2] is None:
+                    state = {k: v.detach().clone() for k, v in model_now.state_dict().items()}
+                    best = (step, agreement, state)
+                stop = should_stop([a for _, a in history], es.patience, es.min_delta)
+                eval_s += time.perf_counter() - t_eval
+            if cfg.checkpoint_every and (
+                step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop
+            ):
                 checkpoint(step)
+            if stop:
+                stopped_at = step
+                break
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
-    result: dict[str, Any] = {
-        "steps": cfg.max_steps,
-        "resumed_from": start,
-        "processes": world,
-        "global_batch": global_batch,
-        "examples": len(examples),
-        "train_seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(1, cfg.max_steps - start), 3),
-        "initial_loss": log[0]["loss"] if log else None,
-        "final_loss": log[-1]["loss"] if log else None,
-        "model": str(out / "final"),
-    }
+    early = None
+    if held_out is not None:
+        early = EarlyStopInfo(
+            every=es.every,
+            examples=len(held_rows),
+            history=history,
+            best_step=best[0],
+            best_agreement=round(max(best[1], 0.0), 4),
+            stopped_at=stopped_at,
+            seconds=round(eval_s, 2),
+        )
+    result = TrainResult(
+        steps=last,
+        resumed_from=start,
+        processes=world,
+        global_batch=global_batch,
+        examples=len(examples),
+        train_seconds=round(seconds, 2),
+        seconds_per_step=round((seconds - eval_s) / max(1, last - start), 3),
+        initial_loss=log[0]["loss"] if log else None,
+        final_loss=log[-1]["loss"] if log else None,
+        model=str(out / "final"),
+        early_stop=early,
+    )
+    model: Any = accelerator.unwrap_model(student)
+    if best[2] is not None and best[0] != last:
+        model.load_state_dict(best[2])  # the best evaluated weights, not the last
     if accelerator.is_main_process:
         final = out / "final"
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model: Any = accelerator.unwrap_model(student)
         model.config.use_cache = True
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        src = Path(spec["student"])
+        src = Path(spec.student)
         for name in ("chat_template.jinja", "generation_config.json"):
             if (src / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(src / name, tmp / name)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        (out / "train_log.json").write_text(json.dumps({**result, "log": log}, indent=2))
+        record = {**msgspec.to_builtins(result), "log": log}
+        (out / "train_log.json").write_text(json.dumps(record, indent=2))
         _plot(log, out / "loss.png", f"KD ({cfg.loss}, alpha {cfg.alpha}, T {cfg.temperature})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -285,18 +421,21 @@ def train_stage(
     run_dir: Path,
     config: TrainConfig,
     *,
+    measure: Measure = "exact",
     progress: bool = True,
-) -> dict[str, Any]:
-    """Train into ``run_dir/train`` (``final/`` is the student); skipped when done."""
+) -> TrainResult:
+    """Train into ``run_dir/train`` (``final/`` is the student); skipped when done.
+    ``measure`` is how early stopping compares answers (:data:`distill.results.Measure`)."""
     stage = run_dir / "train"
-    spec = {
-        "teacher": str(teacher_dir),
-        "student": str(student_dir),
-        "data": str(data_dir),
-        "out": str(stage),
-        "config": msgspec.to_builtins(config),
-    }
-    done = stage_done(stage, spec)
+    spec = TrainSpec(
+        teacher=str(teacher_dir),
+        student=str(student_dir),
+        data=str(data_dir),
+        out=str(stage),
+        config=config,
+        measure=measure,
+    )
+    done = stage_done(stage, spec, TrainResult)
     if done is not None:
         return done
     stage.mkdir(parents=True, exist_ok=True)
@@ -304,7 +443,7 @@ def train_stage(
         result = train_kd(spec, progress=progress)
     else:
         spec_path = stage / "spec.json"
-        spec_path.write_text(json.dumps(spec, indent=2))
+        spec_path.write_bytes(msgspec.json.format(msgspec.json.encode(spec), indent=2))
         # --multi_gpu launches through torchrun; without CUDA the script's
         # Accelerator(cpu=True) makes it DDP on gloo. (accelerate's --cpu would run a single
         # process: its multi-CPU launcher needs an MPI hostfile.)
@@ -328,11 +467,9 @@ def train_stage(
         proc = subprocess.run(cmd, check=False)
         if proc.returncode != 0:
             raise TrainError(f"accelerate launch failed with exit code {proc.returncode}")
-        result = {
-            k: v
-            for k, v in json.loads((stage / "train_log.json").read_text()).items()
-            if k != "log"
-        }
+        record = json.loads((stage / "train_log.json").read_text())
+        record.pop("log", None)
+        result = msgspec.convert(record, TrainResult)
     write_stage(stage, spec, result)
     return result
 
@@ -343,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m distill.train SPEC.json", file=sys.stderr)
         return 2
-    train_kd(json.loads(Path(args[0]).read_text()))
+    train_kd(msgspec.json.decode(Path(args[0]).read_bytes(), type=TrainSpec))
     return 0
 
 

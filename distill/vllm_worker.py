@@ -4,8 +4,10 @@
 teacher folder), ``prompts`` (each ``{"messages": [...]}`` or ``{"prompt": "..."}``),
 ``max_tokens`` and ``mode``: ``batch`` generates all prompts at once (greedy) and writes
 their completions; ``speed`` generates them one at a time (single stream, ``ignore_eos``)
-and writes tokens/s and latencies. Runs in a subprocess so that vLLM's engine, its worker
-processes and its memory are gone when it exits.
+and writes tokens/s and latencies. A ``batch`` spec may also hold ``speed: {prompts,
+max_tokens}``: the same engine then times those prompts afterwards (``out["speed"]``), so
+relabelling and timing the teacher share one start. Runs in a subprocess so that vLLM's
+engine, its worker processes and its memory are gone when it exits.
 """
 
 from __future__ import annotations
@@ -59,20 +61,28 @@ def main(argv: list[str] | None = None) -> int:
         out["finish_reasons"] = [r.outputs[0].finish_reason for r in results]
         out["tokens"] = sum(len(r.outputs[0].token_ids) for r in results)
         out["seconds"] = round(time.perf_counter() - t1, 3)
+        if spec.get("speed"):
+            timed = [_render(tokenizer, p) for p in spec["speed"]["prompts"]]
+            out["speed"] = _speed(llm, timed, spec["speed"]["max_tokens"])
     else:
-        params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
-        llm.generate(texts[:1], params, use_tqdm=False)  # warm-up
-        latencies, tokens = [], 0
-        for text in texts:
-            t1 = time.perf_counter()
-            r = llm.generate([text], params, use_tqdm=False)[0]
-            latencies.append(time.perf_counter() - t1)
-            tokens += len(r.outputs[0].token_ids)
-        out["latencies"] = latencies
-        out["tokens"] = tokens
-        out["tokens_per_s"] = tokens / sum(latencies)
+        out.update(_speed(llm, texts, spec["max_tokens"]))
     Path(args[1]).write_text(json.dumps(out))
     return 0
+
+
+def _speed(llm: Any, texts: list[str], max_tokens: int) -> dict[str, Any]:
+    """Single-stream timing: each prompt alone, exactly ``max_tokens`` (``ignore_eos``)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(texts[:1], params, use_tqdm=False)  # warm-up
+    latencies, tokens = [], 0
+    for text in texts:
+        t1 = time.perf_counter()
+        r = llm.generate([text], params, use_tqdm=False)[0]
+        latencies.append(time.perf_counter() - t1)
+        tokens += len(r.outputs[0].token_ids)
+    return {"latencies": latencies, "tokens": tokens, "tokens_per_s": tokens / sum(latencies)}
 
 
 if __name__ == "__main__":

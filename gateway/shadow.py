@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from gateway.engines.base import GenerateRequest
-from retort.text import normalize_answer, rouge_l
+from retort.text import answer_measure, compare, normalize_answer, rouge_l
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -90,68 +90,12 @@ def normalize(text: str) -> str:
     return normalize_answer(text)
 
 
-def _json(text: str) -> Any:
-    try:
-        return msgspec.json.decode(text.strip())
-    except msgspec.DecodeError:
-        return _NOT_JSON
-
-
-_NOT_JSON = object()
-
-
-def _calls(text: str) -> list[tuple[str, Any]] | None:
-    """Tool calls in an answer: a JSON list of ``{name, arguments|parameters}`` (forced
-    calls) or Hermes ``<tool_call>`` blocks; ``None`` when there are none."""
-    value = _json(text)
-    objs = value if isinstance(value, list) else _hermes_calls(text)
-    if not objs:
-        return None
-    out = []
-    for o in objs:
-        if not isinstance(o, dict) or "name" not in o:
-            return None
-        out.append((str(o["name"]), o.get("arguments", o.get("parameters"))))
-    return out
-
-
-def _hermes_calls(text: str) -> list[Any]:
-    return [_json(part.split("</tool_call>")[0]) for part in text.split("<tool_call>")[1:]]
-
-
 def choose_measure(target: ShadowTarget, teacher_text: str) -> str:
-    """The measure for one pair (``auto`` decided from the teacher's answer)."""
+    """The measure for one pair (``auto`` decided from the teacher's answer by
+    :func:`retort.text.answer_measure`, the rule the distillation gate uses too)."""
     if target.measure != "auto":
         return target.measure
-    if _calls(teacher_text) is not None:
-        return "tool_calls"
-    value = _json(teacher_text)
-    if value is not _NOT_JSON and isinstance(value, dict | list):
-        return "json"
-    if len(teacher_text.split()) <= target.short_words:
-        return "exact"
-    return "rouge_l"
-
-
-def compare(
-    measure: str, teacher: str, student: str, min_rouge_l: float = 0.7
-) -> tuple[float, bool]:
-    """``(score, agree)`` of a student's answer against its teacher's."""
-    if measure == "exact":
-        same = normalize(teacher) == normalize(student)
-        return (1.0 if same else 0.0), same
-    if measure == "json":
-        a, b = _json(teacher), _json(student)
-        same = a is not _NOT_JSON and a == b
-        return (1.0 if same else 0.0), same
-    if measure == "tool_calls":
-        a_calls, b_calls = _calls(teacher), _calls(student)
-        same = a_calls is not None and a_calls == b_calls
-        return (1.0 if same else 0.0), same
-    if measure == "rouge_l":
-        score = rouge_l(student, teacher)
-        return score, score >= min_rouge_l
-    raise ValueError(f"unknown measure {measure!r}")
+    return answer_measure(teacher_text, target.short_words)
 
 
 # ---------------------------------------------------------------- running pairs

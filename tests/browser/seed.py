@@ -99,9 +99,11 @@ def seed_student(root: Path, name: str = "bot-student", *, png: bytes | None = N
     )
     (folder / MANIFEST_FILE).write_bytes(msgspec.json.encode(manifest))
     if png is None:  # the real report writer: report.json, report.md, report.png
-        from distill.evaluate import write_report
+        from distill.report import write_report
+        from distill.results import Report
 
-        write_report(folder, {**report, "teacher_model": "fake-model", "adapter": SEED_ADAPTER})
+        full = {**report, "teacher_model": "fake-model", "adapter": SEED_ADAPTER}
+        write_report(folder, msgspec.convert(full, Report))
     else:
         (folder / "report.json").write_bytes(msgspec.json.encode(report))
         (folder / "report.png").write_bytes(png)

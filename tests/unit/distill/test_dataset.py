@@ -13,6 +13,7 @@ from distill.dataset import (
     normalize,
     select_rows,
 )
+from distill.results import Watermark
 from retort.db.store import PromptStore
 from tests.unit.distill.conftest import record
 
@@ -63,12 +64,12 @@ async def test_select_split_no_leak(store: PromptStore, tmp_path: Path) -> None:
     rows = await select_rows(store, cfg, "bot")
     assert len(rows) == 71  # 60 + 10 dups + empty completion
     result = build_dataset(rows, tmp_path, cfg)
-    assert result["exact_duplicates"] == 10
-    assert result["usable"] == 70
-    assert result["train"] + result["eval"] == 60
-    assert result["eval"] > 0
-    assert result["train"] > 0
-    assert result["watermark"] == {"created": 1_700_000_000.0 + 204, "count": 71}
+    assert result.exact_duplicates == 10
+    assert result.usable == 70
+    assert result.train + result.eval == 60
+    assert result.eval > 0
+    assert result.train > 0
+    assert result.watermark == Watermark(created=1_700_000_000.0 + 204, count=71)
     train, evals = load_splits(tmp_path / "dataset")
     train_prompts = {e["prompt_hash"] for e in train}
     assert not train_prompts & {e["prompt_hash"] for e in evals}

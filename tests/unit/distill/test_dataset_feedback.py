@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 from distill.config import DatasetConfig
 from distill.dataset import build_dataset, load_splits, select_rows
-from distill.evaluate import write_report
+from distill.report import write_report
+from distill.results import Report, ShadowDisagreement
 from distill.teacher import relabelled_target
 from retort.db.store import PromptStore
 from tests.unit.distill.conftest import record
@@ -55,17 +58,17 @@ async def test_corrections_drop_below_and_shadow_disagreements(
     rows = await select_rows(store, cfg, "bot")
     result = build_dataset(rows, tmp_path, cfg)
     # req-2 (0.1) is dropped; req-1's mean is 0.3, not below: kept with its latest correction.
-    assert result["train"] + result["eval"] == 19
-    fb = result["feedback"]
-    assert (fb["dropped_below_score"], fb["corrected"]) == (1, 1)
-    assert fb["shadow_disagreements"] == [
-        {
-            "request_id": "req-3",
-            "feedback_score": 0.9,
-            "student": "bot-student",
-            "measure": "exact",
-            "shadow_score": 0.0,
-        }
+    assert result.train + result.eval == 19
+    fb = result.feedback
+    assert (fb.dropped_below_score, fb.corrected) == (1, 1)
+    assert fb.shadow_disagreements == [
+        ShadowDisagreement(
+            request_id="req-3",
+            feedback_score=0.9,
+            student="bot-student",
+            measure="exact",
+            shadow_score=0.0,
+        )
     ]
     train, evals = load_splits(tmp_path / "dataset")
     by_id = {e["request_id"]: e for e in train + evals}
@@ -79,9 +82,9 @@ async def test_corrections_drop_below_and_shadow_disagreements(
     assert relabelled_target(by_id["req-1"], "teacher says") == "The right answer, take two."
     assert relabelled_target(by_id["req-3"], "teacher says") == "teacher says"
     # The run report lists the disagreements.
-    assert result["teacher_usd_per_1k_tokens"] is None  # the seeded log has no costs
-    result = {**result, "teacher_usd_per_1k_tokens": 0.02}
-    report = {"student_model": "bot-student", "dataset": result, "speedup": 4.0}
+    assert result.teacher_usd_per_1k_tokens is None  # the seeded log has no costs
+    result = msgspec.structs.replace(result, teacher_usd_per_1k_tokens=0.02)
+    report = Report(student_model="bot-student", dataset=result, speedup=4.0)
     write_report(tmp_path / "report", report)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| teacher (measured: the prompt log's costs) | 0.02 |" in md
@@ -98,7 +101,7 @@ async def test_a_new_correction_reruns_the_dataset_stage(
     cfg = DatasetConfig(eval_fraction=0.3, min_examples=1, use_corrections=False)
     rows = await select_rows(store, cfg, "bot")
     first = build_dataset(rows, tmp_path, cfg)
-    assert first["feedback"]["corrected"] == 0
+    assert first.feedback.corrected == 0
     cfg = DatasetConfig(eval_fraction=0.3, min_examples=1)
     again = build_dataset(await select_rows(store, cfg, "bot"), tmp_path, cfg)
-    assert again["feedback"]["corrected"] == 1
+    assert again.feedback.corrected == 1

@@ -38,7 +38,12 @@ def setup(tmp_path: Path) -> dict[str, Path]:
         "home": str(home),
         "teacher": {"base_model": str(base), "base_model_name": "tiny-base"},
         "student": {"layers": 2},
-        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "early_stop": {"every": 2, "examples": 4, "patience": 5, "max_tokens": 4},
+        },
         "export": {"precision": "fp32", "parity_prompts": 2, "parity_tokens": 6},
         "eval": {
             "max_examples": 4,
@@ -83,6 +88,29 @@ def test_run_publishes_and_is_idempotent(setup: dict[str, Path], tmp_path: Path)
     assert report["gate_passed"] is True
     assert report["published"] is True
     assert report["export"]["parity"]["exact"] == 1.0  # fp32 ONNX == torch, greedy
+    # Styled sentences, all different: open text, measured by the teacher's likelihood.
+    assert report["measure"] == "open"
+    assert "open text" in report["eval"]["measure"]["reason"]
+    assert 0.0 <= report["teacher_likelihood"] <= 1.0
+    assert report["eval"]["disagreements"] == [
+        d for d in report["eval"]["disagreements"] if d["score"] < 0.5
+    ]
+    # (The random tiny teacher finds every answer about equally likely: the held-out
+    # agreement may reach 1 at the first evaluation, which stops training there.)
+    early = report["train"]["early_stop"]
+    assert [s for s, _ in early["history"]] in ([2], [2, 4])
+    assert report["train"]["steps"] == early["history"][-1][0]
+    assert set(report["stages"]) == {
+        "select",
+        "dataset",
+        "label",
+        "student",
+        "train",
+        "export",
+        "eval",
+        "publish",
+    }
+    assert report["total_seconds"] >= sum(report["stages"].values()) - 1.0
     assert (out / "report.md").is_file()
     assert (out / "report.png").stat().st_size > 0
     entry = StudentRegistry(setup["home"] / "students").get("bot-student", verify_hashes=True)

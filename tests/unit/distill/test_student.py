@@ -26,10 +26,10 @@ def test_student_is_smaller_loadable_same_vocab(tmp_path: Path) -> None:
 
     teacher = make_tiny_base(tmp_path / "teacher", layers=4)
     result = student_stage(teacher, tmp_path / "run", StudentConfig(layers=2))
-    path = Path(result["path"])
-    assert result["layers"] == [0, 3]
-    assert result["student_params"] < result["teacher_params"]
-    assert result["student_params"] == count_params(path)
+    path = Path(result.path)
+    assert result.layers == [0, 3]
+    assert result.student_params < result.teacher_params
+    assert result.student_params == count_params(path)
     student: Any = AutoModelForCausalLM.from_pretrained(str(path))
     t = AutoModelForCausalLM.from_pretrained(str(teacher))
     assert student.config.num_hidden_layers == 2
@@ -48,7 +48,7 @@ def test_source_vocab_checked(tmp_path: Path) -> None:
     teacher = make_tiny_base(tmp_path / "teacher", layers=2)
     other = make_tiny_base(tmp_path / "other", layers=1)
     result = student_stage(teacher, tmp_path / "run", StudentConfig(source=str(other)))
-    assert result["path"] == str(other)
+    assert result.path == str(other)
     cfg = json.loads((other / "config.json").read_text())
     cfg["vocab_size"] += 1
     (other / "config.json").write_text(json.dumps(cfg))

@@ -11,8 +11,9 @@ import pytest
 from adapters.synthetic import make_style_dataset
 from distill.config import DatasetConfig, StudentConfig, TrainConfig
 from distill.dataset import build_dataset
+from distill.results import TrainSpec
 from distill.student import student_stage
-from distill.train import train_kd, train_stage
+from distill.train import should_stop, train_kd, train_stage
 from tests.services import missing
 from tests.tiny import make_tiny_base
 
@@ -42,7 +43,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
     run = root / "run"
     build_dataset(rows, run, DatasetConfig(eval_fraction=0.2, near_dup_threshold=1.01))
-    student = Path(student_stage(teacher, run, StudentConfig(layers=2))["path"])
+    student = Path(student_stage(teacher, run, StudentConfig(layers=2)).path)
     return {"teacher": teacher, "student": student, "data": run / "dataset", "run": run}
 
 
@@ -53,8 +54,10 @@ def test_train_lowers_loss_and_saves(setup: dict[str, Path], tmp_path: Path) -> 
     result = train_stage(
         setup["teacher"], setup["student"], setup["data"], tmp_path, cfg, progress=False
     )
-    assert result["final_loss"] < result["initial_loss"]
-    assert result["global_batch"] == 4
+    assert result.final_loss is not None
+    assert result.initial_loss is not None
+    assert result.final_loss < result.initial_loss
+    assert result.global_batch == 4
     final = tmp_path / "train" / "final"
     assert AutoModelForCausalLM.from_pretrained(str(final)).config.num_hidden_layers == 2
     assert (tmp_path / "train" / "loss.png").stat().st_size > 0
@@ -70,19 +73,19 @@ def test_train_lowers_loss_and_saves(setup: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_resume_from_checkpoint(setup: dict[str, Path], tmp_path: Path) -> None:
-    spec = {
-        "teacher": str(setup["teacher"]),
-        "student": str(setup["student"]),
-        "data": str(setup["data"]),
-        "out": str(tmp_path),
-        "config": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 1, "loss": "jsd"},
-    }
+    spec = TrainSpec(
+        teacher=str(setup["teacher"]),
+        student=str(setup["student"]),
+        data=str(setup["data"]),
+        out=str(tmp_path),
+        config=TrainConfig(max_steps=2, batch_size=2, checkpoint_every=1, loss="jsd"),
+    )
     first = train_kd(spec, progress=False)
-    assert first["resumed_from"] == 0
+    assert first.resumed_from == 0
     assert (tmp_path / "checkpoints" / "step-2" / "done").is_file()
-    spec["config"]["max_steps"] = 4  # type: ignore[index]
+    spec.config.max_steps = 4
     second = train_kd(spec, progress=False)
-    assert second["resumed_from"] == 2
+    assert second.resumed_from == 2
     log = json.loads((tmp_path / "train_log.json").read_text())["log"]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
 
@@ -138,3 +141,58 @@ def test_accelerate_launch_two_cpu_processes(setup: dict[str, Path], tmp_path: P
     assert log["global_batch"] == 4
     assert len(log["log"]) == 3
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_should_stop_rule() -> None:
+    assert not should_stop([], patience=2)
+    assert not should_stop([0.2, 0.3], patience=2)  # too few evaluations to judge
+    assert not should_stop([0.2, 0.3, 0.4], patience=2)  # still rising
+    assert should_stop([0.2, 0.5, 0.4, 0.5], patience=2)  # two without beating 0.5
+    assert not should_stop([0.2, 0.5, 0.4, 0.6], patience=2)
+    assert should_stop([0.2, 0.5, 0.52], patience=1, min_delta=0.05)  # too small a rise
+    assert should_stop([0.3, 1.0], patience=5)  # nothing left to gain
+    assert not should_stop([0.1, 0.1, 0.1], patience=0)  # patience 0: only at 1.0
+
+
+def test_early_stop_keeps_the_best_weights(setup: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from distill.config import EarlyStopConfig
+
+    def spec(out: Path, max_steps: int, patience: int) -> TrainSpec:
+        es = EarlyStopConfig(every=2, examples=4, patience=patience, max_tokens=4)
+        return TrainSpec(
+            teacher=str(setup["teacher"]),
+            student=str(setup["student"]),
+            data=str(setup["data"]),
+            out=str(out),
+            config=TrainConfig(max_steps=max_steps, batch_size=2, lr=1e-3, early_stop=es),
+            measure="exact",
+        )
+
+    # A random tiny student never answers exactly like the teacher: agreement stays 0, so
+    # with patience 1 the second evaluation (step 4) stops training, and the best is step 2.
+    stopped = train_kd(spec(tmp_path / "a", 10, 1), progress=False)
+    es = stopped.early_stop
+    assert es is not None
+    assert es.history == [(2, 0.0), (4, 0.0)]
+    assert (es.stopped_at, es.best_step, stopped.steps) == (4, 2, 4)
+    assert es.examples == 4
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert len(log["log"]) == 4
+    # The saved student is step 2's: the same as a run that stopped there by max_steps.
+    two = train_kd(spec(tmp_path / "b", 2, 5), progress=False)
+    assert two.early_stop is not None
+    assert two.early_stop.stopped_at is None
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch_equal(a[k], b[k]) for k in a)
+
+
+def torch_equal(x: object, y: object) -> bool:
+    import torch
+
+    assert isinstance(x, torch.Tensor)
+    assert isinstance(y, torch.Tensor)
+    return bool(torch.equal(x, y))

@@ -76,12 +76,13 @@ def test_distill_starts_the_published_students_rollout_with_the_configured_plan(
 ) -> None:
     from distill.cli import start_rollout_for
     from distill.config import load_config
+    from distill.results import Summary
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'retort.db'}"
     gateway_yaml = tmp_path / "retort.yaml"
     gateway_yaml.write_text("rollout:\n  policy:\n    steps: [0.1, 0.3]\n")
     cfg = load_config(None, {"promptlog_url": url, "settings": str(gateway_yaml)})
-    report = {"adapter": "pirate", "teacher_model": "base", "student_model": "pirate-student"}
+    report = Summary(adapter="pirate", teacher_model="base", student_model="pirate-student")
     said = start_rollout_for(cfg, report, tmp_path / "run")
     assert said == "rollout started: pirate -> pirate-student in shadow"
     res = runner.invoke(
