@@ -175,9 +175,10 @@ async def ready(state: State) -> Response[dict[str, str]]:
 async def _open_promptlog(
     gw: Gateway, settings: Settings, metrics: Metrics, students: StudentPool
 ) -> None:
-    """Open the prompt log; while its database is unreachable, retry (requests are served
-    meanwhile, and their records counted in ``retort_promptlog_dropped_total``). Shadow
-    evaluation, which stores its pairs beside the log, starts with it."""
+    """Open the prompt log; while its database is unreachable, retry. Requests are served
+    meanwhile, but not logged: nothing is captured until the database first answers (after
+    that, an outage keeps records in the queue or the spool). Shadow evaluation, which
+    stores its pairs beside the log, starts with it."""
     delay = 1.0
     while True:
         try:

@@ -10,6 +10,9 @@ only when the source would have to wait (for the engine's next step) does it flu
 holds, so the first token, and every token after a wait, is sent at once, never held back
 to be coalesced. A failure mid-stream becomes an SSE ``error`` event, then ``[DONE]``.
 
+At ~400 lines on purpose: the framing, the coalescing writer and its stall and disconnect
+handling are one hot path, kept in one file so its cost can be read in one place.
+
 Once the source has to wait, a task watches ``receive`` for ``http.disconnect`` and cancels
 the writer, which closes the source at once (so the engine aborts the request) instead of
 at the next token. A stream whose frames are all ready at once never needs that task.

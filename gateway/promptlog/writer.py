@@ -19,6 +19,10 @@ what cannot be written (or spooled) in ``close_timeout_s`` is counted dropped
 (``shutdown``). Nothing leaves the queue uncounted.
 
 Call ``submit`` from the event loop's thread (it is not thread-safe).
+
+Past ~400 lines on purpose: the queue, the batching, the retry and degraded state and the
+spool's write and replay are one state machine over one queue; the spool's file format is
+its own module (:mod:`gateway.promptlog.spool`).
 """
 
 from __future__ import annotations
