@@ -10,9 +10,13 @@ What only some engines can do is a separate capability, checked by type: LoRA ad
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from retort.chat_template import render_tools
+
+T = TypeVar("T")
 
 __all__ = [
     "AdapterEngine",
@@ -32,6 +36,7 @@ __all__ = [
     "TokenLogprob",
     "plain_sampling",
     "refuse_unsupported",
+    "render_chat",
 ]
 
 
@@ -152,6 +157,24 @@ def plain_sampling(sampling: Sampling) -> bool:
     split or a shadow copy may send it. Students honour every sampling field but
     ``logit_bias``, whose token ids belong to the teacher's tokenizer."""
     return not sampling.logit_bias
+
+
+def render_chat(
+    request: GenerateRequest,
+    takes_tools: bool,
+    apply: Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], T],
+) -> T:
+    """A chat request through the model's template (``apply(messages, tools)``): tools as
+    the template takes them, else as a Hermes system prompt (:func:`render_tools`); the
+    template's own checks (jinja ``raise_exception``) become a 400 naming ``messages``."""
+    assert request.messages is not None
+    messages, tools = render_tools(request.messages, request.tools, takes_tools)
+    try:
+        return apply(messages, tools)
+    except Exception as exc:
+        raise InvalidInputError(
+            f"the model's chat template rejected the messages: {exc}", param="messages"
+        ) from exc
 
 
 def refuse_unsupported(request: GenerateRequest, who: str) -> None:

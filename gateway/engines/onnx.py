@@ -46,11 +46,11 @@ from gateway.engines.base import (
     PromptTooLongError,
     ServedModel,
     TokenLogprob,
+    render_chat,
 )
 from gateway.engines.guide import GuideCompiler
 from gateway.engines.onnx_batch import Batcher, OrtRunner, QueueFullError
 from gateway.engines.onnx_batch import Sequence as Row
-from retort.chat_template import render_tools
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
@@ -160,19 +160,15 @@ class OnnxEngine(ServedModel):
     def encode(self, request: GenerateRequest) -> list[int]:
         """The prompt's token ids (chat rendered with the model's template)."""
         if request.messages is not None:
-            messages, tools = render_tools(
-                request.messages, request.tools, self._template_takes_tools
-            )
-            try:
-                text = self._tokenizer.apply_chat_template(
+            text = render_chat(
+                request,
+                self._template_takes_tools,
+                lambda messages, tools: self._tokenizer.apply_chat_template(
                     json.dumps(messages),
                     tools=json.dumps(tools) if tools else None,
                     add_generation_prompt=True,
-                )
-            except Exception as exc:  # the template's own checks
-                raise InvalidInputError(
-                    f"the model's chat template rejected the messages: {exc}", param="messages"
-                ) from exc
+                ),
+            )
             return [int(t) for t in self._tokenizer.encode(text)]
         if isinstance(request.prompt, list):
             return [int(t) for t in request.prompt]

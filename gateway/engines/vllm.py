@@ -27,9 +27,9 @@ from gateway.engines.base import (
     Sampling,
     ServedModel,
     TokenLogprob,
+    render_chat,
 )
 from gateway.metrics import EngineStats
-from retort.chat_template import render_tools
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -193,17 +193,13 @@ class VLLMEngine(ServedModel):
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
-            messages, tools = render_tools(
-                request.messages, request.tools, self._template_takes_tools
-            )
-            try:
-                ids = self._tokenizer.apply_chat_template(
+            ids = render_chat(
+                request,
+                self._template_takes_tools,
+                lambda messages, tools: self._tokenizer.apply_chat_template(
                     messages, tools=tools, add_generation_prompt=True, tokenize=True
-                )
-            except Exception as exc:  # the template's own checks (jinja raise_exception)
-                raise InvalidInputError(
-                    f"the model's chat template rejected the messages: {exc}", param="messages"
-                ) from exc
+                ),
+            )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
