@@ -24,6 +24,7 @@ from loadtest.faults import (
     stalled_reader,
     vanishing_client,
 )
+from retort.db.filters import RowFilter
 from retort.db.store import PromptStore
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ IDLE_STREAMS = 200  # the benchmark opens 1,000 (python -m loadtest.faults)
 def rows(home: Path, **filters: Any) -> list[dict[str, Any]]:
     async def query() -> list[dict[str, Any]]:
         async with PromptStore(f"sqlite+aiosqlite:///{home}/retort.db") as store:
-            return await store.query(**filters)
+            return await store.query(RowFilter(**filters))
 
     return asyncio.run(query())
 
