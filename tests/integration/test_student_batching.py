@@ -12,7 +12,6 @@ request is served once the cancelled one is gone.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,16 +44,7 @@ def student_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         STUDENT, onnx, teacher_model="SmolLM2-135M-Instruct", precision="fp32"
     )
     env = {"RETORT_STUDENTS__MAX_CONCURRENCY": str(ROWS), "RETORT_STUDENTS__MAX_QUEUE": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        srv = start_server(tmp, model_dir, name="student-gateway")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    srv = start_server(tmp, model_dir, name="student-gateway", env=env)
     try:
         yield srv
     finally:
