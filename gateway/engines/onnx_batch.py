@@ -426,22 +426,23 @@ class Batcher:
         """Pick ``seq``'s next token from ``logits`` and hand it out; False when it ended."""
         if seq.cancelled:
             return False
-        raw = logits
-        if seq.bias is not None:
-            logits = logits + seq.bias
-        if seq.counts:
-            ids = np.fromiter(seq.counts, np.int64, len(seq.counts))
-            n = np.fromiter(seq.counts.values(), np.float32, len(seq.counts))
-            logits = logits.copy() if logits is raw else logits
-            logits[ids] -= seq.presence_penalty + seq.frequency_penalty * n
-        if seq.guide is not None:
-            logits = np.where(seq.guide.allowed(), logits, -np.inf)
-        if seq.ignore_eos or seq.produced < seq.min_tokens:
+        raw = logits  # a view of the step's output: logprobs read it, adjustments copy it
+        mask_eos = seq.ignore_eos or seq.produced < seq.min_tokens
+        if seq.bias is not None or seq.counts or seq.guide is not None or mask_eos:
             logits = logits.copy()
-            logits[[t for t in self._eos if t < len(logits)]] = -np.inf
-            if seq.guide is not None and not np.isfinite(logits).any():
-                seq.emit(seq, None, "stop")  # the grammar is complete: only the end is left
-                return False
+            if seq.bias is not None:
+                logits += seq.bias
+            if seq.counts:
+                ids = np.fromiter(seq.counts, np.int64, len(seq.counts))
+                n = np.fromiter(seq.counts.values(), np.float32, len(seq.counts))
+                logits[ids] -= seq.presence_penalty + seq.frequency_penalty * n
+            if seq.guide is not None:
+                logits[~seq.guide.allowed()] = -np.inf
+            if mask_eos:
+                logits[[t for t in self._eos if t < len(logits)]] = -np.inf
+                if seq.guide is not None and not np.isfinite(logits).any():
+                    seq.emit(seq, None, "stop")  # the grammar is complete: only the end is left
+                    return False
         token = sample_token(logits, seq.temperature, seq.top_p, seq.rng)
         if seq.guide is not None and token not in self._eos and not seq.guide.accept(token):
             seq.fail(seq, RuntimeError(f"token {token} breaks the output grammar"))
