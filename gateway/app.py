@@ -175,15 +175,19 @@ async def ready(state: State) -> Response[dict[str, str]]:
 async def _open_promptlog(
     gw: Gateway, settings: Settings, metrics: Metrics, students: StudentPool
 ) -> None:
-    """Open the prompt log; while its database is unreachable, retry. Requests are served
-    meanwhile, but not logged: nothing is captured until the database first answers (after
-    that, an outage keeps records in the queue or the spool). Shadow evaluation, which
-    stores its pairs beside the log, starts with it."""
+    """Start the prompt log, then open its store; while its database is unreachable,
+    retry. Records are accepted from the first request: until the database first answers
+    they wait in the writer's bounded queue (or the disk spool), as in an outage after
+    start. Feedback, stored responses and the console answer 503 until then. Shadow
+    evaluation, which stores its pairs beside the log, starts once the store is open."""
     delay = 1.0
+    plog: PromptLog | None = None
     while True:
         try:
-            plog = await PromptLog.open(settings.promptlog, settings.home_path, metrics)
-            gw.promptlog = plog
+            if plog is None:
+                plog = PromptLog.start(settings.promptlog, settings.home_path, metrics)
+                gw.promptlog = plog
+            await plog.connect()
             rollouts = settings.rollout.enabled and plog.store is not None
             if (settings.shadow.teachers or rollouts) and plog.store is not None:
                 gw.shadow = ShadowRunner(
@@ -199,7 +203,10 @@ async def _open_promptlog(
             return
         except Exception as exc:
             log.error("prompt log: cannot open the store (retrying in %.0fs): %s", delay, exc)
-            await asyncio.sleep(delay)
+            if plog is None:
+                await asyncio.sleep(delay)
+            else:
+                await plog.wait_connected(delay)  # the writer may reach the database first
             delay = min(delay * 2, 30.0)
 
 

@@ -1,8 +1,9 @@
 """``PromptLog``: store, writer, capture policy, redaction and retention, put together.
 
-Built once in the lifespan (``await PromptLog.open(settings.promptlog, settings.home_path,
-metrics)``) and closed after the requests in flight have drained (``await log.close()``).
-"""
+Built once in the lifespan: ``PromptLog.start(settings.promptlog, settings.home_path,
+metrics)`` accepts records at once, then ``await log.connect()`` (retried while the database
+is unreachable) opens the store; ``await PromptLog.open(...)`` does both. Closed after the
+requests in flight have drained (``await log.close()``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from retort.db.store import PromptStore
 from retort.settings import default_url, spool_dir
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from gateway.metrics import Metrics
@@ -67,6 +69,7 @@ class PromptLog:
         self.redactor: Redactor | None = None
         """The log's redaction, for what is stored beside it (shadow pairs)."""
         self._retention: asyncio.Task[None] | None = None
+        self._sink: _OpeningStore | None = None
 
     @classmethod
     async def open(
@@ -75,19 +78,40 @@ class PromptLog:
         home: Path,
         metrics: Metrics | None = None,
     ) -> PromptLog:
-        """Open the store (migrating it), start the writer and the retention purge."""
+        """Start the log and open its store (migrating it); raises when the database cannot
+        be reached (:meth:`start` then :meth:`connect` accept records before that)."""
+        self = cls.start(settings, home, metrics)
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    @classmethod
+    def start(
+        cls,
+        settings: PromptLogSettings | None,
+        home: Path,
+        metrics: Metrics | None = None,
+    ) -> PromptLog:
+        """Start the writer at once, before the database has answered: records submitted
+        meanwhile wait in the bounded queue (or the disk spool) exactly as in an outage after
+        start, and reach the database once it answers. :meth:`connect` opens the store for
+        everything else (feedback, stored responses, the console, shadow pairs). Call in the
+        running event loop."""
         settings = settings or PromptLogSettings()
         if not settings.enabled:
             return cls(settings)
         redactor = Redactor(settings.redact_patterns) if settings.redact else None
-        store = await PromptStore(settings.url or default_url(home)).open()
+        sink = _OpeningStore(PromptStore(settings.url or default_url(home)))
 
         def prepare(records: list[LogRecord]) -> list[LogRecord]:
             assert redactor is not None
             return [redactor.redact_record(r) for r in records]
 
         writer = BatchWriter(
-            store,
+            sink,
             max_queue_bytes=settings.queue_max_bytes,
             batch_size=settings.batch_size,
             flush_interval_s=settings.flush_interval_s,
@@ -104,16 +128,39 @@ class PromptLog:
             ),
         )
         writer.start()
-        self = cls(settings, store=store, writer=writer)
+        self = cls(settings, writer=writer)
         self.redactor = redactor
-        if self.responses is not None:
-            self.responses.redactor = redactor
-        if settings.retention_days:
+        self._sink = sink
+        sink.on_open = self._opened
+        return self
+
+    async def connect(self) -> None:
+        """Open the store (once; raises while the database is unreachable, so call again),
+        then serve what needs it and start the retention purge. The writer's first
+        successful write opens it too."""
+        if self.store is None and self._sink is not None:
+            await self._sink.ensure_open()
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Whether the store is open within ``timeout_s`` (opened by :meth:`connect` or by
+        the writer, whichever reaches the database first)."""
+        if self._sink is None:
+            return self.store is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._sink.opened.wait(), timeout_s)
+        return self.store is not None
+
+    def _opened(self, store: PromptStore) -> None:
+        self.responses = ResponseStore(store)
+        self.responses.redactor = self.redactor
+        self.store = store
+        if self.settings.retention_days:
             self._retention = asyncio.create_task(
-                run_retention(store, settings.retention_days, interval_s=settings.purge_interval_s),
+                run_retention(
+                    store, self.settings.retention_days, interval_s=self.settings.purge_interval_s
+                ),
                 name="promptlog-retention",
             )
-        return self
 
     @property
     def enabled(self) -> bool:
@@ -143,6 +190,8 @@ class PromptLog:
         at most ``FEEDBACK_FLUSH_S``: the database may be down), so feedback right after a
         response works. ``/v1/feedback`` and the console use this."""
         if self.store is None:
+            if self.writer is not None:
+                raise PromptLogUnavailableError  # enabled, but the database has not answered
             return False
         if self.writer is not None and self.writer.pending(request_id):
             with contextlib.suppress(TimeoutError):
@@ -164,5 +213,36 @@ class PromptLog:
             self._retention = None
         if self.writer is not None:
             await self.writer.close()
-        if self.store is not None:
+        if self._sink is not None:
+            await self._sink.store.close()
+        elif self.store is not None:
             await self.store.close()
+
+
+class _OpeningStore:
+    """The writer's sink: the store, opened (and migrated) by the first write that finds it
+    closed. A write while the database is unreachable fails like any insert, so the
+    writer's retries, degraded state and spool cover an outage at start as after it."""
+
+    def __init__(self, store: PromptStore) -> None:
+        self.store = store
+        self.on_open: Callable[[PromptStore], None] | None = None
+        self.opened = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    async def ensure_open(self) -> PromptStore:
+        if not self.opened.is_set():
+            async with self._lock:
+                if not self.opened.is_set():
+                    await self.store.open()
+                    if self.on_open is not None:
+                        self.on_open(self.store)
+                    self.opened.set()
+        return self.store
+
+    async def insert_many(self, records: Sequence[LogRecord]) -> int:
+        store = await self.ensure_open()
+        return await store.insert_many(records)
+
+    def is_data_error(self, error: BaseException) -> bool:
+        return self.store.is_data_error(error)

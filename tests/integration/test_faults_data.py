@@ -343,6 +343,57 @@ def test_spool_survives_a_sigkill_mid_outage_exactly_once(outage: Outage) -> Non
     assert not list((load.gw.root / "home" / "promptlog-spool").glob("*.jsonl"))
 
 
+def test_postgres_down_when_the_gateway_starts_loses_no_record(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The database unreachable at start is an outage like any other: requests are served
+    and logged from the first one (held in the queue), feedback is a 503 until the store
+    opens, and every record reaches Postgres once it answers."""
+    tmp = tmp_path_factory.mktemp("pg-down-at-start")
+    n = 20
+    with service(postgres_server()) as pg:
+        pg.stop()
+        log = {"flush_interval_s": 0.1, "retry_backoff_s": 0.1, "retry_max_backoff_s": 0.5}
+        gw = gateway(tmp, "cold", promptlog={"url": pg.url, **log})
+        try:
+            start_all(gw)
+            load = Load(gw, "cold")
+            asyncio.run(load.run(n, 0.02))
+            assert len(load.served) == n, load.errors
+            asyncio.run(waits.until(lambda: gw.metric("retort_promptlog_degraded") == 1, 15, 0.05))
+            assert gw.metric("retort_promptlog_queue_depth") == n
+            r = httpx.post(
+                gw.url + "/v1/feedback",
+                json={"request_id": load.served[0], "score": 1.0},
+                timeout=10,
+            )
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "promptlog_unavailable"
+            pg.start()
+            started = time.monotonic()
+
+            async def landed() -> collections.Counter[str]:
+                async with PromptStore(pg.url) as store:
+                    await wait_rows(store, load.served)
+                    return await count_rows(store)
+
+            rows = asyncio.run(landed())
+            took = time.monotonic() - started
+            print(f"\nPostgres down at start: {load.summary()}, all {n} records written "
+                  f"{took:.1f} s after it started")  # fmt: skip
+            assert all(rows[rid] == 1 for rid in load.served), rows
+            assert gw.dropped() == 0
+            asyncio.run(waits.until(lambda: gw.metric("retort_promptlog_degraded") == 0, 15, 0.05))
+            r = httpx.post(
+                gw.url + "/v1/feedback",
+                json={"request_id": load.served[0], "score": 1.0},
+                timeout=10,
+            )
+            assert r.status_code == 201, r.text
+        finally:
+            gw.stop()
+
+
 # -- 3: Redis stops and starts ---------------------------------------------------------------
 
 RPM = 10

@@ -99,3 +99,46 @@ async def test_feedback_while_the_database_is_down_is_a_503() -> None:
         assert err.value.headers["Retry-After"] == "5"
     finally:
         await store.close()
+
+
+async def test_records_accepted_before_the_database_first_answers_reach_it(tmp_path: Path) -> None:
+    """An outage at start is an outage like any other: the log accepts records from the
+    first request, holds them in its queue (degraded), and writes them once it can."""
+    from gateway.promptlog.service import PromptLogUnavailableError
+
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the database's directory must go")
+    url = f"sqlite+aiosqlite:///{blocker}/log.db"  # unreachable: its directory cannot exist
+    metrics = Metrics(CollectorRegistry())
+    settings = PromptLogSettings(url=url, flush_interval_s=0.05, retries=1, retry_backoff_s=0.05,
+                                 retry_max_backoff_s=0.1, redact=False)  # fmt: skip
+    with pytest.raises(OSError):
+        await PromptLog.open(settings, tmp_path)  # raises; ``start`` does not
+    plog = PromptLog.start(settings, tmp_path, metrics)
+    try:
+        with pytest.raises(OSError):
+            await plog.connect()
+        assert plog.store is None
+        for i in range(5):
+            assert plog.should_capture(f"req-{i}")
+            assert plog.submit(make_record(i))
+        for _ in range(100):
+            if metrics.registry.get_sample_value("retort_promptlog_degraded") == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert metrics.registry.get_sample_value("retort_promptlog_degraded") == 1
+        with pytest.raises(PromptLogUnavailableError):
+            await plog.add_feedback("req-1", 1.0)  # 503 until the store is open, not 404
+        assert plog.writer is not None
+        assert plog.writer.depth == 5
+
+        blocker.unlink()  # the database becomes reachable: the writer's next try opens it
+        assert await plog.wait_connected(10)
+        assert plog.store is not None
+        await asyncio.wait_for(plog.writer.flush(), 10)
+        assert await plog.store.count() == 5
+        assert await plog.add_feedback("req-1", 1.0)
+        assert metrics.registry.get_sample_value("retort_promptlog_degraded") == 0
+        assert not plog.writer.dropped
+    finally:
+        await plog.close()
