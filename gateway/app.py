@@ -321,6 +321,7 @@ def create_app(
                 loaded = await students.load_all()
                 if loaded:
                     log.info("students loaded: %s", ", ".join(loaded))
+            students.watch()
             gw.admission = build_admission(settings, eng, app_metrics)
             gw.router = Router(
                 eng, aliases=(settings.model.path,), adapters=manager, students=students

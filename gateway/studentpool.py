@@ -3,11 +3,18 @@
 Each student runs on its own :class:`~gateway.engines.onnx.OnnxEngine` and answers to its
 registry name (its folder under ``$RETORT_HOME/students``). ``students.traffic`` sends a
 share of a teacher model's or adapter's requests to its student instead.
+
+A loaded student republished under the same name (the scheduled ``retort distill run
+--publish`` does exactly that) is noticed within ``students.reload_interval_s``: the new files
+are loaded beside the old engine, requests switch to the new one at once, and the old one
+closes once its requests in flight are done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import random
 from typing import TYPE_CHECKING
@@ -21,7 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from gateway.engines.base import Engine
-    from gateway.students import StudentRegistry
+    from gateway.students import StudentManifest, StudentRegistry
 
 __all__ = ["StudentPool", "StudentsSettings", "TrafficSplit"]
 
@@ -51,6 +58,9 @@ class StudentsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     503 and ``Retry-After``."""
     traffic: dict[str, TrafficSplit] = msgspec.field(default_factory=dict)
     """Teacher model or adapter name -> the student taking a share of its traffic."""
+    reload_interval_s: float = 5.0
+    """How often loaded students are checked against the registry: one republished under
+    its name is reloaded from its new files without a restart (0: never)."""
 
 
 class StudentPool:
@@ -69,6 +79,10 @@ class StudentPool:
             if not 0.0 <= split.share <= 1.0:
                 raise ValueError(f"students.traffic[{source!r}].share must be within [0, 1]")
         self._engines: dict[str, Engine] = {}
+        self._versions: dict[str, tuple[float, str]] = {}
+        """Loaded name -> its publication (``created``, and the manifest's file hashes)."""
+        self._watch: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._loading: dict[str, asyncio.Task[Engine]] = {}
         self._rng = rng or random.Random()
         self.live_split: Callable[[str], tuple[str, float] | None] | None = None
@@ -109,6 +123,13 @@ class StudentPool:
         return await asyncio.shield(task)
 
     async def _load(self, name: str) -> Engine:
+        engine, version = await self._open(name)
+        self._engines[name] = engine
+        self._versions[name] = version
+        return engine
+
+    async def _open(self, name: str) -> tuple[Engine, tuple[float, str]]:
+        """A new engine on ``name``'s files as they are now, and its publication."""
         from gateway.engines.onnx import OnnxEngine
         from gateway.students import StudentError
 
@@ -130,20 +151,72 @@ class StudentPool:
             raise APIError(
                 f"The student `{name}` cannot be loaded: {exc}", code="student_load_failed"
             ) from exc
-        self._engines[name] = engine
         log.info("student %s loaded from %s", name, entry.path)
-        return engine
+        return engine, _version(entry.manifest)
+
+    async def refresh(self) -> list[str]:
+        """Reload every loaded student republished since it was loaded; returns their names.
+        One whose new files do not load keeps serving its old engine (and is tried again
+        next time); one removed from the registry keeps serving until it is unloaded."""
+        from gateway.students import StudentError
+
+        reloaded = []
+        for name, version in list(self._versions.items()):
+            try:
+                entry = await asyncio.to_thread(self.registry.get, name)
+            except StudentError:
+                continue  # removed, or being republished right now
+            if _version(entry.manifest) == version or name in self._loading:
+                continue
+            try:
+                engine, new = await self._open(name)
+            except APIError as exc:
+                log.error("student %s was republished but cannot be reloaded: %s", name, exc)
+                continue
+            old = self._engines.get(name)
+            if self._versions.get(name) != version or old is None:  # unloaded meanwhile
+                await engine.close()
+                continue
+            self._engines[name] = engine
+            self._versions[name] = new
+            log.info("student %s republished: serving its new files", name)
+            reloaded.append(name)
+            task = asyncio.create_task(self._retire(name, old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return reloaded
+
+    def watch(self, interval_s: float | None = None) -> None:
+        """Check for republished students every ``interval_s`` (``reload_interval_s``)."""
+        every = self.settings.reload_interval_s if interval_s is None else interval_s
+        if every <= 0 or self._watch is not None:
+            return
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await self.refresh()
+                except Exception:
+                    log.exception("checking the students for republished ones failed")
+
+        self._watch = asyncio.create_task(loop(), name="students-reload")
+
+    async def _retire(self, name: str, engine: Engine) -> None:
+        """Close an engine no longer routed to, once its requests in flight are done."""
+        await _drained(engine)
+        try:
+            await engine.close()
+        except Exception:
+            log.exception("closing the replaced student %s failed", name)
 
     async def unload(self, name: str) -> None:
         """Stop routing to ``name``, let its requests in flight finish, then close it."""
         engine = self._engines.pop(name, None)
+        self._versions.pop(name, None)
         if engine is None:
             raise NotFoundError(f"The student `{name}` is not loaded.", param="name")
-        inflight = getattr(engine, "inflight", 0)
-        deadline = asyncio.get_running_loop().time() + UNLOAD_WAIT_S
-        while inflight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-            inflight = getattr(engine, "inflight", 0)
+        await _drained(engine)
         await engine.close()
         log.info("student %s unloaded", name)
 
@@ -182,9 +255,34 @@ class StudentPool:
             raise ConflictError(f"`{name}` already names a model or adapter.", param="name")
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        for task in list(self._retiring):
+            with contextlib.suppress(Exception):
+                await task
+        self._versions.clear()
         for name in list(self._engines):
             engine = self._engines.pop(name)
             try:
                 await engine.close()
             except Exception:
                 log.exception("closing student %s failed", name)
+
+
+def _version(manifest: StudentManifest) -> tuple[float, str]:
+    """What identifies one publication of a student: its time and its files' hashes."""
+    files = "\n".join(f"{k} {v}" for k, v in sorted(manifest.sha256.items()))
+    return manifest.created, hashlib.sha256(files.encode()).hexdigest()
+
+
+async def _drained(engine: Engine) -> None:
+    """Wait (at most ``UNLOAD_WAIT_S``) until no request is in flight on ``engine``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + UNLOAD_WAIT_S
+    inflight = getattr(engine, "inflight", 0)
+    while inflight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        inflight = getattr(engine, "inflight", 0)

@@ -20,6 +20,7 @@ from gateway.settings import EngineSettings, Settings
 from gateway.studentpool import StudentsSettings, TrafficSplit
 from retort.db.filters import RowFilter
 from retort.db.store import PromptStore
+from tests import waits
 from tests.openai_schema import assert_valid
 from tests.tiny import publish_student
 
@@ -277,3 +278,48 @@ def test_student_calls_a_named_tool(client: TestClient[Any]) -> None:
     assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
     plain = client.post("/v1/chat/completions", json={**base, "max_tokens": 1}).json()
     assert body["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 20
+
+
+def test_a_republished_student_is_served_from_its_new_files(
+    home: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """The scheduled distillation republishes under the same name: the running gateway
+    notices, loads the new files beside the old engine and switches to them; the old
+    engine closes once its requests are done; new files that do not load change nothing."""
+    from distill.export import build_onnx
+    from tests.tiny import make_tiny_base
+
+    other = build_onnx(
+        make_tiny_base(tmp_path / "other", seed=11, hidden_size=64, context=2048),
+        tmp_path / "other-onnx",
+        "fp32",
+    )
+    publish_student(home, tiny_onnx, "bot-student")
+    body = {"model": "bot-student", **CHAT, "max_tokens": 4, "temperature": 0, "logprobs": True}
+
+    def answer(c: TestClient[Any]) -> list[float]:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return [t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"]]
+
+    with TestClient(make_app(home, reload_interval_s=0.1)) as c:
+        pool = c.app.state.gateway.router.students
+        first = pool.get("bot-student")
+        before = answer(c)
+        publish_student(home, other, "bot-student")
+
+        wait = c.blocking_portal.call
+        wait(lambda: waits.until(lambda: pool.get("bot-student") is not first, 30, 0.05))
+        after = answer(c)
+        assert after != before  # the other model's distribution
+        wait(lambda: waits.until(lambda: not first.ready(), 30, 0.05))  # the old one closed
+
+        # A publish whose files are then damaged: the gateway keeps the engine it has.
+        second = pool.get("bot-student")
+        publish_student(home, tiny_onnx, "bot-student")
+        data = next((home / "students" / "bot-student" / "onnx").glob("*.onnx.data"), None)
+        target = data or home / "students" / "bot-student" / "onnx" / "model.onnx"
+        target.write_bytes(target.read_bytes()[:100])
+        assert c.blocking_portal.call(pool.refresh) == []
+        assert pool.get("bot-student") is second
+        assert answer(c) == after
