@@ -58,6 +58,11 @@ class StudentsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     503 and ``Retry-After``."""
     traffic: dict[str, TrafficSplit] = msgspec.field(default_factory=dict)
     """Teacher model or adapter name -> the student taking a share of its traffic."""
+    batch_invariant: bool = True
+    """Decode a lone sequence as two rows, so a student's tokens never depend on how many
+    requests share its steps (greedy answers are the same alone or under load, and match the
+    gate's evaluation); costs ~30% of single-stream speed, nothing with two streams or more.
+    ``false``: the fastest single stream."""
     reload_interval_s: float = 5.0
     """How often loaded students are checked against the registry: one republished under
     its name is reloaded from its new files without a restart (0: never)."""
@@ -145,6 +150,7 @@ class StudentPool:
                 model_name=name,
                 max_concurrency=self.settings.max_concurrency,
                 max_queue=self.settings.max_queue,
+                batch_invariant=self.settings.batch_invariant,
             )
         except Exception as exc:
             log.error("student %s failed to load: %s", name, exc)

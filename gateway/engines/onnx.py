@@ -93,6 +93,7 @@ class OnnxEngine(ServedModel):
         max_queue: int = 256,
         default_max_tokens: int = 256,
         threads: int | None = None,
+        batch_invariant: bool = True,
     ) -> None:
         """Load the model (blocking; use :meth:`load` from async code).
 
@@ -105,6 +106,8 @@ class OnnxEngine(ServedModel):
             max_queue: sequences that may wait for a place; more are refused (503).
             default_max_tokens: completion budget when a request sets none.
             threads: onnxruntime intra-op threads (default: its own choice).
+            batch_invariant: decode a lone sequence as two rows, so that its tokens never
+                depend on the batch (see :meth:`OrtRunner.decode`).
         """
         og = import_og()
         self._og = og
@@ -121,7 +124,7 @@ class OnnxEngine(ServedModel):
         try:
             self._model = og.Model(str(self.path))
             self._tokenizer = og.Tokenizer(self._model)
-            runner = OrtRunner(self.path, threads=threads)
+            runner = OrtRunner(self.path, threads=threads, batch_invariant=batch_invariant)
         except Exception as exc:
             raise EngineError(f"cannot load student {self.path}: {exc}") from exc
         self._default_max = default_max_tokens

@@ -62,8 +62,13 @@ class QueueFullError(RuntimeError):
 class OrtRunner:
     """An exported student's decoder on onnxruntime, with a growable shared KV buffer."""
 
-    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path, *, threads: int | None = None, batch_invariant: bool = True
+    ) -> None:
         import onnxruntime as ort
+
+        self.batch_invariant = batch_invariant
+        """Decode one row as two, so that tokens never depend on the batch (:meth:`decode`)."""
 
         self._ort = ort
         config = json.loads((path / "genai_config.json").read_text())
@@ -150,7 +155,20 @@ class OrtRunner:
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One token for rows ``0..B-1`` (``lengths``: tokens already cached per row);
-        the next-token logits ``[B, vocab]``."""
+        the next-token logits ``[B, vocab]``.
+
+        A single row is decoded as two (the second, a copy, in the free row 1, its output
+        dropped). onnxruntime's quantized matmul (``MatMulNBits``) takes another kernel for
+        one row than for several, and their logits differ by up to ~2%: enough to flip a
+        greedy token. Two rows or more all take the same kernel, so a sequence's tokens do
+        not depend on how many others share its steps: the same prompt gives the same
+        greedy answer alone or under load, and the distillation gate (which decodes one
+        sequence at a time) judges the numbers the gateway serves."""
+        if len(tokens) == 1 and self.batch_invariant:
+            return self._decode(np.repeat(tokens, 2), np.repeat(lengths, 2))[:1]
+        return self._decode(tokens, lengths)
+
+    def _decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         b = len(tokens)
         total = int(lengths.max()) + 1
         self.reserve(b, total)

@@ -332,3 +332,38 @@ def test_penalties_lower_repeated_tokens(tiny_onnx: Path) -> None:
     spread = run(frequency_penalty=100.0)
     assert len(set(spread)) == len(spread) == 12
     assert len(set(run(presence_penalty=100.0))) == 12
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny student quantized as served by default (int4 ``MatMulNBits``)."""
+    from distill.export import build_onnx
+    from tests.tiny import make_tiny_base
+
+    root = tmp_path_factory.mktemp("int4")
+    base = make_tiny_base(root / "base", seed=3, hidden_size=64, context=256)
+    return build_onnx(base, root / "onnx", "int4")
+
+
+def test_a_row_decodes_the_same_alone_and_in_a_batch(tiny_int4: Path) -> None:
+    """Batch invariance: a row's logits are the same, bit for bit, whether it is decoded
+    alone (padded to two rows) or beside one or seven others, so greedy answers do not
+    depend on load, and the gate's one-at-a-time evaluation sees the served numbers."""
+    runner = OrtRunner(tiny_int4)
+    probe = [5, 6, 7, 8, 9, 10, 11]
+
+    def first_row(others: int) -> np.ndarray:
+        runner.release()
+        runner.prefill(0, probe)
+        for row in range(1, others + 1):
+            runner.prefill(row, [20 + row, 21, 22, 23][: 1 + row % 4])
+        lengths = np.asarray([len(probe)] + [1 + row % 4 for row in range(1, others + 1)])
+        tokens = np.full(others + 1, 42)
+        out: np.ndarray = runner.decode(tokens, lengths)[0].copy()
+        return out
+
+    alone = first_row(0)
+    for others in (1, 7):
+        np.testing.assert_array_equal(first_row(others), alone)
+    # A lone row is decoded as two: the copy goes to the free row and is dropped.
+    assert runner.decode(np.asarray([42]), np.asarray([len(probe)])).shape[0] == 1
