@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shadow = client.get(f"/admin/students/{STUDENT}/shadow?limit=1").json()
     finally:
         gw.stop(timeout_s=60)
+        shutil.rmtree(work, ignore_errors=True)
     events = list(reversed(status["events"]))
     t0 = float(events[0]["created"])
     stages = [
