@@ -183,6 +183,9 @@ def _vllm_runs(args: argparse.Namespace, onnx: Path, work: Path) -> dict[str, An
                     shadowing(name == "shadow-on")
                     res = asyncio.run(_run(gw.url, stream, args.requests, interval, gw.model))
                     runs.append({"server": name, "mode": mode, "rep": rep, "cpu_us": 0.0} | res)
+                    # A long run on a shared machine may be cut short: keep what it has.
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    (args.out / "shadow_bench.partial.json").write_text(json.dumps(runs))
         shadowing(False)
         time.sleep(2.0)
         counts = _shadow_counts(gw.url)
