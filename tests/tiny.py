@@ -9,7 +9,7 @@ from typing import Any
 
 from adapters.synthetic import HELD_OUT_PROMPTS, qa_pairs, style_answer
 
-__all__ = ["CHATML_TEMPLATE", "make_tiny_base", "publish_student"]
+__all__ = ["CHATML_TEMPLATE", "export_tiny_student", "make_tiny_base", "publish_student"]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -83,3 +83,18 @@ def publish_student(home: Path, onnx_dir: Path, name: str = "fake-student") -> N
     StudentRegistry(home / "students").publish(
         name, onnx_dir, teacher_model="fake-model", precision="fp32", report={"agreement": 1.0}
     )
+
+
+def export_tiny_student(out: Path, *, seed: int = 3) -> Path:
+    """Build and export a tiny student (fp32 ONNX, context 2048) into ``out/onnx``; returns it."""
+    from distill.export import build_onnx
+
+    out = Path(out)
+    base = make_tiny_base(out / "tiny-student", seed=seed, hidden_size=64, context=2048)
+    return build_onnx(base, out / "onnx", "fp32")
+
+
+if __name__ == "__main__":  # python -m tests.tiny OUT: a tiny exported student (benchmarks)
+    import sys
+
+    print(export_tiny_student(Path(sys.argv[1])))

@@ -3,7 +3,10 @@
 Fills a fresh database (SQLite in a temp folder when no URL is given) with a stage's rows
 (shadow pairs, the teacher's and the student's answers) and times
 :meth:`RolloutService.evaluate` (three queries per live rollout, then the pure policy), and
-the split lookup a request makes.
+the split lookup a request makes. Also what shadowing adds to a request's own path:
+:meth:`ShadowRunner.submit` as the request's accounting calls it (the choice by request id,
+the in-flight bound, the background task created), taken sampled, not sampled and dropped;
+the shadow's own work runs later, in that task.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 from gateway.rollout.policy import RolloutPolicy
@@ -22,7 +26,7 @@ from retort.db.record import LogRecord
 from retort.db.rollouts import RolloutStore
 from retort.db.store import PromptStore
 
-__all__ = ["evaluate_cost"]
+__all__ = ["evaluate_cost", "submit_cost"]
 
 TEACHER, STUDENT = "bench-model", "bench-student"
 
@@ -96,6 +100,51 @@ async def evaluate_cost(
     }
 
 
+async def submit_cost(url: str, batches: int = 300, batch: int = 100) -> dict[str, float]:
+    """Seconds per :meth:`ShadowRunner.submit` call, as the request's accounting makes it:
+    sampled (share 1: a task is created), not sampled (share 0.2, the 80% the hash leaves
+    out), and dropped (the student's ``max_inflight`` reached: counted). Timed in batches of
+    ``batch`` calls, the median batch (a shared machine preempts some); the created tasks
+    are cancelled before they run, so what is timed is the request path's part alone."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.engines.base import Sampling, plain_sampling
+    from gateway.metrics import Metrics
+    from gateway.shadow import ShadowRunner, ShadowSettings, ShadowTarget
+    from gateway.studentpool import StudentPool
+    from gateway.students import StudentRegistry
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = StudentPool(StudentRegistry(Path(tmp) / "students"))
+        async with PromptStore(url) as store:
+            sampling = Sampling(max_tokens=16, temperature=0.0)
+            cases = {"sampled": (1.0, 10**9), "not_sampled": (0.2, 10**9), "dropped": (1.0, 0)}
+            metrics = Metrics(CollectorRegistry())
+            for case, (share, max_inflight) in cases.items():
+                settings = ShadowSettings(
+                    teachers={TEACHER: ShadowTarget(student=STUDENT, share=share)},
+                    max_inflight=max_inflight,
+                )
+                runner = ShadowRunner(settings, pool, store, metrics=metrics)
+                times = []
+                for _ in range(batches):
+                    records = [_record(time.time(), "engine") for _ in range(batch)]
+                    t0 = time.perf_counter()
+                    for rec in records:
+                        runner.submit(
+                            rec,
+                            sampling,
+                            shadowable=plain_sampling(sampling) and "tools" not in rec.params,
+                        )
+                    times.append((time.perf_counter() - t0) / batch)
+                    for task in list(runner._tasks):  # never let them run
+                        task.cancel()
+                    await asyncio.sleep(0)
+                out[case] = statistics.median(times)
+    return out
+
+
 def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         urls = argv or [f"sqlite+aiosqlite:///{tmp}/bench.db"]
@@ -107,6 +156,11 @@ def main(argv: list[str]) -> None:
                 f"answers: {out['evaluate_s'] * 1000:.1f} ms (median of 7; decision: "
                 f"{out['decision']}); split lookup per request: "
                 f"{out['split_lookup_s'] * 1e9:.0f} ns"
+            )
+            sub = asyncio.run(submit_cost(url))
+            print(
+                "shadow submit per request (the request path's share): "
+                + ", ".join(f"{k} {v * 1e6:.2f} µs" for k, v in sub.items())
             )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,13 +25,16 @@ def start_server(
     *extra: str,
     name: str = "server",
     env: dict[str, str] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Server:
     """The gateway on ``model_dir`` with `make serve`'s engine defaults (LoRA on), its
-    ``RETORT_HOME`` at ``tmp/home`` (servers started in one ``tmp`` share it)."""
+    ``RETORT_HOME`` at ``tmp/home`` (servers started in one ``tmp`` share it); ``config``:
+    more settings sections."""
     config = {
         "model": {"path": str(model_dir), "served_name": DEFAULT_MODEL_NAME},
         # Only the LRU bound is lowered, so that the eviction test needs five adapters, not nine.
         "adapters": {"max_loaded": 4},
+        **(config or {}),
     }
     return start_gateway(
         tmp, name, config, home=tmp / "home", env=env, args=extra, ready_timeout_s=READY_TIMEOUT_S

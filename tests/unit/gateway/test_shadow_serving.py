@@ -101,3 +101,54 @@ def test_shadow_admin_is_503_when_off(tmp_path: Path) -> None:
         r = client.get("/admin/students/x/shadow")
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "shadow_disabled"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_shadow_starts_only_after_the_users_response_is_sent(
+    tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """Over a real socket (uvicorn): the last byte of the user's response (or stream) is
+    handed to the server before the shadow copy starts, every time."""
+    import httpx
+
+    from gateway.shadow import ShadowRunner
+    from loadtest.servers import serving_app
+
+    home = tmp_path / "home"
+    publish_student(home, tiny_onnx)
+    order: list[str] = []
+    run = ShadowRunner._run
+
+    async def recorded(self: ShadowRunner, *args: Any) -> None:
+        order.append("shadow")
+        await run(self, *args)
+
+    monkeypatch.setattr(ShadowRunner, "_run", recorded)
+    settings = Settings(
+        home=str(home),
+        engine=EngineSettings(kind="fake", max_model_len=64),
+        promptlog=PromptLogSettings(flush_interval_s=0.05),
+        students=StudentsSettings(autoload=True),
+        shadow=ShadowSettings(
+            teachers={"fake-model": ShadowTarget(student="fake-student", share=1.0)}
+        ),
+    )
+    inner = create_app(settings, engine=FakeEngine("fake-model", 64))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def sent(message: Any) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                order.append("sent")
+
+        await inner(scope, receive, sent if scope["type"] == "http" else send)
+
+    with serving_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(5):
+            order.clear()
+            r = client.post(
+                "/v1/chat/completions", json={**CHAT, "max_tokens": 4, "stream": stream}
+            )
+            assert r.status_code == 200
+            wait_for(lambda: len(order) >= 2)
+            assert order == ["sent", "shadow"]
