@@ -32,7 +32,7 @@ from gateway.console import console_lifespan, console_router, template_config
 from gateway.engines.base import AdapterEngine, BoundedEngine, Engine
 from gateway.errors import exception_handler
 from gateway.feedback import feedback
-from gateway.guards import admin_guard, api_guard
+from gateway.guards import admin_guard, api_auth
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, ReportsStats
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
@@ -366,10 +366,10 @@ def create_app(
 
     return Litestar(
         route_handlers=[
-            # Guards sit on the groups, never on single handlers.
+            # Access rules sit on the groups, never on single handlers.
             RouteGroup(
                 "/v1",
-                guards=[api_guard],
+                middleware=[api_auth],
                 route_handlers=[
                     chat_completions,
                     completions,
