@@ -53,6 +53,7 @@ __all__ = [
     "iterate_events",
     "sse",
     "sse_error",
+    "text_template",
     "write_events",
 ]
 
@@ -66,6 +67,25 @@ log = logging.getLogger("retort.sse")
 def sse(obj: Any) -> bytes:
     """One server-sent event holding ``obj`` as JSON."""
     return b"data: " + encode(obj) + b"\n\n"
+
+
+_SENTINEL = "\x00retort-text\x00"
+
+
+def text_template(frame_with: Callable[[str], bytes]) -> tuple[bytes, bytes] | None:
+    """The frame that ``frame_with`` builds around one text, cut into the bytes before and
+    after that text's JSON string, or ``None`` if the cut is not unique.
+
+    A stream's frames differ only by their token text, so ``head + encode(text) + tail``
+    (one string encoded per token) is the same bytes as building and encoding the whole
+    chunk struct for each token.
+    """
+    marker = encode(_SENTINEL)
+    frame = frame_with(_SENTINEL)
+    if frame.count(marker) != 1:
+        return None
+    head, tail = frame.split(marker)
+    return head, tail
 
 
 def sse_error(exc: BaseException) -> bytes:

@@ -283,3 +283,27 @@ async def test_a_slow_send_that_completes_is_not_a_stall() -> None:
     await write_events(source, client.send, client.receive, stall_s=1.0, max_write_bytes=1)
     assert client.events() == [{"i": 0}, {"i": 1}, {"i": 2}, "[DONE]"]
     assert (source.gone, source.closed) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "Hello", ' "quoted" \\ back', "line\nbreak\ttab", "\x00\x1f ctl", "héllo 😀", "}]"]
+)
+def test_text_template_is_the_same_bytes_as_encoding_the_struct(text: str) -> None:
+    from gateway.openai.protocol import ChatStreamChoice, ChatStreamChunk, DeltaMessage, encode
+    from gateway.openai.sse import text_template
+
+    def frame(t: str) -> bytes:
+        choice = ChatStreamChoice(index=0, delta=DeltaMessage(content=t))
+        return sse(ChatStreamChunk(id="chatcmpl-x", created=1, model='m "q"', choices=[choice]))
+
+    template = text_template(frame)
+    assert template is not None
+    head, tail = template
+    assert head + encode(text) + tail == frame(text)
+    json.loads((head + encode(text) + tail)[len(b"data: ") :])
+
+
+def test_text_template_refuses_an_ambiguous_cut() -> None:
+    from gateway.openai.sse import text_template
+
+    assert text_template(lambda t: sse({"a": t, "b": t})) is None
