@@ -28,7 +28,7 @@ from gateway.openai.serving import (
     start,
     stream_events,
 )
-from gateway.openai.sse import text_template
+from gateway.openai.sse import JSONBytes, text_template
 from gateway.openai.tools import OutputPlan, ToolStream, plan_output
 from gateway.state import Gateway
 
@@ -104,7 +104,7 @@ async def chat_completions(
             choices=choices,
             usage=agg.usage,
         )
-        return Response(encode(body), media_type="application/json", headers=started.cost_headers())
+        return JSONBytes(encode(body), started.cost_headers())
 
     def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
         return sse(

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DONE",
     "MAX_WRITE_BYTES",
+    "JSONBytes",
     "SSESource",
     "SSEStream",
     "iterate_events",
@@ -423,3 +424,42 @@ class SSEStream(Response[bytes]):
             status_code=self.status_code or kwargs.get("status_code"),
             is_head_response=bool(kwargs.get("is_head_response")),
         )
+
+
+class _ReadyJSON:
+    """The ASGI side of :class:`JSONBytes`: two ``send`` calls, headers encoded once."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(self, body: bytes, headers: dict[str, Any]) -> None:
+        self.body = body
+        raw = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
+        raw.append((b"content-type", b"application/json"))
+        raw.append((b"content-length", str(len(body)).encode()))
+        self.headers = raw
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+
+
+class JSONBytes(Response[bytes]):
+    """A 200 ``application/json`` response of ready-encoded bytes (the non-streamed
+    completions). The same status, headers and body as ``Response(body, media_type=JSON,
+    headers=...)``, without Litestar's generic rendering (serializer lookup, header
+    multidict, cookie encoding) on every request; anything else the route layers add
+    (headers, cookies, background tasks, a HEAD request) falls back to it."""
+
+    def __init__(self, body: bytes, headers: dict[str, str] | None = None) -> None:
+        super().__init__(body, media_type="application/json", headers=headers)
+
+    def to_asgi_response(self, app: Any, request: Request[Any, Any, Any], **kwargs: Any) -> Any:
+        if (
+            self.cookies
+            or self.background
+            or self.status_code not in (None, 200)
+            or any(kwargs.get(k) for k in ("headers", "cookies", "background", "is_head_response"))
+            or kwargs.get("status_code") not in (None, 200)
+        ):
+            return super().to_asgi_response(app, request, **kwargs)
+        return _ReadyJSON(self.content, self.headers)

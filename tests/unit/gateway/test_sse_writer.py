@@ -307,3 +307,38 @@ def test_text_template_refuses_an_ambiguous_cut() -> None:
     from gateway.openai.sse import text_template
 
     assert text_template(lambda t: sse({"a": t, "b": t})) is None
+
+
+async def _asgi_messages(app: Any) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    await app({"type": "http"}, receive, send)
+    return sent
+
+
+async def test_json_bytes_sends_what_litestar_response_sends() -> None:
+    from litestar import Response
+
+    from gateway.openai.sse import JSONBytes
+
+    body, headers = b'{"id":"x","v":"\xc3\xa9"}', {"X-Retort-Cost-USD": "0.0001"}
+    fast = await _asgi_messages(JSONBytes(body, headers).to_asgi_response(None, None))  # type: ignore[arg-type]
+    plain = Response(body, media_type="application/json", headers=headers)
+    slow = await _asgi_messages(plain.to_asgi_response(None, None))  # type: ignore[arg-type]
+    assert fast[0]["status"] == slow[0]["status"] == 200
+    assert sorted(fast[0]["headers"]) == sorted(slow[0]["headers"])
+    assert [m.get("body") for m in fast[1:]] == [m.get("body") for m in slow[1:]] == [body]
+
+
+async def test_json_bytes_falls_back_when_a_layer_adds_headers() -> None:
+    from gateway.openai.sse import JSONBytes
+
+    resp = JSONBytes(b"{}").to_asgi_response(None, None, headers={"x-layer": "1"})  # type: ignore[arg-type]
+    sent = await _asgi_messages(resp)
+    assert (b"x-layer", b"1") in sent[0]["headers"]
