@@ -50,7 +50,7 @@ def api_auth(app: ASGIApp) -> ASGIApp:
                     header = value.decode("latin-1")
                     break
             key = auth.authenticate(header)
-            scope.setdefault("state", {})[KEY_STATE] = key  # type: ignore[typeddict-item]
+            scope.setdefault("state", {})[KEY_STATE] = key
         await app(scope, receive, send)
 
     return authenticated
