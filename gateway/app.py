@@ -110,13 +110,18 @@ def build_admission(settings: Settings, engine: Engine, metrics: Metrics) -> Adm
     """The teacher engine's bounded queue (``engine.max_queue``, ``max_queue_wait_s``) over
     its capacity (``max_num_seqs``); ``None`` for an engine without a bound."""
     capacity = engine.max_num_seqs if isinstance(engine, BoundedEngine) else None
+    grouping = settings.engine.adapter_group_max
     if capacity is None:
-        return None
+        if not grouping:
+            return None
+        capacity = 1 << 30  # no engine bound: admission only groups adapters
     admission = Admission(
         capacity,
         max_queue=settings.engine.max_queue,
         max_wait_s=settings.engine.max_queue_wait_s,
         on_reject=metrics.admission_rejected,
+        group_adapters=grouping,
+        group_wait_s=settings.engine.adapter_group_wait_s,
     )
     metrics.watch_admission(lambda: admission.waiting)
     return admission

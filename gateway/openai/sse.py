@@ -34,15 +34,15 @@ import types
 from typing import TYPE_CHECKING, Any, Protocol
 
 from litestar.response import Response
-from litestar.response.base import ASGIResponse
 
 from gateway.errors import to_api_error
 from gateway.openai.protocol import ErrorBody, ErrorResponse, encode
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 
     from litestar import Request
+    from litestar.datastructures import Cookie
     from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
 __all__ = [
@@ -340,8 +340,29 @@ class _IteratorSource:
             await aclose()
 
 
-class _ASGISSEResponse(ASGIResponse):
-    __slots__ = ("done", "on_stall", "source", "stall_s")
+def _raw_headers(headers: dict[str, Any], media_type: bytes) -> list[tuple[bytes, bytes]]:
+    """``headers`` as ASGI wants them, with a content type unless one is there: what
+    Litestar's ``ASGIResponse`` sends, without building its header multidict per request."""
+    raw = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
+    if not any(name == b"content-type" for name, _ in raw):
+        raw.append((b"content-type", media_type))
+    return raw
+
+
+class _ASGISSEResponse:
+    """The ASGI side of :class:`SSEStream`: the response start, then :func:`write_events`;
+    the source is closed on every path (also when the start itself fails)."""
+
+    __slots__ = (
+        "background",
+        "done",
+        "headers",
+        "is_head",
+        "on_stall",
+        "source",
+        "stall_s",
+        "status",
+    )
 
     def __init__(
         self,
@@ -349,31 +370,47 @@ class _ASGISSEResponse(ASGIResponse):
         done: bool,
         stall_s: float,
         on_stall: Callable[[], None] | None,
-        **kwargs: Any,
+        *,
+        status: int,
+        headers: dict[str, Any],
+        cookies: Iterable[Cookie],
+        background: Callable[[], Awaitable[None]] | None,
+        is_head: bool,
     ) -> None:
-        super().__init__(**kwargs)
-        del self.headers["content-length"]  # a stream: chunked transfer encoding
+        raw = _raw_headers(headers, b"text/event-stream; charset=utf-8")
+        raw.extend(c.to_encoded_header() for c in cookies if not c.documentation_only)
+        self.headers = raw  # no content-length: a stream, chunked transfer encoding
+        self.status = status
         self.source = source
         self.done = done
         self.stall_s = stall_s
         self.on_stall = on_stall
+        self.background = background
+        self.is_head = is_head
 
-    async def start_response(self, send: Send) -> None:
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         try:
-            await super().start_response(send)
+            await send(
+                {"type": "http.response.start", "status": self.status, "headers": self.headers}
+            )
+            if self.is_head:
+                await send(_body(b"", False))
         except BaseException:
             await self.source.aclose()  # nothing will be streamed: account for it now
             raise
-
-    async def send_body(self, send: Send, receive: Receive) -> None:
-        await write_events(
-            self.source,
-            send,
-            receive,
-            done=self.done,
-            stall_s=self.stall_s,
-            on_stall=self.on_stall,
-        )
+        if self.is_head:
+            await self.source.aclose()
+        else:
+            await write_events(
+                self.source,
+                send,
+                receive,
+                done=self.done,
+                stall_s=self.stall_s,
+                on_stall=self.on_stall,
+            )
+        if self.background is not None:
+            await self.background()
 
 
 def _stall_policy(
@@ -408,7 +445,7 @@ class SSEStream(Response[bytes]):
 
     def to_asgi_response(
         self, app: Any, request: Request[Any, Any, Any], **kwargs: Any
-    ) -> ASGIResponse:
+    ) -> Any:  # an ASGI app; Litestar only calls it
         headers = kwargs.get("headers")
         merged = {**headers, **self.headers} if headers else self.headers
         stall_s, on_stall = _stall_policy(request)
@@ -417,12 +454,11 @@ class SSEStream(Response[bytes]):
             self.done,
             stall_s,
             on_stall,
-            background=self.background or kwargs.get("background"),
-            cookies=itertools.chain(self.cookies, kwargs.get("cookies") or ()),
+            status=self.status_code or kwargs.get("status_code") or 200,
             headers=merged,
-            media_type="text/event-stream",
-            status_code=self.status_code or kwargs.get("status_code"),
-            is_head_response=bool(kwargs.get("is_head_response")),
+            cookies=itertools.chain(self.cookies, kwargs.get("cookies") or ()),
+            background=self.background or kwargs.get("background"),
+            is_head=bool(kwargs.get("is_head_response")),
         )
 
 
@@ -433,8 +469,7 @@ class _ReadyJSON:
 
     def __init__(self, body: bytes, headers: dict[str, Any]) -> None:
         self.body = body
-        raw = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
-        raw.append((b"content-type", b"application/json"))
+        raw = _raw_headers(headers, b"application/json")
         raw.append((b"content-length", str(len(body)).encode()))
         self.headers = raw
 
