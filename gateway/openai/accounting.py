@@ -308,7 +308,7 @@ class Started:
                     )
             finally:
                 if self.admission is not None:
-                    self.admission.leave(self.sampling.n)
+                    self.admission.leave(self.sampling.n, route.adapter)
                 route.lease.release()
                 gw.request_finished()
                 await self.limit.release(self.prompt_tokens + completion_tokens)

@@ -28,6 +28,7 @@ from gateway.openai.serving import (
     start,
     stream_events,
 )
+from gateway.openai.sse import JSONBytes, text_template
 from gateway.openai.tools import OutputPlan, ToolStream, plan_output
 from gateway.state import Gateway
 
@@ -103,7 +104,7 @@ async def chat_completions(
             choices=choices,
             usage=agg.usage,
         )
-        return Response(encode(body), media_type="application/json", headers=started.cost_headers())
+        return JSONBytes(encode(body), started.cost_headers())
 
     def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
         return sse(
@@ -148,7 +149,23 @@ def _plain_render(
             ]
         )
 
-    return render
+    if want_logprobs:
+        return render
+    # The common frame (choice 0, not the last, no logprobs) is a pre-encoded template
+    # around the token's text: one string encoded per token instead of three structs.
+    template = text_template(
+        lambda text: chunk([ChatStreamChoice(index=0, delta=DeltaMessage(content=text))])
+    )
+    if template is None:
+        return render
+    head, tail = template
+
+    def render_text(c: base.Chunk) -> bytes:
+        if c.index == 0 and c.finish_reason is None:
+            return head + encode(c.text) + tail
+        return render(c)
+
+    return render_text
 
 
 def _tool_render(

@@ -26,6 +26,7 @@ from gateway.openai.serving import (
     start,
     stream_events,
 )
+from gateway.openai.sse import JSONBytes
 from gateway.state import Gateway
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ async def completions(
             ],
             usage=agg.usage,
         )
-        return Response(encode(body), media_type="application/json", headers=started.cost_headers())
+        return JSONBytes(encode(body), started.cost_headers())
 
     offsets = [len(echo_of(i)) for i in range(sampling.n)]
 

@@ -95,7 +95,7 @@ async def start(
         if not route.engine.ready():
             raise ServiceUnavailableError("The engine is not ready.")
         if route.served_by == "engine" and gw.admission is not None:
-            await gw.admission.enter(sampling.n)  # 503 + Retry-After past a bounded wait
+            await gw.admission.enter(sampling.n, route.adapter)  # 503 past a bounded wait
             admission = gw.admission
         engine_id = info.request_id if info.id_generated else uuid.uuid4().hex
         req = GenerateRequest(
@@ -123,8 +123,8 @@ async def start(
                 if aclose is not None:
                     await aclose()
         finally:
-            if admission is not None:
-                admission.leave(sampling.n)
+            if admission is not None and route is not None:
+                admission.leave(sampling.n, route.adapter)
             if route is not None:
                 route.lease.release()
                 if isinstance(exc, Exception):

@@ -34,25 +34,27 @@ import types
 from typing import TYPE_CHECKING, Any, Protocol
 
 from litestar.response import Response
-from litestar.response.base import ASGIResponse
 
 from gateway.errors import to_api_error
 from gateway.openai.protocol import ErrorBody, ErrorResponse, encode
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 
     from litestar import Request
+    from litestar.datastructures import Cookie
     from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
 __all__ = [
     "DONE",
     "MAX_WRITE_BYTES",
+    "JSONBytes",
     "SSESource",
     "SSEStream",
     "iterate_events",
     "sse",
     "sse_error",
+    "text_template",
     "write_events",
 ]
 
@@ -66,6 +68,25 @@ log = logging.getLogger("retort.sse")
 def sse(obj: Any) -> bytes:
     """One server-sent event holding ``obj`` as JSON."""
     return b"data: " + encode(obj) + b"\n\n"
+
+
+_SENTINEL = "\x00retort-text\x00"
+
+
+def text_template(frame_with: Callable[[str], bytes]) -> tuple[bytes, bytes] | None:
+    """The frame that ``frame_with`` builds around one text, cut into the bytes before and
+    after that text's JSON string, or ``None`` if the cut is not unique.
+
+    A stream's frames differ only by their token text, so ``head + encode(text) + tail``
+    (one string encoded per token) is the same bytes as building and encoding the whole
+    chunk struct for each token.
+    """
+    marker = encode(_SENTINEL)
+    frame = frame_with(_SENTINEL)
+    if frame.count(marker) != 1:
+        return None
+    head, tail = frame.split(marker)
+    return head, tail
 
 
 def sse_error(exc: BaseException) -> bytes:
@@ -319,8 +340,29 @@ class _IteratorSource:
             await aclose()
 
 
-class _ASGISSEResponse(ASGIResponse):
-    __slots__ = ("done", "on_stall", "source", "stall_s")
+def _raw_headers(headers: dict[str, Any], media_type: bytes) -> list[tuple[bytes, bytes]]:
+    """``headers`` as ASGI wants them, with a content type unless one is there: what
+    Litestar's ``ASGIResponse`` sends, without building its header multidict per request."""
+    raw = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
+    if not any(name == b"content-type" for name, _ in raw):
+        raw.append((b"content-type", media_type))
+    return raw
+
+
+class _ASGISSEResponse:
+    """The ASGI side of :class:`SSEStream`: the response start, then :func:`write_events`;
+    the source is closed on every path (also when the start itself fails)."""
+
+    __slots__ = (
+        "background",
+        "done",
+        "headers",
+        "is_head",
+        "on_stall",
+        "source",
+        "stall_s",
+        "status",
+    )
 
     def __init__(
         self,
@@ -328,31 +370,47 @@ class _ASGISSEResponse(ASGIResponse):
         done: bool,
         stall_s: float,
         on_stall: Callable[[], None] | None,
-        **kwargs: Any,
+        *,
+        status: int,
+        headers: dict[str, Any],
+        cookies: Iterable[Cookie],
+        background: Callable[[], Awaitable[None]] | None,
+        is_head: bool,
     ) -> None:
-        super().__init__(**kwargs)
-        del self.headers["content-length"]  # a stream: chunked transfer encoding
+        raw = _raw_headers(headers, b"text/event-stream; charset=utf-8")
+        raw.extend(c.to_encoded_header() for c in cookies if not c.documentation_only)
+        self.headers = raw  # no content-length: a stream, chunked transfer encoding
+        self.status = status
         self.source = source
         self.done = done
         self.stall_s = stall_s
         self.on_stall = on_stall
+        self.background = background
+        self.is_head = is_head
 
-    async def start_response(self, send: Send) -> None:
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         try:
-            await super().start_response(send)
+            await send(
+                {"type": "http.response.start", "status": self.status, "headers": self.headers}
+            )
+            if self.is_head:
+                await send(_body(b"", False))
         except BaseException:
             await self.source.aclose()  # nothing will be streamed: account for it now
             raise
-
-    async def send_body(self, send: Send, receive: Receive) -> None:
-        await write_events(
-            self.source,
-            send,
-            receive,
-            done=self.done,
-            stall_s=self.stall_s,
-            on_stall=self.on_stall,
-        )
+        if self.is_head:
+            await self.source.aclose()
+        else:
+            await write_events(
+                self.source,
+                send,
+                receive,
+                done=self.done,
+                stall_s=self.stall_s,
+                on_stall=self.on_stall,
+            )
+        if self.background is not None:
+            await self.background()
 
 
 def _stall_policy(
@@ -387,7 +445,7 @@ class SSEStream(Response[bytes]):
 
     def to_asgi_response(
         self, app: Any, request: Request[Any, Any, Any], **kwargs: Any
-    ) -> ASGIResponse:
+    ) -> Any:  # an ASGI app; Litestar only calls it
         headers = kwargs.get("headers")
         merged = {**headers, **self.headers} if headers else self.headers
         stall_s, on_stall = _stall_policy(request)
@@ -396,10 +454,47 @@ class SSEStream(Response[bytes]):
             self.done,
             stall_s,
             on_stall,
-            background=self.background or kwargs.get("background"),
-            cookies=itertools.chain(self.cookies, kwargs.get("cookies") or ()),
+            status=self.status_code or kwargs.get("status_code") or 200,
             headers=merged,
-            media_type="text/event-stream",
-            status_code=self.status_code or kwargs.get("status_code"),
-            is_head_response=bool(kwargs.get("is_head_response")),
+            cookies=itertools.chain(self.cookies, kwargs.get("cookies") or ()),
+            background=self.background or kwargs.get("background"),
+            is_head=bool(kwargs.get("is_head_response")),
         )
+
+
+class _ReadyJSON:
+    """The ASGI side of :class:`JSONBytes`: two ``send`` calls, headers encoded once."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(self, body: bytes, headers: dict[str, Any]) -> None:
+        self.body = body
+        raw = _raw_headers(headers, b"application/json")
+        raw.append((b"content-length", str(len(body)).encode()))
+        self.headers = raw
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+
+
+class JSONBytes(Response[bytes]):
+    """A 200 ``application/json`` response of ready-encoded bytes (the non-streamed
+    completions). The same status, headers and body as ``Response(body, media_type=JSON,
+    headers=...)``, without Litestar's generic rendering (serializer lookup, header
+    multidict, cookie encoding) on every request; anything else the route layers add
+    (headers, cookies, background tasks, a HEAD request) falls back to it."""
+
+    def __init__(self, body: bytes, headers: dict[str, str] | None = None) -> None:
+        super().__init__(body, media_type="application/json", headers=headers)
+
+    def to_asgi_response(self, app: Any, request: Request[Any, Any, Any], **kwargs: Any) -> Any:
+        if (
+            self.cookies
+            or self.background
+            or self.status_code not in (None, 200)
+            or any(kwargs.get(k) for k in ("headers", "cookies", "background", "is_head_response"))
+            or kwargs.get("status_code") not in (None, 200)
+        ):
+            return super().to_asgi_response(app, request, **kwargs)
+        return _ReadyJSON(self.content, self.headers)

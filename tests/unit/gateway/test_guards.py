@@ -1,11 +1,12 @@
-"""Guards sit on the /v1 and /admin route groups, never on single handlers."""
+"""Access rules sit on the /v1 and /admin route groups, never on single handlers: the API-key
+middleware on /v1, the admin guard on /admin and the adapter endpoints."""
 
 from __future__ import annotations
 
 from gateway.app import create_app
 from gateway.console.session import console_guard
 from gateway.engines.fake import FakeEngine
-from gateway.guards import admin_guard, api_guard
+from gateway.guards import admin_guard, api_auth
 from gateway.settings import EngineSettings, Settings
 
 ADMIN_UNDER_V1 = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
@@ -23,8 +24,10 @@ def _guards() -> dict[str, set[object]]:
             if "OPTIONS" in handler.http_methods:
                 continue
             assert not handler.guards, f"{route.path}: a guard on the handler itself"
+            assert not handler.middleware, f"{route.path}: middleware on the handler itself"
             owners = handler.ownership_layers
             out[route.path] = {g for layer in owners for g in (layer.guards or [])}
+            out[route.path] |= {m for layer in owners for m in (layer.middleware or [])}
     return out
 
 
@@ -34,7 +37,7 @@ def test_each_group_has_its_guard() -> None:
         if path in ADMIN_UNDER_V1 or path.startswith("/admin"):
             assert found == {admin_guard}, path
         elif path.startswith("/v1"):
-            assert found == {api_guard}, path
+            assert found == {api_auth}, path
         elif path.startswith("/console"):
             # The console's pages sit behind its session guard (on their router); its login
             # form and static files are open.

@@ -283,3 +283,62 @@ async def test_a_slow_send_that_completes_is_not_a_stall() -> None:
     await write_events(source, client.send, client.receive, stall_s=1.0, max_write_bytes=1)
     assert client.events() == [{"i": 0}, {"i": 1}, {"i": 2}, "[DONE]"]
     assert (source.gone, source.closed) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "Hello", ' "quoted" \\ back', "line\nbreak\ttab", "\x00\x1f ctl", "héllo 😀", "}]"]
+)
+def test_text_template_is_the_same_bytes_as_encoding_the_struct(text: str) -> None:
+    from gateway.openai.protocol import ChatStreamChoice, ChatStreamChunk, DeltaMessage, encode
+    from gateway.openai.sse import text_template
+
+    def frame(t: str) -> bytes:
+        choice = ChatStreamChoice(index=0, delta=DeltaMessage(content=t))
+        return sse(ChatStreamChunk(id="chatcmpl-x", created=1, model='m "q"', choices=[choice]))
+
+    template = text_template(frame)
+    assert template is not None
+    head, tail = template
+    assert head + encode(text) + tail == frame(text)
+    json.loads((head + encode(text) + tail)[len(b"data: ") :])
+
+
+def test_text_template_refuses_an_ambiguous_cut() -> None:
+    from gateway.openai.sse import text_template
+
+    assert text_template(lambda t: sse({"a": t, "b": t})) is None
+
+
+async def _asgi_messages(app: Any) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    await app({"type": "http"}, receive, send)
+    return sent
+
+
+async def test_json_bytes_sends_what_litestar_response_sends() -> None:
+    from litestar import Response
+
+    from gateway.openai.sse import JSONBytes
+
+    body, headers = b'{"id":"x","v":"\xc3\xa9"}', {"X-Retort-Cost-USD": "0.0001"}
+    fast = await _asgi_messages(JSONBytes(body, headers).to_asgi_response(None, None))  # type: ignore[arg-type]
+    plain = Response(body, media_type="application/json", headers=headers)
+    slow = await _asgi_messages(plain.to_asgi_response(None, None))  # type: ignore[arg-type]
+    assert fast[0]["status"] == slow[0]["status"] == 200
+    assert sorted(fast[0]["headers"]) == sorted(slow[0]["headers"])
+    assert [m.get("body") for m in fast[1:]] == [m.get("body") for m in slow[1:]] == [body]
+
+
+async def test_json_bytes_falls_back_when_a_layer_adds_headers() -> None:
+    from gateway.openai.sse import JSONBytes
+
+    resp = JSONBytes(b"{}").to_asgi_response(None, None, headers={"x-layer": "1"})  # type: ignore[arg-type]
+    sent = await _asgi_messages(resp)
+    assert (b"x-layer", b"1") in sent[0]["headers"]
