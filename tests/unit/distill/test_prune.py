@@ -37,7 +37,8 @@ def test_importance_ranks_the_active_channels(tmp_path: Path) -> None:
         model.model.embed_tokens.weight[:, 3].mul_(100.0)  # and make hidden channel 3 loud
     inter, hidden = channel_importance(model, _CALIB)
     assert [t.shape[0] for t in inter] == [128, 128]
-    assert inter[0][7] == 0 and int(torch.argmin(inter[0])) == 7
+    assert inter[0][7] == 0
+    assert int(torch.argmin(inter[0])) == 7
     assert hidden.shape == (64,)
     assert int(torch.argmax(hidden)) == 3
     pruned = prune_width(model, _CALIB, intermediate_size=127)
@@ -54,7 +55,8 @@ def test_pruned_shapes_params_and_same_function_when_nothing_is_cut(tmp_path: Pa
     same = prune_width(model, _CALIB, intermediate_size=128, hidden_size=64)
     assert torch.allclose(same(input_ids=ids).logits, before)
     prune_width(model, _CALIB, intermediate_size=48, hidden_size=40)
-    assert model.config.intermediate_size == 48 and model.config.hidden_size == 40
+    assert model.config.intermediate_size == 48
+    assert model.config.hidden_size == 40
     assert model.config.head_dim == 16
     layer = model.model.layers[1]
     assert layer.mlp.gate_proj.weight.shape == (48, 40)
