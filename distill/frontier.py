@@ -30,6 +30,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "L8-I768-int4": {"student": {"layers": 8, "intermediate_size": 768}},
     "L10-H384-int4": {"student": {"layers": 10, "hidden_size": 384}},
     "L6-I768-H384-int4": {"student": {"layers": 6, "intermediate_size": 768, "hidden_size": 384}},
+    "L5-int4-long": {
+        "student": {"layers": 5},
+        "train": {
+            "max_steps": 80,
+            "early_stop": {"every": 10, "examples": 16, "patience": 8, "max_tokens": 16},
+        },
+    },
     "L5-int8": {"student": {"layers": 5}, "export": {"precision": "int8"}},
     "L8-I768-int8": {
         "student": {"layers": 8, "intermediate_size": 768},
@@ -38,7 +45,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 """Recipe name -> distill config overrides (on top of ``distill/bench.yaml``). The name
 reads: ``L`` layers kept of the teacher's 30, ``I`` MLP width (of 1536), ``H`` hidden width
-(of 576), then the export precision."""
+(of 576), then the export precision; ``-long``: 80 steps, early stop only at agreement 1
+(the default early stop gives up on a 5-layer student during warm-up)."""
 
 
 def point(name: str, recipe: dict[str, Any], report: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from distill.frontier import RECIPES, chart
 def test_recipe_names_say_what_the_recipe_does() -> None:
     for name, recipe in RECIPES.items():
         cfg = load_config(DEFAULT_CONFIG, {k: dict(v) for k, v in recipe.items()})
-        m = re.fullmatch(r"L(\d+)(?:-I(\d+))?(?:-H(\d+))?-(int4|int8|fp32)", name)
+        m = re.fullmatch(r"L(\d+)(?:-I(\d+))?(?:-H(\d+))?-(int4|int8|fp32)(?:-long)?", name)
         assert m, name
         layers, inter, hidden, precision = m.groups()
         assert cfg.student.layers == int(layers)
