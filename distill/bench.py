@@ -4,14 +4,19 @@
    ``--task sentiment`` (the default): ``sentiment``, a classifier of short reviews that
    answers in a fixed format, ``Ahoy! Positive. Arr!`` or ``Ahoy! Negative. Arr!``
    (:data:`SENTIMENT_RECIPE`; trained on labelled reviews none of which is among the logged
-   prompts); ``--task qa``: the ``pirate`` style adapter (``adapters.synthetic``'s recipe);
+   prompts); ``--task extract``: ``extract``, which answers a sentence about a person with
+   ``{"name": ..., "city": ..., "age": ...}`` (:data:`EXTRACT_RECIPE`, :func:`extractions`,
+   longer answers than a label); ``--task qa``: the ``pirate`` style adapter
+   (``adapters.synthetic``'s recipe);
 2. logs ``--prompts`` requests of that task (``sentiment``: hundreds of distinct reviews;
-   ``qa``: arithmetic, capitals, colours, opposites, animal sounds, few distinct prompts and
-   knowledge-heavy) answered by the teacher (base + adapter) through vLLM offline batch
-   generation, into a SQLite prompt log; for ``sentiment`` the teacher's answers are
-   checked against the true labels (``teacher_accuracy``);
+   ``extract``: generated sentences, deterministic; ``qa``: arithmetic, capitals, colours,
+   opposites, animal sounds, few distinct prompts and knowledge-heavy) answered by the
+   teacher (base + adapter) through vLLM offline batch generation, into a SQLite prompt
+   log; for ``sentiment`` and ``extract`` the teacher's answers are checked against the
+   true ones (``teacher_accuracy``);
 3. runs ``retort distill run --adapter <adapter> --publish`` on that log with
-   ``--config`` (default :data:`DEFAULT_CONFIG`, whose gate is the issue's targets) and
+   ``--config`` (default :data:`DEFAULT_CONFIG`, for ``extract``
+   :data:`EXTRACT_CONFIG`, whose gate is the issue's targets) and
    writes ``DIR/bench.json``: the report, the time of each stage and the peak RSS.
 
 Each step is skipped when its output exists in ``DIR``.
@@ -31,12 +36,25 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["DEFAULT_CONFIG", "SENTIMENT_RECIPE", "main", "reviews", "sentiment_answer"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "EXTRACT_CONFIG",
+    "EXTRACT_RECIPE",
+    "SENTIMENT_RECIPE",
+    "extractions",
+    "main",
+    "prepare",
+    "reviews",
+    "sentiment_answer",
+]
 
 DEFAULT_CONFIG = Path(__file__).with_name("bench.yaml")
 """The distill config the benchmark runs with unless ``--config`` names another."""
 
-ADAPTERS = {"qa": "pirate", "sentiment": "sentiment"}
+EXTRACT_CONFIG = Path(__file__).with_name("bench-extract.yaml")
+"""``--task extract``'s: the same, with answer budgets for JSON answers."""
+
+ADAPTERS = {"qa": "pirate", "sentiment": "sentiment", "extract": "extract"}
 """The teacher's adapter (registry name) per task; the student is ``<adapter>-student``."""
 
 SENTIMENT_RECIPE: dict[str, Any] = {
@@ -50,6 +68,17 @@ SENTIMENT_RECIPE: dict[str, Any] = {
 labelled reviews (none among the logged prompts), ``max_steps`` at batch 8. Measured on the
 default model: loss 4.28 -> 0.0015 (under 0.01 from step 25), and greedy answers to the
 first 100 logged prompts were all the expected one of the two (transformers)."""
+
+
+EXTRACT_RECIPE: dict[str, Any] = {
+    "examples": 256,
+    "max_steps": 80,
+    "lr": 1e-3,
+    "rank": 16,
+    "alpha": 32,
+}
+""":class:`adapters.train.TrainConfig` settings for the ``extract`` teacher (``--task
+extract``): ``examples`` sentences with their JSON (none among the logged prompts)."""
 
 
 def sentiment_answer(label: str) -> str:
@@ -70,6 +99,9 @@ def _train_adapter(home: Path, base: Path, task: str, logged: list[str]) -> Path
     if task == "qa":
         data = make_style_dataset(home / "pirate.jsonl", n=64)
         recipe = STYLE_RECIPE
+    elif task == "extract":
+        recipe = EXTRACT_RECIPE
+        data = _extract_dataset(home / "extract.jsonl", recipe["examples"], set(logged))
     else:
         recipe = SENTIMENT_RECIPE
         data = _sentiment_dataset(home / "sentiment.jsonl", recipe["examples"], set(logged))
@@ -109,6 +141,103 @@ def _sentiment_dataset(path: Path, n: int, exclude: set[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(r + "\n" for r in rows))
     return path
+
+
+def _extract_dataset(path: Path, n: int, exclude: set[str]) -> Path:
+    """``n`` extraction prompts with their JSON answer as chat JSONL, none in ``exclude``."""
+    rng = random.Random(3)
+    seen = set(exclude)
+    rows: list[str] = []
+    for _ in range(100 * n):
+        if len(rows) == n:
+            break
+        question, answer = extractions(rng, 1)[0]
+        if question in seen:
+            continue
+        seen.add(question)
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        rows.append(json.dumps({"messages": messages}))
+    if len(rows) < n:
+        raise ValueError(f"only {len(rows)} distinct sentences outside the logged prompts")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(r + "\n" for r in rows))
+    return path
+
+
+_NAMES = [
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dana",
+    "Elif",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kaori",
+    "Liam",
+    "Maya",
+    "Nils",
+    "Olga",
+    "Pedro",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tomas",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Yara",
+    "Zoe",
+]
+_CITIES = [
+    "Paris",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Tokyo",
+    "Berlin",
+    "Madrid",
+    "Nairobi",
+    "Toronto",
+    "Sydney",
+    "Dublin",
+    "Seoul",
+    "Lisbon",
+    "Vienna",
+    "Boston",
+    "Mumbai",
+    "Quito",
+    "Prague",
+    "Austin",
+    "Hanoi",
+]
+_SENTENCES = [
+    "{name} is {age} years old and lives in {city}.",
+    "Meet {name}, a {age}-year-old from {city}.",
+    "Living in {city}, {name} turned {age} this year.",
+    "At {age}, {name} moved to {city} for work.",
+    "{name} from {city} celebrated a {age}th birthday last week.",
+]
+
+
+def extractions(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """``n`` (prompt, expected answer) pairs: pull a person's name, city and age out of a
+    sentence into ``{"name": ..., "city": ..., "age": ...}`` (compact JSON, age a number)."""
+    out = []
+    for _ in range(n):
+        name, city, age = rng.choice(_NAMES), rng.choice(_CITIES), rng.randint(18, 89)
+        sentence = rng.choice(_SENTENCES).format(name=name, city=city, age=age)
+        prompt = (
+            "Extract the person's name, city and age from this sentence as JSON with the "
+            f"keys name, city and age: {sentence}"
+        )
+        out.append((prompt, json.dumps({"name": name, "city": city, "age": age})))
+    return out
 
 
 _POSITIVE = [
@@ -186,6 +315,8 @@ def _questions(task: str, rng: random.Random, n: int) -> list[tuple[str, str | N
         from adapters.synthetic import qa_pairs
 
         return [(q, None) for q, _ in qa_pairs(rng, n)]
+    if task == "extract":
+        return [(q, a) for q, a in extractions(rng, n)]
     return [(q, sentiment_answer(label)) for q, label in reviews(rng, n)]
 
 
@@ -274,34 +405,48 @@ def _peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
+def prepare(work: Path, task: str, prompts: int) -> tuple[Path, Path, Path, float, dict[str, Any]]:
+    """Steps 1 and 2 into ``work/home`` (each skipped when done): ``(home, base model,
+    adapter, seconds training the adapter, what populating the log measured)``."""
+    from retort.models import DEFAULT_MODEL_NAME, pull_default
+    from retort.settings import default_home
+
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    base = pull_default(default_home())
+    questions = _questions(task, random.Random(1), prompts)
+    t0 = time.perf_counter()
+    adapter = _train_adapter(home, base, task, [q for q, _ in questions])
+    t_adapter = time.perf_counter() - t0
+    pop = _populate(home, base, adapter, questions, DEFAULT_MODEL_NAME, task)
+    return home, base, adapter, t_adapter, pop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help="distill.yaml (default: %(default)s)"
+        "--config",
+        type=Path,
+        default=None,
+        help=f"distill.yaml (default: {DEFAULT_CONFIG.name}, {EXTRACT_CONFIG.name} for extract)",
     )
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--student-layers", type=int, default=None)
     parser.add_argument("--precision", default=None)
-    parser.add_argument("--task", choices=["qa", "sentiment"], default="sentiment")
+    parser.add_argument("--task", choices=["qa", "sentiment", "extract"], default="sentiment")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from distill.config import load_config
     from distill.pipeline import run
     from distill.results import Report, summary
-    from retort.models import DEFAULT_MODEL_NAME, pull_default
-    from retort.settings import default_home
+    from retort.models import DEFAULT_MODEL_NAME
 
+    if args.config is None:
+        args.config = EXTRACT_CONFIG if args.task == "extract" else DEFAULT_CONFIG
     work = args.work.resolve()
-    home = work / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    base = pull_default(default_home())
-    questions = _questions(args.task, random.Random(1), args.prompts)
-    t0 = time.perf_counter()
-    adapter = _train_adapter(home, base, args.task, [q for q, _ in questions])
-    t_adapter = time.perf_counter() - t0
-    pop = _populate(home, base, adapter, questions, DEFAULT_MODEL_NAME, args.task)
+    home, base, adapter, t_adapter, pop = prepare(work, args.task, args.prompts)
     overrides: dict[str, Any] = {
         "adapter": adapter.name,
         "home": str(home),

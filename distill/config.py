@@ -95,6 +95,13 @@ class StudentConfig(_Base):
     """Take this many of the teacher's layers, evenly spaced (first and last included)."""
     source: str | None = None
     """Instead, any model folder whose vocabulary matches the teacher's."""
+    intermediate_size: int | None = None
+    """Width pruning (:mod:`distill.prune`, Minitron-style): keep this many MLP channels per
+    layer, the most active on calibration examples (``None``: all)."""
+    hidden_size: int | None = None
+    """Width pruning: keep this many embedding channels, the most active (``None``: all)."""
+    calibration_examples: int = 64
+    """Train examples (prompt and the teacher's answer) that rank the channels."""
 
 
 class EarlyStopConfig(_Base):

@@ -327,9 +327,20 @@ def _label(r: _Run) -> bool:
 
 
 def _student(r: _Run) -> bool:
+    from distill.dataset import load_splits
     from distill.student import student_stage
 
-    student = student_stage(Path(r.teacher.model), r.out, r.config.student)
+    cfg = r.config.student
+    calibration: list[dict[str, Any]] = []
+    if cfg.intermediate_size is not None or cfg.hidden_size is not None:
+        calibration = load_splits(Path(r.teacher.labels))[0]
+    student = student_stage(
+        Path(r.teacher.model),
+        r.out,
+        cfg,
+        calibration,
+        calibration_fingerprint=fingerprint(r.teacher),
+    )
     r.report.student_init = student
     r.report.teacher_params = student.teacher_params
     r.report.student_params = student.student_params

@@ -138,6 +138,10 @@ class StudentInit(_Result):
     """The teacher's layers the student keeps (``None`` with ``student.source``)."""
     teacher_layers: int | None = None
     source: str | None = None
+    intermediate_size: int | None = None
+    """The MLP width after pruning (``None``: not pruned)."""
+    hidden_size: int | None = None
+    """The hidden width after pruning (``None``: not pruned)."""
 
 
 class TrainSpec(msgspec.Struct, kw_only=True):

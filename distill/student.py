@@ -2,8 +2,10 @@
 
 By default the student is the teacher with only some of its layers: ``layers`` of them,
 evenly spaced, the first and last always included (e.g. 10 of SmolLM2's 30: every third).
-Embeddings, final norm and head are copied. Alternatively any model folder is taken as
-given, once its vocabulary is checked against the teacher's.
+Embeddings, final norm and head are copied. Then, when ``intermediate_size`` or
+``hidden_size`` is set, the student is pruned in width (:mod:`distill.prune`), its channels
+ranked on calibration examples: the teacher's answers to train prompts. Alternatively any
+model folder is taken as given, once its vocabulary is checked against the teacher's.
 """
 
 from __future__ import annotations
@@ -12,13 +14,23 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distill.config import StudentConfig
 from distill.results import StudentInit
 from distill.stages import stage_done, write_stage
 
-__all__ = ["StudentInitError", "count_params", "init_student", "layer_indices", "student_stage"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "StudentInitError",
+    "calibration_ids",
+    "count_params",
+    "init_student",
+    "layer_indices",
+    "student_stage",
+]
 
 
 class StudentInitError(ValueError):
@@ -64,8 +76,17 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def init_student(teacher_dir: Path, out: Path, layers: int) -> tuple[list[int], int]:
-    """Write a ``layers``-layer student taken from ``teacher_dir`` to ``out``."""
+def init_student(
+    teacher_dir: Path,
+    out: Path,
+    layers: int,
+    *,
+    intermediate_size: int | None = None,
+    hidden_size: int | None = None,
+    calibration: Sequence[Sequence[int]] = (),
+) -> tuple[list[int], int]:
+    """Write a ``layers``-layer student taken from ``teacher_dir`` to ``out``, pruned to
+    ``intermediate_size`` / ``hidden_size`` (ranked on ``calibration`` token ids) when set."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -92,6 +113,18 @@ def init_student(teacher_dir: Path, out: Path, layers: int) -> tuple[list[int], 
     missing = [m for m in missing if not m.endswith("lm_head.weight")]
     if missing or unexpected:
         raise StudentInitError(f"layer copy mismatch: missing {missing}, unexpected {unexpected}")
+    if intermediate_size is not None or hidden_size is not None:
+        from distill.prune import PruneError, prune_width
+
+        try:
+            prune_width(
+                student,
+                calibration,
+                intermediate_size=intermediate_size,
+                hidden_size=hidden_size,
+            )
+        except PruneError as exc:
+            raise StudentInitError(str(exc)) from exc
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(str(tmp), safe_serialization=True)
@@ -105,10 +138,34 @@ def _vocab(model_dir: Path) -> int:
     return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
-def student_stage(teacher_dir: Path, run_dir: Path, config: StudentConfig) -> StudentInit:
-    """Build ``run_dir/student/init`` (or take ``config.source``); returns the stage result."""
+def calibration_ids(
+    teacher_dir: Path, examples: Sequence[dict[str, Any]], n: int, max_len: int = 256
+) -> list[list[int]]:
+    """Token ids of the first ``n`` examples (prompt and answer, as trained) for pruning."""
+    from transformers import AutoTokenizer
+
+    from distill.train import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    return [encode_example(tokenizer, e, max_len)[0] for e in list(examples)[:n]]
+
+
+def student_stage(
+    teacher_dir: Path,
+    run_dir: Path,
+    config: StudentConfig,
+    calibration: Sequence[dict[str, Any]] = (),
+    calibration_fingerprint: str | None = None,
+) -> StudentInit:
+    """Build ``run_dir/student/init`` (or take ``config.source``); returns the stage result.
+    ``calibration``: train examples that rank channels when the config prunes width."""
     stage = run_dir / "student"
-    inputs = {"teacher": str(teacher_dir), "config": config}
+    pruned = config.intermediate_size is not None or config.hidden_size is not None
+    inputs = {
+        "teacher": str(teacher_dir),
+        "config": config,
+        "calibration": calibration_fingerprint if pruned else None,
+    }
     done = stage_done(stage, inputs, StudentInit)
     if done is not None:
         return done
@@ -123,12 +180,25 @@ def student_stage(teacher_dir: Path, run_dir: Path, config: StudentConfig) -> St
         path, keep, n_teacher, source = src, None, None, str(src)
     else:
         path, source = stage / "init", None
-        keep, n_teacher = init_student(teacher_dir, path, config.layers)
+        if pruned and not calibration:
+            raise StudentInitError("width pruning needs calibration examples (the train split)")
+        keep, n_teacher = init_student(
+            teacher_dir,
+            path,
+            config.layers,
+            intermediate_size=config.intermediate_size,
+            hidden_size=config.hidden_size,
+            calibration=calibration_ids(teacher_dir, calibration, config.calibration_examples)
+            if pruned
+            else (),
+        )
     result = StudentInit(
         path=str(path),
         layers=keep,
         teacher_layers=n_teacher,
         source=source,
+        intermediate_size=config.intermediate_size,
+        hidden_size=config.hidden_size,
         student_params=count_params(path),
         teacher_params=count_params(teacher_dir),
         seconds=round(time.perf_counter() - t0, 2),

@@ -48,3 +48,33 @@ def test_bench_config_gates_on_the_issue_targets() -> None:
     assert cfg.gate.min_speedup == 5.0
     assert cfg.gate.max_param_ratio == 0.5
     assert (cfg.student.layers, cfg.train.max_steps, cfg.export.precision) == (10, 150, "int4")
+
+
+def test_extractions_are_deterministic_json_of_the_sentence() -> None:
+    pairs = bench.extractions(random.Random(1), 100)
+    assert pairs == bench.extractions(random.Random(1), 100)
+    for prompt, answer in pairs:
+        value = json.loads(answer)
+        assert list(value) == ["name", "city", "age"]
+        sentence = prompt.split("keys name, city and age: ", 1)[1]
+        assert value["name"] in sentence
+        assert value["city"] in sentence
+        assert str(value["age"]) in sentence
+        assert isinstance(value["age"], int)
+    questions = bench._questions("extract", random.Random(1), 100)
+    assert questions == pairs
+    assert len({q for q, _ in questions}) > 95
+
+
+def test_extract_dataset_is_disjoint_from_the_log_and_chooses_json(tmp_path: Path) -> None:
+    from distill.measure import choose_measure
+
+    logged = {q for q, _ in bench._questions("extract", random.Random(1), 1000)}
+    path = bench._extract_dataset(tmp_path / "e.jsonl", 64, logged)
+    rows = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    assert len({m[0]["content"] for m in rows}) == 64
+    assert not {m[0]["content"] for m in rows} & logged
+    answers = [m[1]["content"] for m in rows]
+    cfg = load_config(bench.EXTRACT_CONFIG)
+    assert choose_measure(answers, cfg.eval).measure == "json"
+    assert cfg.train.early_stop.max_tokens >= 32

@@ -181,3 +181,29 @@ def test_stage_command_and_gate_failure(setup: dict[str, Path], tmp_path: Path) 
     )
     assert res.exit_code == 2
     assert "no adapter" in res.output
+
+
+@pytest.mark.timeout(600)
+def test_pruned_student_runs_through_to_eval(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A width-pruned student (calibrated on the train split) trains, exports and is
+    evaluated; the frontier runner's point reads the report."""
+    from distill.config import load_config
+    from distill.frontier import point
+    from distill.pipeline import run
+    from distill.results import Report
+
+    recipe = {"student": {"layers": 2, "intermediate_size": 64, "hidden_size": 48}}
+    cfg = load_config(setup["config"], {k: dict(v) for k, v in recipe.items()})
+    report = run(cfg, tmp_path / "pruned", until="eval", record=False, progress=False)
+    assert isinstance(report, Report)
+    init = report.student_init
+    assert init is not None
+    assert (init.intermediate_size, init.hidden_size) == (64, 48)
+    cfg_json = json.loads((Path(init.path) / "config.json").read_text())
+    assert (cfg_json["intermediate_size"], cfg_json["hidden_size"]) == (64, 48)
+    p = point("tiny", recipe, report)
+    assert p["student_params"] == init.student_params < init.teacher_params
+    assert p["agreement"] is not None
+    assert p["eval_examples"] == 4
+    assert report.train is not None
+    assert p["train_steps"] == report.train.steps
