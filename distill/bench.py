@@ -32,9 +32,12 @@ import random
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -119,39 +122,42 @@ def _train_adapter(home: Path, base: Path, task: str, logged: list[str]) -> Path
     )
 
 
+def _sentiment_pair(rng: random.Random, i: int) -> tuple[str, str]:
+    """The ``i``-th labelled review (labels alternate, so the set is balanced)."""
+    question, label = reviews(rng, 1, label="positive" if i % 2 else "negative")[0]
+    return question, sentiment_answer(label)
+
+
+def _extract_pair(rng: random.Random, _i: int) -> tuple[str, str]:
+    return extractions(rng, 1)[0]
+
+
 def _sentiment_dataset(path: Path, n: int, exclude: set[str]) -> Path:
-    """``n`` labelled reviews as chat JSONL, balanced, none of whose prompts is in ``exclude``."""
-    rng = random.Random(2)
-    seen = set(exclude)
-    rows: list[str] = []
-    for _ in range(100 * n):
-        if len(rows) == n:
-            break
-        question, label = reviews(rng, 1, label="positive" if len(rows) % 2 else "negative")[0]
-        if question in seen:
-            continue
-        seen.add(question)
-        messages = [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": sentiment_answer(label)},
-        ]
-        rows.append(json.dumps({"messages": messages}))
-    if len(rows) < n:
-        raise ValueError(f"only {len(rows)} distinct reviews outside the logged prompts")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(r + "\n" for r in rows))
-    return path
+    """``n`` labelled reviews, balanced, none of whose prompts is in ``exclude``."""
+    return _chat_dataset(path, n, exclude, _sentiment_pair, seed=2)
 
 
 def _extract_dataset(path: Path, n: int, exclude: set[str]) -> Path:
-    """``n`` extraction prompts with their JSON answer as chat JSONL, none in ``exclude``."""
-    rng = random.Random(3)
+    """``n`` extraction prompts with their JSON answer, none in ``exclude``."""
+    return _chat_dataset(path, n, exclude, _extract_pair, seed=3)
+
+
+def _chat_dataset(
+    path: Path,
+    n: int,
+    exclude: set[str],
+    draw: Callable[[random.Random, int], tuple[str, str]],
+    seed: int,
+) -> Path:
+    """``n`` (prompt, answer) pairs from ``draw`` as chat JSONL, none of whose prompts is in
+    ``exclude`` (the logged ones), each prompt once."""
+    rng = random.Random(seed)
     seen = set(exclude)
     rows: list[str] = []
     for _ in range(100 * n):
         if len(rows) == n:
             break
-        question, answer = extractions(rng, 1)[0]
+        question, answer = draw(rng, len(rows))
         if question in seen:
             continue
         seen.add(question)
@@ -161,7 +167,7 @@ def _extract_dataset(path: Path, n: int, exclude: set[str]) -> Path:
         ]
         rows.append(json.dumps({"messages": messages}))
     if len(rows) < n:
-        raise ValueError(f"only {len(rows)} distinct sentences outside the logged prompts")
+        raise ValueError(f"only {len(rows)} distinct prompts outside the logged ones")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(r + "\n" for r in rows))
     return path

@@ -74,9 +74,6 @@ class GroupPolicy:
         by = self.by_adapter
         return adapter in by or len(by) < self.max_adapters
 
-    def may_start(self, w: Waiter, now: float) -> bool:
-        return self.fits(w.n) and (now >= w.deadline or self.groups(w.adapter))
-
     def take(self, n: int, adapter: str | None) -> None:
         self.running += n
         if adapter is not None:

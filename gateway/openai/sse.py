@@ -475,7 +475,7 @@ class _ReadyJSON:
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+        await send(_body(self.body, False))
 
 
 class JSONBytes(Response[bytes]):
