@@ -113,6 +113,9 @@ class EarlyStopConfig(_Base):
     """Prompts of the train split held out of training and answered at each evaluation."""
     patience: int = 2
     """Stop after this many evaluations in a row without improvement (or at agreement 1)."""
+    min_steps: int = 30
+    """Never stop before this step: a small student spends its first tens of steps in
+    warm-up, answering one label for everything, and a flat history there means nothing."""
     min_delta: float = 0.0
     """An improvement is a rise of more than this."""
     max_tokens: int = 32

@@ -45,8 +45,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 """Recipe name -> distill config overrides (on top of ``distill/bench.yaml``). The name
 reads: ``L`` layers kept of the teacher's 30, ``I`` MLP width (of 1536), ``H`` hidden width
-(of 576), then the export precision; ``-long``: 80 steps, early stop only at agreement 1
-(the default early stop gives up on a 5-layer student during warm-up)."""
+(of 576), then the export precision; ``-long``: 80 steps, early stop only at agreement 1."""
 
 
 def point(name: str, recipe: dict[str, Any], report: Any) -> dict[str, Any]:

@@ -18,8 +18,9 @@ Early stop (``early_stop.every`` > 0): the ``early_stop.examples`` train prompts
 lowest prompt hashes are held out of training; every ``every`` steps the student answers them
 greedily and its mean agreement with the teacher's answers is taken under the run's measure
 (:mod:`distill.measure`: exact, JSON, or for open text the teacher's likelihood of the
-answer). Training stops when :func:`should_stop` says so, and the best evaluated weights
-are the ones saved. (A resumed run starts its evaluation history afresh.)
+answer). Training stops when :func:`should_stop` says so (never before
+``early_stop.min_steps``, nor while agreement has never left 0), and the best evaluated
+weights are the ones saved. (A resumed run starts its evaluation history afresh.)
 
 Past ~400 lines on purpose: one trainer, read top to bottom (DESIGN.md allows it).
 """
@@ -90,11 +91,22 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: dict[str, Any]) -> l
     return list(tokenizer(example["prompt"], add_special_tokens=False)["input_ids"])
 
 
-def should_stop(history: Sequence[float], patience: int, min_delta: float = 0.0) -> bool:
-    """The early-stop rule over held-out agreements so far (one per evaluation): stop when
+def should_stop(
+    history: Sequence[float],
+    patience: int,
+    min_delta: float = 0.0,
+    *,
+    step: int | None = None,
+    min_steps: int = 0,
+) -> bool:
+    """The early-stop rule over held-out agreements so far (one per evaluation), at training
+    step ``step``: never before ``min_steps``, and never while the best agreement is still
+    0 (the student has learned nothing yet: stopping would keep noise); otherwise stop when
     the latest is 1 (nothing left to gain), or when none of the last ``patience`` rose more
     than ``min_delta`` above the best before them."""
-    if not history:
+    if not history or max(history) <= 0.0:
+        return False
+    if step is not None and step < min_steps:
         return False
     if history[-1] >= 1.0:
         return True
@@ -355,7 +367,13 @@ def train_kd(spec: TrainSpec, *, progress: bool = True) -> TrainResult:
                 if agreement > best[1] + es.min_delta or best[2] is None:
                     state = {k: v.detach().clone() for k, v in model_now.state_dict().items()}
                     best = (step, agreement, state)
-                stop = should_stop([a for _, a in history], es.patience, es.min_delta)
+                stop = should_stop(
+                    [a for _, a in history],
+                    es.patience,
+                    es.min_delta,
+                    step=step,
+                    min_steps=es.min_steps,
+                )
                 eval_s += time.perf_counter() - t_eval
             if cfg.checkpoint_every and (
                 step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop

@@ -154,6 +154,19 @@ def test_should_stop_rule() -> None:
     assert not should_stop([0.1, 0.1, 0.1], patience=0)  # patience 0: only at 1.0
 
 
+def test_should_stop_waits_for_the_floor_and_for_a_first_agreement() -> None:
+    """The extraction run's failure: agreement 0 at steps 5-20 stopped training at step 20
+    and kept step 5's noise. A flat 0 is warm-up, not a plateau."""
+    assert not should_stop([0.0, 0.0, 0.0, 0.0], patience=3)
+    assert not should_stop([0.0, 0.0, 0.0, 0.0], patience=3, step=200, min_steps=30)
+    assert should_stop([0.0, 0.2, 0.1, 0.2, 0.1], patience=3)  # learned, then flat
+    # the floor: a 5-layer student answering one label for all (0.56) at step 25
+    assert not should_stop([0.0, 0.56, 0.5, 0.5, 0.5], patience=3, step=25, min_steps=40)
+    assert should_stop([0.0, 0.56, 0.5, 0.5, 0.5], patience=3, step=40, min_steps=40)
+    assert not should_stop([0.5, 1.0], patience=2, step=20, min_steps=30)  # even at 1
+    assert should_stop([0.5, 1.0], patience=2, step=30, min_steps=30)
+
+
 def test_early_stop_keeps_the_best_weights(setup: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
