@@ -175,6 +175,21 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids_t, "attention_mask": mask, "labels": labels}
 
 
+def _completion_span(labels: torch.Tensor) -> torch.Tensor:
+    """The logit positions that predict a completion token of any row of the batch (the
+    span from the first to the last): the position ``j`` predicts ``labels[:, j + 1]``.
+    Both models run their LM head (49,152 x 576 here: a third of a small student's step)
+    and the losses their softmax over the vocabulary only there, not over the prompts."""
+    import torch
+
+    from adapters.data import IGNORE_INDEX
+
+    rows = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
+    if rows.numel() == 0:
+        return torch.arange(0)
+    return torch.arange(int(rows[0]), int(rows[-1]) + 1)
+
+
 def _order(n: int, seed: int, step: int, batch_size: int) -> list[int]:
     """The global batch of ``step`` (1-based): a fresh seeded shuffle every epoch."""
     import torch
@@ -320,19 +335,24 @@ def train_kd(spec: TrainSpec, *, progress: bool = True) -> TrainResult:
             for k in range(cfg.grad_accum):
                 part = [examples[i] for i in mine[k * micro : (k + 1) * micro]]
                 b = {key: v.to(accelerator.device) for key, v in _collate(part, pad_id).items()}
+                keep = _completion_span(b["labels"])
+                targets = b["labels"][:, 1:][:, keep]
+                mask = targets != IGNORE_INDEX
                 with accelerator.accumulate(student):
                     logits = student(
-                        input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+                        input_ids=b["input_ids"],
+                        attention_mask=b["attention_mask"],
+                        logits_to_keep=keep,
                     ).logits
                     with torch.no_grad():
                         t_logits = teacher(
-                            input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+                            input_ids=b["input_ids"],
+                            attention_mask=b["attention_mask"],
+                            logits_to_keep=keep,
                         ).logits
-                    targets = b["labels"][:, 1:]
-                    mask = targets != IGNORE_INDEX
                     loss, kd, ce = distill_loss(
-                        logits[:, :-1],
-                        t_logits[:, :-1],
+                        logits,
+                        t_logits,
                         targets.clamp_min(0),
                         mask,
                         kind=cfg.loss,

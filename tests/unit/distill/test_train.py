@@ -173,22 +173,27 @@ def test_early_stop_keeps_the_best_weights(setup: dict[str, Path], tmp_path: Pat
     from distill.config import EarlyStopConfig
 
     def spec(out: Path, max_steps: int, patience: int) -> TrainSpec:
-        es = EarlyStopConfig(every=2, examples=4, patience=patience, max_tokens=4)
+        es = EarlyStopConfig(
+            every=2, examples=4, patience=patience, min_delta=1.0, min_steps=4, max_tokens=4
+        )
         return TrainSpec(
             teacher=str(setup["teacher"]),
             student=str(setup["student"]),
             data=str(setup["data"]),
             out=str(out),
             config=TrainConfig(max_steps=max_steps, batch_size=2, lr=1e-3, early_stop=es),
-            measure="exact",
+            measure="open",
         )
 
-    # A random tiny student never answers exactly like the teacher: agreement stays 0, so
-    # with patience 1 the second evaluation (step 4) stops training, and the best is step 2.
+    # Under the open measure (the teacher's likelihood of the student's answer, in (0, 1])
+    # a random tiny student scores above 0, and with min_delta 1 no evaluation counts as a
+    # rise: step 2 is under min_steps (4), so the second evaluation (step 4) stops training
+    # (by patience 1, or at 1), and the best is step 2's.
     stopped = train_kd(spec(tmp_path / "a", 10, 1), progress=False)
     es = stopped.early_stop
     assert es is not None
-    assert es.history == [(2, 0.0), (4, 0.0)]
+    assert [s for s, _ in es.history] == [2, 4]
+    assert all(a > 0.0 for _, a in es.history)
     assert (es.stopped_at, es.best_step, stopped.steps) == (4, 2, 4)
     assert es.examples == 4
     log = json.loads((tmp_path / "a" / "train_log.json").read_text())
@@ -209,3 +214,49 @@ def torch_equal(x: object, y: object) -> bool:
     assert isinstance(x, torch.Tensor)
     assert isinstance(y, torch.Tensor)
     return bool(torch.equal(x, y))
+
+
+def test_the_completion_span_gives_the_full_sequence_loss(setup: dict[str, Path]) -> None:
+    """Both models' LM heads run only over the completion span (``logits_to_keep``): the
+    losses and the student's gradients equal those over every position, masked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adapters.data import IGNORE_INDEX
+    from distill.losses import distill_loss
+    from distill.train import _collate, _completion_span
+
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_pretrained(setup["student"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(setup["teacher"], dtype=torch.float32)
+    ign = IGNORE_INDEX
+    batch = [  # prompts of different lengths, right padding, completions at different spots
+        ([5, 6, 7, 8, 9, 10, 11], [ign, ign, ign, ign, 9, 10, 11]),
+        ([5, 6, 7, 8, 9, 10, 12, 13, 14], [ign] * 6 + [12, 13, 14]),
+        ([5, 6, 9, 10], [ign, ign, 9, 10]),
+    ]
+    b = _collate(batch, 0)
+    keep = _completion_span(b["labels"])
+    assert keep.tolist() == [1, 2, 3, 4, 5, 6, 7]
+
+    def loss(span: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        student.zero_grad()
+        extra = {} if span is None else {"logits_to_keep": span}
+        s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **extra)
+        with torch.no_grad():
+            t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **extra)
+        targets = b["labels"][:, 1:]
+        s_logits, t_logits = s.logits, t.logits
+        if span is None:
+            s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
+        else:
+            targets = targets[:, span]
+        total, _, _ = distill_loss(s_logits, t_logits, targets.clamp_min(0), targets != ign)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+    full, g_full = loss(None)
+    part, g_part = loss(keep)
+    assert torch.allclose(full, part, atol=1e-6)
+    assert len(g_full) == len(g_part)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_part, strict=True))
