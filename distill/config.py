@@ -112,7 +112,7 @@ class EarlyStopConfig(_Base):
     examples: int = 16
     """Prompts of the train split held out of training and answered at each evaluation."""
     patience: int = 2
-    """Stop after this many evaluations in a row without improvement (or at agreement 1)."""
+    """Stop after this many evaluations in a row without a rise (at agreement 1 too)."""
     min_steps: int = 30
     """Never stop before this step: a small student spends its first tens of steps in
     warm-up, answering one label for everything, and a flat history there means nothing."""

@@ -59,7 +59,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 """Recipe name -> distill config overrides (on top of ``distill/bench.yaml``). The name
 reads: ``L`` layers kept of the teacher's 30, ``I`` MLP width (of 1536), ``H`` hidden width
 (of 576), then the export precision; ``-long``: the first session's point (80 steps, early
-stop only at agreement 1 on 16 prompts)."""
+stop after 8 evaluations without a rise)."""
 
 
 def point(name: str, recipe: dict[str, Any], report: Any) -> dict[str, Any]:

@@ -102,14 +102,14 @@ def should_stop(
     """The early-stop rule over held-out agreements so far (one per evaluation), at training
     step ``step``: never before ``min_steps``, and never while the best agreement is still
     0 (the student has learned nothing yet: stopping would keep noise); otherwise stop when
-    the latest is 1 (nothing left to gain), or when none of the last ``patience`` rose more
-    than ``min_delta`` above the best before them."""
+    none of the last ``patience`` rose more than ``min_delta`` above the best before them.
+    Agreement 1 on the slice is no exception: the sentiment student stopped at its first 1
+    (16 prompts, step 30) agreed on only 86 % of the eval prompts; ``patience`` more
+    evaluations at 1 are what says it has settled."""
     if not history or max(history) <= 0.0:
         return False
     if step is not None and step < min_steps:
         return False
-    if history[-1] >= 1.0:
-        return True
     if patience < 1 or len(history) <= patience:
         return False
     return max(history[-patience:]) <= max(history[:-patience]) + min_delta
@@ -384,7 +384,7 @@ def train_kd(spec: TrainSpec, *, progress: bool = True) -> TrainResult:
                 model_now: Any = accelerator.unwrap_model(student)
                 agreement = held_out.score(model_now)
                 history.append((step, round(agreement, 4)))
-                if agreement > best[1] + es.min_delta or best[2] is None:
+                if best[2] is None or agreement >= best[1]:  # a tie: the later, trained more
                     state = {k: v.detach().clone() for k, v in model_now.state_dict().items()}
                     best = (step, agreement, state)
                 stop = should_stop(

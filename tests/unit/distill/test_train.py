@@ -150,8 +150,9 @@ def test_should_stop_rule() -> None:
     assert should_stop([0.2, 0.5, 0.4, 0.5], patience=2)  # two without beating 0.5
     assert not should_stop([0.2, 0.5, 0.4, 0.6], patience=2)
     assert should_stop([0.2, 0.5, 0.52], patience=1, min_delta=0.05)  # too small a rise
-    assert should_stop([0.3, 1.0], patience=5)  # nothing left to gain
-    assert not should_stop([0.1, 0.1, 0.1], patience=0)  # patience 0: only at 1.0
+    assert not should_stop([0.3, 1.0], patience=2)  # a first 1 on the slice is not settled
+    assert should_stop([0.3, 1.0, 1.0, 1.0], patience=2)
+    assert not should_stop([0.1, 0.1, 0.1], patience=0)  # patience 0: never
 
 
 def test_should_stop_waits_for_the_floor_and_for_a_first_agreement() -> None:
@@ -163,8 +164,8 @@ def test_should_stop_waits_for_the_floor_and_for_a_first_agreement() -> None:
     # the floor: a 5-layer student answering one label for all (0.56) at step 25
     assert not should_stop([0.0, 0.56, 0.5, 0.5, 0.5], patience=3, step=25, min_steps=40)
     assert should_stop([0.0, 0.56, 0.5, 0.5, 0.5], patience=3, step=40, min_steps=40)
-    assert not should_stop([0.5, 1.0], patience=2, step=20, min_steps=30)  # even at 1
-    assert should_stop([0.5, 1.0], patience=2, step=30, min_steps=30)
+    assert not should_stop([0.5, 1.0, 1.0], patience=1, step=20, min_steps=30)  # even at 1
+    assert should_stop([0.5, 1.0, 1.0], patience=1, step=30, min_steps=30)
 
 
 def test_early_stop_keeps_the_best_weights(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -188,20 +189,22 @@ def test_early_stop_keeps_the_best_weights(setup: dict[str, Path], tmp_path: Pat
     # Under the open measure (the teacher's likelihood of the student's answer, in (0, 1])
     # a random tiny student scores above 0, and with min_delta 1 no evaluation counts as a
     # rise: step 2 is under min_steps (4), so the second evaluation (step 4) stops training
-    # (by patience 1, or at 1), and the best is step 2's.
+    # (patience 1). The best is the higher of the two (step 4 on a tie: trained more).
     stopped = train_kd(spec(tmp_path / "a", 10, 1), progress=False)
     es = stopped.early_stop
     assert es is not None
     assert [s for s, _ in es.history] == [2, 4]
     assert all(a > 0.0 for _, a in es.history)
-    assert (es.stopped_at, es.best_step, stopped.steps) == (4, 2, 4)
+    (_, a2), (_, a4) = es.history
+    best = 4 if a4 >= a2 else 2
+    assert (es.stopped_at, es.best_step, stopped.steps) == (4, best, 4)
     assert es.examples == 4
     log = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert len(log["log"]) == 4
-    # The saved student is step 2's: the same as a run that stopped there by max_steps.
-    two = train_kd(spec(tmp_path / "b", 2, 5), progress=False)
-    assert two.early_stop is not None
-    assert two.early_stop.stopped_at is None
+    # The saved student is the best step's: the same as a run that ended there by max_steps.
+    again = train_kd(spec(tmp_path / "b", best, 5), progress=False)
+    assert again.early_stop is not None
+    assert again.early_stop.stopped_at is None
     a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
