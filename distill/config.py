@@ -147,6 +147,10 @@ class TrainConfig(_Base):
     """> 1: run the trainer under ``accelerate launch --num_processes N`` (``--cpu`` when
     no GPU)."""
     early_stop: EarlyStopConfig = msgspec.field(default_factory=EarlyStopConfig)
+    teacher_cache_mb: int = 2048
+    """Keep the teacher's logits at each example's completion tokens after its first
+    forward (the teacher is frozen), up to this many MB, so later epochs skip the
+    teacher's forward pass (0: off)."""
 
 
 class ExportConfig(_Base):

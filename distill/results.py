@@ -184,6 +184,10 @@ class TrainResult(_Result):
     final_loss: float | None
     model: str
     early_stop: EarlyStopInfo | None = None
+    teacher_forwards: int = 0
+    """Batches the teacher ran on; the others took its logits from the cache."""
+    teacher_cached: int = 0
+    """Batches whose teacher logits all came from ``train.teacher_cache_mb``'s cache."""
 
 
 class Parity(_Result):

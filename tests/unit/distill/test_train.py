@@ -263,3 +263,29 @@ def test_the_completion_span_gives_the_full_sequence_loss(setup: dict[str, Path]
     assert torch.allclose(full, part, atol=1e-6)
     assert len(g_full) == len(g_part)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_part, strict=True))
+
+
+def test_the_teacher_cache_skips_forwards_and_changes_no_loss(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """Past the first epoch every batch takes the teacher's logits from the cache; the
+    losses step by step are those of a run that recomputes them."""
+    results, logs = {}, {}
+    for mb in (2048, 0):
+        spec = TrainSpec(
+            teacher=str(setup["teacher"]),
+            student=str(setup["student"]),
+            data=str(setup["data"]),
+            out=str(tmp_path / str(mb)),
+            config=TrainConfig(max_steps=20, batch_size=4, lr=3e-3, teacher_cache_mb=mb),
+        )
+        results[mb] = train_kd(spec, progress=False)
+        logs[mb] = json.loads((tmp_path / str(mb) / "train_log.json").read_text())["log"]
+    on, off = results[2048], results[0]
+    assert (off.teacher_forwards, off.teacher_cached) == (20, 0)
+    per_epoch = -(-on.examples // 4)
+    assert on.teacher_forwards + on.teacher_cached == 20
+    assert on.teacher_cached >= 20 - per_epoch - 1 > 0
+    for a, b in zip(logs[2048], logs[0], strict=True):
+        assert abs(a["kd"] - b["kd"]) <= 1e-4 * max(1.0, abs(b["kd"]))
+        assert abs(a["ce"] - b["ce"]) <= 1e-4 * max(1.0, abs(b["ce"]))
