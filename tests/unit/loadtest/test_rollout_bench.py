@@ -1,40 +1,58 @@
-"""``loadtest.rollout_bench --distilled``: what it takes from a distill.bench run."""
+"""``loadtest.rollout_bench --distilled RUN``: what it takes from a pipeline's run folder."""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from distill.bench import _questions
+from gateway.students import StudentRegistry
 from loadtest.rollout_bench import _distilled
 
 
-def _run(tmp_path: Path, published: bool) -> Path:
-    work = tmp_path / "work"
-    for part in ("adapters/sentiment", "students/sentiment-student"):
-        (work / "home" / part).mkdir(parents=True)
-        (work / "home" / part / "marker").write_text(part)
-    bench = {"task": "sentiment", "published": published, "student_model": "sentiment-student"}
-    bench["populate"] = {"records": 300}
-    (work / "bench.json").write_text(json.dumps(bench))
-    return work
+def _run(tmp_path: Path, adapter: str | None) -> tuple[Path, Path]:
+    from datasets import Dataset
+
+    run, adapters = tmp_path / "run", tmp_path / "adapters"
+    (adapters / "sentiment").mkdir(parents=True)
+    (adapters / "sentiment" / "adapter_config.json").write_text("{}")
+    onnx = run / "export" / "onnx"
+    onnx.mkdir(parents=True)
+    (onnx / "genai_config.json").write_text("{}")
+    (onnx / "model.onnx").write_bytes(b"weights")
+    (run / "export" / "stage.json").write_text(
+        json.dumps({"result": {"onnx": str(onnx), "precision": "int4"}})
+    )
+    report = {
+        "student_model": "sentiment-student",
+        "teacher_model": "SmolLM2-135M-Instruct",
+        "adapter": adapter,
+        "agreement": 0.96,
+        "measure": "exact",
+    }
+    (run / "report.json").write_text(json.dumps(report))
+    rows = [
+        {"messages": [{"role": "user", "content": f"Review: {i}. Positive or negative?"}]}
+        for i in range(3)
+    ] + [{"messages": None, "prompt": "raw"}]
+    Dataset.from_list(rows).save_to_disk(str(run / "dataset" / "eval"))
+    return run, adapters
 
 
-def test_fresh_prompts_of_the_task_outside_the_log(tmp_path: Path) -> None:
+def test_the_student_is_published_beside_its_adapter(tmp_path: Path) -> None:
+    run, adapters = _run(tmp_path, "sentiment")
     home = tmp_path / "home"
-    bench, prompts = _distilled(_run(tmp_path, True), home, 40)
-    assert bench["student_model"] == "sentiment-student"
-    assert (home / "adapters/sentiment/marker").exists()
-    assert (home / "students/sentiment-student/marker").exists()
-    assert len(prompts) == len(set(prompts)) == 40
-    logged = {q for q, _ in _questions("sentiment", random.Random(1), 300)}
-    assert not logged & set(prompts)
-    assert all(p.startswith("Review: ") for p in prompts)
+    report, prompts = _distilled(run, adapters, home)
+    assert report["agreement"] == 0.96
+    assert prompts == [f"Review: {i}. Positive or negative?" for i in range(3)]
+    assert (home / "adapters" / "sentiment" / "adapter_config.json").is_file()
+    manifest = StudentRegistry(home / "students").get("sentiment-student").manifest
+    assert manifest.adapter == "sentiment"
+    assert manifest.precision == "int4"
 
 
-def test_a_run_that_published_nothing_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="published no student"):
-        _distilled(_run(tmp_path, False), tmp_path / "home", 8)
+def test_a_student_of_the_base_model_is_refused(tmp_path: Path) -> None:
+    run, adapters = _run(tmp_path, None)
+    with pytest.raises(SystemExit, match="no adapter"):
+        _distilled(run, adapters, tmp_path / "home")
