@@ -1,4 +1,5 @@
-"""``x-request-id``: reuse the client's, or make one; every response carries it."""
+"""``x-request-id``: reuse the client's, or make one; every response carries it. Also
+:func:`header`, one header read straight from the ASGI scope."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from litestar.types import Message, Scope
 
-__all__ = ["add_request_id_header", "request_id"]
+__all__ = ["add_request_id_header", "header", "request_id"]
 
 _HEADER = b"x-request-id"
 _SAFE = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def header(scope: Scope, name: str | bytes) -> str | None:
+    """The first value of header ``name`` (lower case) read from the ASGI scope, decoded
+    as latin-1 as Litestar's ``Request.headers`` does; ``None`` when absent. For the hot
+    path, which builds no ``Request``."""
+    raw = name.encode("latin-1") if isinstance(name, str) else name
+    for key, value in scope.get("headers", ()):
+        if key == raw:
+            return value.decode("latin-1")
+    return None
 
 
 def request_id(scope: Scope) -> str:
@@ -21,12 +33,9 @@ def request_id(scope: Scope) -> str:
     state = scope.setdefault("state", {})
     rid: str | None = state.get("request_id")
     if rid is None:
-        for key, value in scope.get("headers", ()):
-            if key == _HEADER:
-                candidate = value.decode("latin-1").strip()
-                if _SAFE.match(candidate):
-                    rid = candidate
-                break
+        candidate = header(scope, _HEADER)
+        if candidate is not None and _SAFE.match(candidate := candidate.strip()):
+            rid = candidate
         if rid is None:
             rid = uuid.uuid4().hex
             state["request_id_generated"] = True

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from litestar import Request
     from litestar.datastructures import Cookie
-    from litestar.types import HTTPResponseBodyEvent, Receive, Send
+    from litestar.types import ASGIApp, HTTPResponseBodyEvent, Receive, Send
 
 __all__ = [
     "DONE",
@@ -368,7 +368,7 @@ class _ASGISSEResponse:
         self,
         source: SSESource,
         done: bool,
-        stall_s: float,
+        stall_s: float | None,
         on_stall: Callable[[], None] | None,
         *,
         status: int,
@@ -389,6 +389,9 @@ class _ASGISSEResponse:
         self.is_head = is_head
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        stall_s, on_stall = self.stall_s, self.on_stall
+        if stall_s is None:
+            stall_s, on_stall = _stall_policy(scope)
         try:
             await send(
                 {"type": "http.response.start", "status": self.status, "headers": self.headers}
@@ -406,18 +409,17 @@ class _ASGISSEResponse:
                 send,
                 receive,
                 done=self.done,
-                stall_s=self.stall_s,
-                on_stall=self.on_stall,
+                stall_s=stall_s,
+                on_stall=on_stall,
             )
         if self.background is not None:
             await self.background()
 
 
-def _stall_policy(
-    request: Request[Any, Any, Any] | None,
-) -> tuple[float, Callable[[], None] | None]:
-    """``server.stream_stall_s`` and the stall counter of the app serving ``request``."""
-    gw = request.app.state.get("gateway") if request is not None else None
+def _stall_policy(scope: Any) -> tuple[float, Callable[[], None] | None]:
+    """``server.stream_stall_s`` and the stall counter of the app serving ``scope``."""
+    app = scope.get("litestar_app")
+    gw = app.state.get("gateway") if app is not None else None
     if gw is None:
         return 0.0, None
     metrics = gw.metrics
@@ -448,18 +450,22 @@ class SSEStream(Response[bytes]):
     ) -> Any:  # an ASGI app; Litestar only calls it
         headers = kwargs.get("headers")
         merged = {**headers, **self.headers} if headers else self.headers
-        stall_s, on_stall = _stall_policy(request)
         return _ASGISSEResponse(
             self.source,
             self.done,
-            stall_s,
-            on_stall,
+            None,  # the serving app's stall policy, read when the stream starts
+            None,
             status=self.status_code or kwargs.get("status_code") or 200,
             headers=merged,
             cookies=itertools.chain(self.cookies, kwargs.get("cookies") or ()),
             background=self.background or kwargs.get("background"),
             is_head=bool(kwargs.get("is_head_response")),
         )
+
+    def asgi(self) -> ASGIApp:
+        """The response as an ASGI app when no route layer adds to it (the lean path,
+        :mod:`gateway.openai.lean`): what :meth:`to_asgi_response` gives without layers."""
+        return self.to_asgi_response(None, None)  # type: ignore[no-any-return,arg-type]
 
 
 class _ReadyJSON:
@@ -498,3 +504,9 @@ class JSONBytes(Response[bytes]):
         ):
             return super().to_asgi_response(app, request, **kwargs)
         return _ReadyJSON(self.content, self.headers)
+
+    def asgi(self) -> ASGIApp:
+        """The response as an ASGI app when no route layer adds to it (the lean path,
+        :mod:`gateway.openai.lean`): what :meth:`to_asgi_response` gives without layers.
+        Litestar's own rendering reads nothing from the request."""
+        return self.to_asgi_response(None, None)  # type: ignore[no-any-return,arg-type]
