@@ -146,15 +146,22 @@ class _Disconnect:
 
     __slots__ = ("finished", "gone", "stall_s", "stalled", "task")
 
-    def __init__(self, task: asyncio.Task[Any], stall_s: float) -> None:
-        self.task = task
+    def __init__(self, stall_s: float) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        """The writer's task, looked up only once the stream has to wait for something."""
         self.stall_s = stall_s
         self.gone = False
         self.stalled = False
         self.finished = False
 
+    def watch(self) -> None:
+        """Called when the writer first waits (for the source or for ``send``)."""
+        if self.task is None:
+            self.task = asyncio.current_task()
+
     def stall(self) -> None:  # armed only while a send waits
         self.gone = self.stalled = True
+        assert self.task is not None
         self.task.cancel()
 
     def __call__(self, fut: asyncio.Future[Any]) -> None:
@@ -162,6 +169,7 @@ class _Disconnect:
             return
         if fut.exception() is None and fut.result():
             self.gone = True
+            assert self.task is not None
             self.task.cancel()
 
 
@@ -187,7 +195,8 @@ async def _send(send: Send, data: bytes, more: bool, watch: _Disconnect) -> None
     if watch.stall_s <= 0:
         await _resume(step, pending)
         return
-    timer = watch.task.get_loop().call_later(watch.stall_s, watch.stall)
+    watch.watch()
+    timer = asyncio.get_running_loop().call_later(watch.stall_s, watch.stall)
     try:
         await _resume(step, pending)
     finally:
@@ -210,9 +219,7 @@ async def write_events(
     ``stall_s`` > 0: a ``send`` that waits that long cuts the stream (``on_stall`` is
     called). The response start (status, headers) must already be sent.
     """
-    task = asyncio.current_task()
-    assert task is not None  # ASGI apps always run in a task
-    watch = _Disconnect(task, stall_s)
+    watch = _Disconnect(stall_s)
     watcher: asyncio.Future[bool] | None = None  # started at the first wait only
     frames = source.frames()
     buf: list[bytes] = []
@@ -231,6 +238,7 @@ async def write_events(
                     break
                 else:  # the source must wait: what is ready goes out first
                     if watcher is None:
+                        watch.watch()
                         watcher = asyncio.ensure_future(_wait_disconnect(receive))
                         watcher.add_done_callback(watch)
                     if buf:
@@ -262,7 +270,8 @@ async def write_events(
             source.disconnected()
             raise
         # Our own cancellation (the client left or stalled): nothing more to send.
-        task.uncancel()
+        assert watch.task is not None
+        watch.task.uncancel()
         if watch.stalled:
             log.warning("a stream was cut: the client read nothing for %g s", stall_s)
             source.disconnected(STALLED)
