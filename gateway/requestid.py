@@ -3,17 +3,28 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from litestar.types import Message, Scope
 
-__all__ = ["add_request_id_header", "header", "request_id"]
+__all__ = ["add_request_id_header", "header", "new_request_id", "request_id"]
 
 _HEADER = b"x-request-id"
 _SAFE = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+_VERSION_MASK = ~((0xF000 << 64) | (0xC000 << 48))
+_VERSION_4 = (4 << 76) | (0x8000 << 48)
+
+
+def new_request_id() -> str:
+    """A new random (version 4) UUID as 32 hex digits: ``uuid.uuid4().hex``, the same
+    bits set, without building a ``UUID`` object (a tenth of the time, on every request)."""
+    n = int.from_bytes(os.urandom(16), "big") & _VERSION_MASK | _VERSION_4
+    return f"{n:032x}"
 
 
 def header(scope: Scope, name: str | bytes) -> str | None:
@@ -37,7 +48,7 @@ def request_id(scope: Scope) -> str:
         if candidate is not None and _SAFE.match(candidate := candidate.strip()):
             rid = candidate
         if rid is None:
-            rid = uuid.uuid4().hex
+            rid = new_request_id()
             state["request_id_generated"] = True
         state["request_id"] = rid
     return rid

@@ -11,7 +11,6 @@ cost, the prompt log) lives in :mod:`gateway.openai.accounting`, SSE framing and
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +37,7 @@ from gateway.openai.accounting import (
     usage_of,
 )
 from gateway.openai.sse import DONE, SSEStream, sse, sse_error
+from gateway.requestid import new_request_id
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -97,7 +97,7 @@ async def start(
         if route.served_by == "engine" and gw.admission is not None:
             await gw.admission.enter(sampling.n, route.adapter)  # 503 past a bounded wait
             admission = gw.admission
-        engine_id = info.request_id if info.id_generated else uuid.uuid4().hex
+        engine_id = info.request_id if info.id_generated else new_request_id()
         req = GenerateRequest(
             request_id=engine_id,
             prompt=info.prompt,
