@@ -83,7 +83,9 @@ async def start(
     if gw.draining:
         raise ServiceUnavailableError("The server is shutting down.", code="draining")
     routes = gw.routes
-    limit = await gw.limiter.acquire(info.key_id, info.estimate_tokens(sampling))
+    # Without a key nothing is limited: no estimate to make.
+    est = info.estimate_tokens(sampling) if info.key is not None else 0
+    limit = await gw.limiter.acquire(info.key_id, est)
     gw.request_started()
     route: Route | None = None
     it: AsyncIterator[Chunk] | None = None
