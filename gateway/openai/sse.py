@@ -358,6 +358,9 @@ def _raw_headers(headers: dict[str, Any], media_type: bytes) -> list[tuple[bytes
     return raw
 
 
+_SSE_RAW_HEADERS = _raw_headers(_HEADERS, b"text/event-stream; charset=utf-8")
+
+
 class _ASGISSEResponse:
     """The ASGI side of :class:`SSEStream`: the response start, then :func:`write_events`;
     the source is closed on every path (also when the start itself fails)."""
@@ -386,7 +389,12 @@ class _ASGISSEResponse:
         background: Callable[[], Awaitable[None]] | None,
         is_head: bool,
     ) -> None:
-        raw = _raw_headers(headers, b"text/event-stream; charset=utf-8")
+        # A stream's own headers, encoded once; only what a route layer adds is encoded here.
+        raw = (
+            list(_SSE_RAW_HEADERS)
+            if headers == _HEADERS
+            else _raw_headers(headers, b"text/event-stream; charset=utf-8")
+        )
         raw.extend(c.to_encoded_header() for c in cookies if not c.documentation_only)
         self.headers = raw  # no content-length: a stream, chunked transfer encoding
         self.status = status

@@ -360,3 +360,21 @@ def test_json_bytes_and_sse_stream_hold_what_litestars_response_holds(
     for ours, litestars in pairs:
         for name in Response.__slots__:
             assert getattr(ours, name) == getattr(litestars, name), name
+
+
+async def test_sse_stream_headers_own_and_added_by_a_layer() -> None:
+    from gateway.openai.sse import SSEStream
+
+    own = [
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+    ]
+    lean = await _asgi_messages(SSEStream(ready_frames(1)).asgi())
+    assert lean[0]["headers"] == own
+    # A plain iterator of frames brings its own [DONE] (this one has none).
+    assert b"".join(m.get("body", b"") for m in lean[1:]) == sse({"i": 0})
+    layered = await _asgi_messages(
+        SSEStream(ready_frames(1)).to_asgi_response(None, None, headers={"X-Layer": "1"})  # type: ignore[arg-type]
+    )
+    assert sorted(layered[0]["headers"]) == sorted([*own, (b"x-layer", b"1")])
