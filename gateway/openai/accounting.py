@@ -287,25 +287,27 @@ class Started:
                         self.info.key_id,
                         self.info.endpoint,
                     )
-                record = self.info.record(
-                    gw,
-                    model=self.model,
-                    route=route,
-                    completion="".join(self.texts) if self.texts is not None else "",
-                    finish_reason=self.finish_reason,
-                    prompt_tokens=self.prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    ttft_s=ttft,
-                    latency_s=latency,
-                    cost_usd=self.cost_usd,
-                    error=self.error if self.failed else None,
-                )
-                if record is not None and gw.shadow is not None:
-                    gw.shadow.submit(
-                        record,
-                        self.sampling,
-                        shadowable=plain_sampling(self.sampling) and "tools" not in record.params,
+                if self.info.capture:  # the prompt log, and shadowing of what it logs
+                    record = self.info.record(
+                        gw,
+                        model=self.model,
+                        route=route,
+                        completion="".join(self.texts) if self.texts is not None else "",
+                        finish_reason=self.finish_reason,
+                        prompt_tokens=self.prompt_tokens,
+                        completion_tokens=completion_tokens,
+                        ttft_s=ttft,
+                        latency_s=latency,
+                        cost_usd=self.cost_usd,
+                        error=self.error if self.failed else None,
                     )
+                    if record is not None and gw.shadow is not None:
+                        gw.shadow.submit(
+                            record,
+                            self.sampling,
+                            shadowable=plain_sampling(self.sampling)
+                            and "tools" not in record.params,
+                        )
             finally:
                 if self.admission is not None:
                     self.admission.leave(self.sampling.n, route.adapter)
