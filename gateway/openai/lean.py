@@ -1,8 +1,8 @@
 """The lean path of the hot POST routes (chat and text completions): a route middleware that
 reads the JSON body from ASGI ``receive``, decodes it with msgspec straight into the
 handler's ``data`` struct and calls the handler, without Litestar's ``Request``, kwargs
-model, signature model and dependency injection (a quarter of a request's CPU in the
-fake-engine profile, BENCHMARKS section 10c).
+model, signature model and dependency injection (about half of a request's in-process CPU
+with the fake engine, BENCHMARKS section 10c).
 
 Only a plain request takes it: a body that arrives whole, within
 ``server.max_body_bytes``, and that msgspec's strict decoder turns into the struct. Any
@@ -14,8 +14,8 @@ decoders fails the strict decode, so it goes that way too.) The same handler fun
 on both paths.
 
 A handler is served lean only if the lean path calls it exactly as Litestar would: its
-parameters are ``data`` (a msgspec struct), ``gateway`` (provided by
-:func:`~gateway.state.provide_gateway`) and optionally ``scope``; no guards, hooks,
+parameters are ``data`` (a msgspec struct) and ``gateway`` (provided by
+:func:`~gateway.state.provide_gateway`), and optionally ``scope``; no guards, hooks,
 layered response headers or cookies, DTOs or cache; a response of its own
 (declared ``-> JSONBytes | SSEStream``, :mod:`gateway.openai.sse`). Anything
 else is served by Litestar, and a warning says why once.
@@ -62,15 +62,13 @@ class _Plan:
 def lean_plan(handler: HTTPRouteHandler) -> _Plan | str:
     """The plan to serve ``handler`` lean, or why it cannot be (then Litestar serves it)."""
     params = handler.parsed_fn_signature.parameters
-    if "data" not in params or not set(params) <= _PARAMS:
-        return f"parameters {sorted(params)}: only data, gateway and scope are served lean"
+    if not {"data", "gateway"} <= set(params) <= _PARAMS:
+        return f"parameters {sorted(params)}: data, gateway and optionally scope are served lean"
     data_type = params["data"].annotation
     if not (isinstance(data_type, type) and issubclass(data_type, msgspec.Struct)):
         return f"data is a {data_type!r}, not a msgspec struct"
     deps = handler.resolve_dependencies()
-    if "gateway" in params and getattr(deps.get("gateway"), "dependency", None) is not (
-        provide_gateway
-    ):
+    if getattr(deps.get("gateway"), "dependency", None) is not provide_gateway:
         return "gateway is not provided by gateway.state.provide_gateway"
     layered = {
         "guards": handler.resolve_guards(),

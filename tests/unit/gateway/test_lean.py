@@ -169,18 +169,23 @@ def test_a_handler_the_lean_path_cannot_call_exactly_is_left_to_litestar() -> No
     async def created(data: ChatCompletionRequest, gateway: Gateway) -> JSONBytes:
         raise AssertionError
 
+    @post("/no-gateway", status_code=200)
+    async def no_gateway(data: ChatCompletionRequest) -> JSONBytes:
+        raise AssertionError
+
     @post("/fine", status_code=200)
     async def fine(data: ChatCompletionRequest, gateway: Gateway, scope: Scope) -> JSONBytes:
         raise AssertionError
 
-    reasons = _plans(guarded, headers, plain, more, dict_body, created, fine)
+    reasons = _plans(guarded, headers, plain, more, dict_body, created, no_gateway, fine)
     assert reasons[0] == "it has guards"
     assert reasons[1] == "it has response_headers"
     assert reasons[2] == "it does not return a JSONBytes or an SSEStream"
-    assert "only data, gateway and scope" in reasons[3]
+    assert "data, gateway and optionally scope" in reasons[3]
     assert "not a msgspec struct" in reasons[4]
     assert reasons[5] == "status code 201"
-    assert not isinstance(reasons[6], str)
+    assert "data, gateway and optionally scope" in reasons[6]
+    assert not isinstance(reasons[7], str)
 
 
 def _without_created(body: bytes) -> list[Any]:
