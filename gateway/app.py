@@ -44,7 +44,7 @@ from gateway.requestid import add_request_id_header
 from gateway.rollout.service import RolloutService
 from gateway.routing import Router
 from gateway.shadow import ShadowRunner
-from gateway.state import Gateway
+from gateway.state import Gateway, provide_gateway
 from gateway.studentpool import StudentPool
 
 if TYPE_CHECKING:
@@ -142,12 +142,6 @@ def served_model_name(settings: Settings) -> str:
 
         return DEFAULT_MODEL_NAME
     return settings.model.path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def provide_gateway(state: State) -> Gateway:
-    gw: Gateway = state.gateway
-    gw.routes  # noqa: B018 - raises 503 while the engine is still starting
-    return gw
 
 
 @get("/health", summary="Liveness", include_in_schema=True)

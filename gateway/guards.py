@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway.openai.serving import KEY_STATE
+from gateway.requestid import header
 
 if TYPE_CHECKING:
     from litestar.connection import ASGIConnection
@@ -44,12 +45,7 @@ def api_auth(app: ASGIApp) -> ASGIApp:
         gw: Gateway = scope["litestar_app"].state.gateway
         auth = gw.auth
         if auth.enabled:
-            header: str | None = None
-            for name, value in scope["headers"]:
-                if name == _AUTHORIZATION:
-                    header = value.decode("latin-1")
-                    break
-            key = auth.authenticate(header)
+            key = auth.authenticate(header(scope, _AUTHORIZATION))
             scope.setdefault("state", {})[KEY_STATE] = key
         await app(scope, receive, send)
 

@@ -45,6 +45,8 @@ class Router:
         self.adapters = adapters
         self.students = students
         self._base_names = {engine.model_name, *aliases}
+        self._base = Route(engine)
+        """The base model's route (immutable: one for every request)."""
 
     @property
     def base_name(self) -> str:
@@ -57,7 +59,7 @@ class Router:
         if model in self._base_names:
             if split and students is not None and (student := students.split_for(model)):
                 return Route(student, served_by="student")
-            return Route(self.engine)
+            return self._base
         if students is not None and (student := students.get(model)) is not None:
             return Route(student, served_by="student")
         if self.adapters is not None:

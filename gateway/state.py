@@ -6,6 +6,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from litestar.datastructures import State
+
 from gateway.auth.keys import Authenticator
 from gateway.auth.limits import RateLimiter
 from gateway.pricing import Pricer
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from gateway.settings import Settings
     from gateway.shadow import ShadowRunner
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "provide_gateway"]
 
 
 class Gateway:
@@ -98,3 +100,11 @@ class Gateway:
         except TimeoutError:
             return False
         return True
+
+
+def provide_gateway(state: State) -> Gateway:
+    """The ``gateway`` dependency of the routes (and of the lean path,
+    :mod:`gateway.openai.lean`); 503 while the engine is still starting."""
+    gw: Gateway = state.gateway
+    gw.routes  # noqa: B018 - raises 503 while the engine is still starting
+    return gw

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["FakeEngine"]
 
 ANSWER = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."]
+_SPACED = [" " + w for w in ANSWER]
 
 
 class FakeEngine(ServedModel):
@@ -103,26 +104,37 @@ class FakeEngine(ServedModel):
                     self.waiting -= 1
             self.running += 1
             running = True
+            # Per token only what varies: the stop words and the logprobs' top list are
+            # worked out once (the benchmark's engine should cost next to nothing).
+            stops = {st.strip() for st in s.stop}
+            top = (
+                [(w, -0.1 * (j + 1)) for j, w in enumerate(ANSWER[: s.logprobs])]
+                if s.logprobs is not None
+                else None
+            )
+            last = budget - 1
             for step in range(budget):
                 if self._delay and step:
                     await asyncio.sleep(self._delay)
                 if self._dead:
                     raise EngineDeadError("engine died mid-request")
+                words = ANSWER if step == 0 else _SPACED
+                finish = "length" if step == last else None
                 for i in range(s.n):
                     if done[i]:
                         continue
-                    word = ANSWER[(step + i) % len(ANSWER)]
-                    text = word if step == 0 else " " + word
-                    finish = "length" if step == budget - 1 else None
-                    if any(word == st.strip() for st in s.stop):
-                        text, finish = "", "stop"
+                    k = (step + i) % len(ANSWER)
+                    if stops and ANSWER[k] in stops:
+                        done[i] = True
+                        yield Chunk(i, "", n_prompt, step + 1, "stop")
+                        continue
+                    text = words[k]
                     lp = None
-                    if s.logprobs is not None:
-                        top = [(w, -0.1 * (j + 1)) for j, w in enumerate(ANSWER[: s.logprobs])]
-                        lp = [TokenLogprob(token=text, logprob=-0.05, top=top)]
+                    if top is not None:
+                        lp = [TokenLogprob(token=text, logprob=-0.05, top=list(top))]
                     if finish:
                         done[i] = True
-                    yield Chunk(i, text, n_prompt, step + 1, finish, lp if text else None)
+                    yield Chunk(i, text, n_prompt, step + 1, finish, lp)
             if budget == 0:
                 for i in range(s.n):
                     yield Chunk(i, "", n_prompt, 0, "length")

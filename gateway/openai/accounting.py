@@ -19,13 +19,13 @@ from gateway.engines.base import plain_sampling
 from gateway.errors import to_api_error
 from gateway.openai.protocol import Usage
 from gateway.promptlog.policy import LOG_HEADER, TAGS_HEADER, parse_tags
-from gateway.requestid import request_id
+from gateway.requestid import header, request_id
 from retort.db.record import LogRecord
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from litestar import Request
+    from litestar.types import Scope
 
     from gateway.admission import Admission
     from gateway.auth.keys import KeyInfo
@@ -155,7 +155,7 @@ class RequestInfo:
 
 def request_info(
     gw: Gateway,
-    request: Request[Any, Any, Any],
+    scope: Scope,
     endpoint: Literal["chat", "completions"],
     data: SamplingFields,
     *,
@@ -163,8 +163,8 @@ def request_info(
     prompt: str | list[int] | None = None,
 ) -> RequestInfo:
     """Gather the request's identity and log fields (cheap when it is not captured)."""
-    state = request.scope.setdefault("state", {})
-    rid = request_id(request.scope)
+    state = scope.setdefault("state", {})
+    rid = request_id(scope)
     key: KeyInfo | None = state.get(KEY_STATE)
     info = RequestInfo(
         request_id=rid,
@@ -177,7 +177,7 @@ def request_info(
         id_generated=bool(state.get("request_id_generated")),
     )
     plog = gw.promptlog
-    if plog is not None and plog.should_capture(rid, info.key_id, request.headers.get(LOG_HEADER)):
+    if plog is not None and plog.should_capture(rid, info.key_id, header(scope, LOG_HEADER)):
         info.capture = True
         info.params = {
             k: v
@@ -186,7 +186,7 @@ def request_info(
         }
         if info.params:
             info.params = msgspec.to_builtins(info.params)
-        info.tags = parse_tags(request.headers.get(TAGS_HEADER), data.metadata)
+        info.tags = parse_tags(header(scope, TAGS_HEADER), data.metadata)
         info.user = data.user
     return info
 
@@ -287,25 +287,27 @@ class Started:
                         self.info.key_id,
                         self.info.endpoint,
                     )
-                record = self.info.record(
-                    gw,
-                    model=self.model,
-                    route=route,
-                    completion="".join(self.texts) if self.texts is not None else "",
-                    finish_reason=self.finish_reason,
-                    prompt_tokens=self.prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    ttft_s=ttft,
-                    latency_s=latency,
-                    cost_usd=self.cost_usd,
-                    error=self.error if self.failed else None,
-                )
-                if record is not None and gw.shadow is not None:
-                    gw.shadow.submit(
-                        record,
-                        self.sampling,
-                        shadowable=plain_sampling(self.sampling) and "tools" not in record.params,
+                if self.info.capture:  # the prompt log, and shadowing of what it logs
+                    record = self.info.record(
+                        gw,
+                        model=self.model,
+                        route=route,
+                        completion="".join(self.texts) if self.texts is not None else "",
+                        finish_reason=self.finish_reason,
+                        prompt_tokens=self.prompt_tokens,
+                        completion_tokens=completion_tokens,
+                        ttft_s=ttft,
+                        latency_s=latency,
+                        cost_usd=self.cost_usd,
+                        error=self.error if self.failed else None,
                     )
+                    if record is not None and gw.shadow is not None:
+                        gw.shadow.submit(
+                            record,
+                            self.sampling,
+                            shadowable=plain_sampling(self.sampling)
+                            and "tools" not in record.params,
+                        )
             finally:
                 if self.admission is not None:
                     self.admission.leave(self.sampling.n, route.adapter)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from litestar import Request, Response, post
+from litestar import post
+from litestar.types import Scope
 
 from gateway.errors import UnsupportedParameterError
+from gateway.openai.lean import LeanRoute
 from gateway.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -59,17 +61,22 @@ def _chat_logprobs(entries: list[base.TokenLogprob] | None) -> ChatLogprobs | No
     )
 
 
-@post("/chat/completions", status_code=200, summary="Create a chat completion")
+@post(
+    "/chat/completions",
+    status_code=200,
+    summary="Create a chat completion",
+    middleware=[LeanRoute],
+)
 async def chat_completions(
-    data: ChatCompletionRequest, gateway: Gateway, request: Request[Any, Any, Any]
-) -> Response[bytes] | SSEStream:
+    data: ChatCompletionRequest, gateway: Gateway, scope: Scope
+) -> JSONBytes | SSEStream:
     """OpenAI ``CreateChatCompletion``, rendered with the model's own chat template;
     ``response_format`` and ``tools`` as :mod:`gateway.openai.tools` plans them."""
     if (refused := data.refused()) is not None:
         raise UnsupportedParameterError(refused)
     plan = plan_output(data, gateway.settings.model.tool_call_parser)
     sampling = data.to_sampling(plan.constraint)
-    info = request_info(gateway, request, "chat", data, messages=data.chat_messages())
+    info = request_info(gateway, scope, "chat", data, messages=data.chat_messages())
     started = await start(
         gateway, info, data.model, sampling=sampling, id_prefix="chatcmpl", tools=plan.tools
     )

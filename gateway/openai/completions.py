@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from litestar import Request, Response, post
+from litestar import post
+from litestar.types import Scope
 
 from gateway.errors import UnsupportedParameterError
 from gateway.openai.batch import StartedBatch, start_batch
+from gateway.openai.lean import LeanRoute
 from gateway.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -48,10 +50,10 @@ def _logprobs(entries: list[base.TokenLogprob], offset: int) -> CompletionLogpro
     )
 
 
-@post("/completions", status_code=200, summary="Create a completion")
+@post("/completions", status_code=200, summary="Create a completion", middleware=[LeanRoute])
 async def completions(
-    data: CompletionRequest, gateway: Gateway, request: Request[Any, Any, Any]
-) -> Response[bytes] | SSEStream:
+    data: CompletionRequest, gateway: Gateway, scope: Scope
+) -> JSONBytes | SSEStream:
     """OpenAI ``CreateCompletion``: a prompt (text or token ids) or a batch of them, ``n``
     choices each; choice ``k * n + i`` answers prompt ``k``."""
     if (refused := data.refused()) is not None:
@@ -60,12 +62,12 @@ async def completions(
     prompts = data.prompt_inputs()
     started: Started | StartedBatch
     if len(prompts) == 1:
-        info = request_info(gateway, request, "completions", data, prompt=prompts[0])
+        info = request_info(gateway, scope, "completions", data, prompt=prompts[0])
         started = await start(gateway, info, data.model, sampling=sampling, id_prefix="cmpl")
     else:
         infos = []
         for k, p in enumerate(prompts):
-            info = request_info(gateway, request, "completions", data, prompt=p)
+            info = request_info(gateway, scope, "completions", data, prompt=p)
             if k:
                 info.request_id = f"{info.request_id}-{k}"
                 info.id_generated = False

@@ -141,7 +141,7 @@ async def create_response(
     resp_id = f"resp_{rid}" if state.get("request_id_generated") else new_id("resp")
     resp = skeleton(data, resp_id, int(time.time()), store=stored)
     try:
-        result = await chat_completions.fn(data=call.chat, gateway=gateway, request=request)
+        result = await chat_completions.fn(data=call.chat, gateway=gateway, scope=request.scope)
     except Exception as exc:
         # The chat path names its own fields (`response_format`, `messages`, ...).
         err = to_api_error(exc)

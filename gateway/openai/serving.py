@@ -11,7 +11,6 @@ cost, the prompt log) lives in :mod:`gateway.openai.accounting`, SSE framing and
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +37,7 @@ from gateway.openai.accounting import (
     usage_of,
 )
 from gateway.openai.sse import DONE, SSEStream, sse, sse_error
+from gateway.requestid import new_request_id
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -83,7 +83,9 @@ async def start(
     if gw.draining:
         raise ServiceUnavailableError("The server is shutting down.", code="draining")
     routes = gw.routes
-    limit = await gw.limiter.acquire(info.key_id, info.estimate_tokens(sampling))
+    # Without a key nothing is limited: no estimate to make.
+    est = info.estimate_tokens(sampling) if info.key is not None else 0
+    limit = await gw.limiter.acquire(info.key_id, est)
     gw.request_started()
     route: Route | None = None
     it: AsyncIterator[Chunk] | None = None
@@ -97,7 +99,7 @@ async def start(
         if route.served_by == "engine" and gw.admission is not None:
             await gw.admission.enter(sampling.n, route.adapter)  # 503 past a bounded wait
             admission = gw.admission
-        engine_id = info.request_id if info.id_generated else uuid.uuid4().hex
+        engine_id = info.request_id if info.id_generated else new_request_id()
         req = GenerateRequest(
             request_id=engine_id,
             prompt=info.prompt,

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from litestar import Request
     from litestar.datastructures import Cookie
-    from litestar.types import HTTPResponseBodyEvent, Receive, Send
+    from litestar.types import ASGIApp, HTTPResponseBodyEvent, Receive, Send
 
 __all__ = [
     "DONE",
@@ -146,15 +146,22 @@ class _Disconnect:
 
     __slots__ = ("finished", "gone", "stall_s", "stalled", "task")
 
-    def __init__(self, task: asyncio.Task[Any], stall_s: float) -> None:
-        self.task = task
+    def __init__(self, stall_s: float) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        """The writer's task, looked up only once the stream has to wait for something."""
         self.stall_s = stall_s
         self.gone = False
         self.stalled = False
         self.finished = False
 
+    def watch(self) -> None:
+        """Called when the writer first waits (for the source or for ``send``)."""
+        if self.task is None:
+            self.task = asyncio.current_task()
+
     def stall(self) -> None:  # armed only while a send waits
         self.gone = self.stalled = True
+        assert self.task is not None
         self.task.cancel()
 
     def __call__(self, fut: asyncio.Future[Any]) -> None:
@@ -162,6 +169,7 @@ class _Disconnect:
             return
         if fut.exception() is None and fut.result():
             self.gone = True
+            assert self.task is not None
             self.task.cancel()
 
 
@@ -187,7 +195,8 @@ async def _send(send: Send, data: bytes, more: bool, watch: _Disconnect) -> None
     if watch.stall_s <= 0:
         await _resume(step, pending)
         return
-    timer = watch.task.get_loop().call_later(watch.stall_s, watch.stall)
+    watch.watch()
+    timer = asyncio.get_running_loop().call_later(watch.stall_s, watch.stall)
     try:
         await _resume(step, pending)
     finally:
@@ -210,9 +219,7 @@ async def write_events(
     ``stall_s`` > 0: a ``send`` that waits that long cuts the stream (``on_stall`` is
     called). The response start (status, headers) must already be sent.
     """
-    task = asyncio.current_task()
-    assert task is not None  # ASGI apps always run in a task
-    watch = _Disconnect(task, stall_s)
+    watch = _Disconnect(stall_s)
     watcher: asyncio.Future[bool] | None = None  # started at the first wait only
     frames = source.frames()
     buf: list[bytes] = []
@@ -231,6 +238,7 @@ async def write_events(
                     break
                 else:  # the source must wait: what is ready goes out first
                     if watcher is None:
+                        watch.watch()
                         watcher = asyncio.ensure_future(_wait_disconnect(receive))
                         watcher.add_done_callback(watch)
                     if buf:
@@ -262,7 +270,8 @@ async def write_events(
             source.disconnected()
             raise
         # Our own cancellation (the client left or stalled): nothing more to send.
-        task.uncancel()
+        assert watch.task is not None
+        watch.task.uncancel()
         if watch.stalled:
             log.warning("a stream was cut: the client read nothing for %g s", stall_s)
             source.disconnected(STALLED)
@@ -349,6 +358,9 @@ def _raw_headers(headers: dict[str, Any], media_type: bytes) -> list[tuple[bytes
     return raw
 
 
+_SSE_RAW_HEADERS = _raw_headers(_HEADERS, b"text/event-stream; charset=utf-8")
+
+
 class _ASGISSEResponse:
     """The ASGI side of :class:`SSEStream`: the response start, then :func:`write_events`;
     the source is closed on every path (also when the start itself fails)."""
@@ -368,7 +380,7 @@ class _ASGISSEResponse:
         self,
         source: SSESource,
         done: bool,
-        stall_s: float,
+        stall_s: float | None,
         on_stall: Callable[[], None] | None,
         *,
         status: int,
@@ -377,7 +389,12 @@ class _ASGISSEResponse:
         background: Callable[[], Awaitable[None]] | None,
         is_head: bool,
     ) -> None:
-        raw = _raw_headers(headers, b"text/event-stream; charset=utf-8")
+        # A stream's own headers, encoded once; only what a route layer adds is encoded here.
+        raw = (
+            list(_SSE_RAW_HEADERS)
+            if headers == _HEADERS
+            else _raw_headers(headers, b"text/event-stream; charset=utf-8")
+        )
         raw.extend(c.to_encoded_header() for c in cookies if not c.documentation_only)
         self.headers = raw  # no content-length: a stream, chunked transfer encoding
         self.status = status
@@ -389,6 +406,9 @@ class _ASGISSEResponse:
         self.is_head = is_head
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        stall_s, on_stall = self.stall_s, self.on_stall
+        if stall_s is None:
+            stall_s, on_stall = _stall_policy(scope)
         try:
             await send(
                 {"type": "http.response.start", "status": self.status, "headers": self.headers}
@@ -406,22 +426,38 @@ class _ASGISSEResponse:
                 send,
                 receive,
                 done=self.done,
-                stall_s=self.stall_s,
-                on_stall=self.on_stall,
+                stall_s=stall_s,
+                on_stall=on_stall,
             )
         if self.background is not None:
             await self.background()
 
 
-def _stall_policy(
-    request: Request[Any, Any, Any] | None,
-) -> tuple[float, Callable[[], None] | None]:
-    """``server.stream_stall_s`` and the stall counter of the app serving ``request``."""
-    gw = request.app.state.get("gateway") if request is not None else None
+def _stall_policy(scope: Any) -> tuple[float, Callable[[], None] | None]:
+    """``server.stream_stall_s`` and the stall counter of the app serving ``scope``."""
+    app = scope.get("litestar_app")
+    gw = app.state.get("gateway") if app is not None else None
     if gw is None:
         return 0.0, None
     metrics = gw.metrics
     return gw.settings.server.stream_stall_s, metrics.stream_stalled if metrics else None
+
+
+def _response_fields(
+    response: Response[bytes], content: bytes, media_type: str, headers: dict[str, str] | None
+) -> None:
+    """What ``Response(content, media_type=..., headers=...)`` sets, set directly: its
+    generic checks (``isinstance`` against ``typing.Mapping``, cookie and encoder merging)
+    cost more than the rest of building these responses. A unit test holds the fields
+    equal to Litestar's."""
+    response.content = content
+    response.background = None
+    response.cookies = []
+    response.encoding = "utf-8"
+    response.headers = dict(headers) if headers else {}
+    response.media_type = media_type
+    response.status_code = None
+    response.response_type_encoders = {}
 
 
 class SSEStream(Response[bytes]):
@@ -437,7 +473,7 @@ class SSEStream(Response[bytes]):
     def __init__(self, source: SSESource | AsyncIterator[bytes]) -> None:
         """``source``: an :class:`SSESource` (``[DONE]`` added here), or an async iterator
         of complete frames that ends with its own ``[DONE]``."""
-        super().__init__(b"", media_type="text/event-stream", headers=_HEADERS)
+        _response_fields(self, b"", "text/event-stream", _HEADERS)
         self.done = hasattr(source, "frames")
         self.source: SSESource = (
             source if self.done else _IteratorSource(source)  # type: ignore[assignment,arg-type]
@@ -448,18 +484,22 @@ class SSEStream(Response[bytes]):
     ) -> Any:  # an ASGI app; Litestar only calls it
         headers = kwargs.get("headers")
         merged = {**headers, **self.headers} if headers else self.headers
-        stall_s, on_stall = _stall_policy(request)
         return _ASGISSEResponse(
             self.source,
             self.done,
-            stall_s,
-            on_stall,
+            None,  # the serving app's stall policy, read when the stream starts
+            None,
             status=self.status_code or kwargs.get("status_code") or 200,
             headers=merged,
             cookies=itertools.chain(self.cookies, kwargs.get("cookies") or ()),
             background=self.background or kwargs.get("background"),
             is_head=bool(kwargs.get("is_head_response")),
         )
+
+    def asgi(self) -> ASGIApp:
+        """The response as an ASGI app when no route layer adds to it (the lean path,
+        :mod:`gateway.openai.lean`): what :meth:`to_asgi_response` gives without layers."""
+        return self.to_asgi_response(None, None)  # type: ignore[no-any-return,arg-type]
 
 
 class _ReadyJSON:
@@ -486,7 +526,7 @@ class JSONBytes(Response[bytes]):
     (headers, cookies, background tasks, a HEAD request) falls back to it."""
 
     def __init__(self, body: bytes, headers: dict[str, str] | None = None) -> None:
-        super().__init__(body, media_type="application/json", headers=headers)
+        _response_fields(self, body, "application/json", headers)
 
     def to_asgi_response(self, app: Any, request: Request[Any, Any, Any], **kwargs: Any) -> Any:
         if (
@@ -498,3 +538,9 @@ class JSONBytes(Response[bytes]):
         ):
             return super().to_asgi_response(app, request, **kwargs)
         return _ReadyJSON(self.content, self.headers)
+
+    def asgi(self) -> ASGIApp:
+        """The response as an ASGI app when no route layer adds to it (the lean path,
+        :mod:`gateway.openai.lean`): what :meth:`to_asgi_response` gives without layers.
+        Litestar's own rendering reads nothing from the request."""
+        return self.to_asgi_response(None, None)  # type: ignore[no-any-return,arg-type]

@@ -238,6 +238,10 @@ def _required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, A
     return schema
 
 
+_TEXT_PLAN = OutputPlan()
+"""Plain text, the common plan (immutable: one for every request)."""
+
+
 def plan_output(req: ChatCompletionRequest, parser: str | None) -> OutputPlan:
     """Check ``response_format``, ``tools`` and ``tool_choice`` and decide how the output is
     produced. Raises :class:`ParamError` (HTTP 400) for what cannot be honoured."""
@@ -260,6 +264,8 @@ def plan_output(req: ChatCompletionRequest, parser: str | None) -> OutputPlan:
             raise ParamError(
                 "tool_choice is only allowed when tools are specified", param="tool_choice"
             )
+        if constraint is None:
+            return _TEXT_PLAN
         return OutputPlan(constraint=constraint, json_kind=json_kind)
 
     tools: list[dict[str, Any]] = []

@@ -342,3 +342,39 @@ async def test_json_bytes_falls_back_when_a_layer_adds_headers() -> None:
     resp = JSONBytes(b"{}").to_asgi_response(None, None, headers={"x-layer": "1"})  # type: ignore[arg-type]
     sent = await _asgi_messages(resp)
     assert (b"x-layer", b"1") in sent[0]["headers"]
+
+
+@pytest.mark.parametrize("headers", [None, {"X-Retort-Cost-USD": "0.1"}])
+def test_json_bytes_and_sse_stream_hold_what_litestars_response_holds(
+    headers: dict[str, str] | None,
+) -> None:
+    """They set Response's fields themselves (cheaper): every field, as Litestar sets it."""
+    from litestar import Response
+
+    from gateway.openai.sse import JSONBytes, SSEStream
+
+    sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    json_response = Response(b"{}", media_type="application/json", headers=headers)
+    sse_response = Response(b"", media_type="text/event-stream", headers=sse_headers)
+    pairs = [(JSONBytes(b"{}", headers), json_response), (SSEStream(ready_frames(0)), sse_response)]
+    for ours, litestars in pairs:
+        for name in Response.__slots__:
+            assert getattr(ours, name) == getattr(litestars, name), name
+
+
+async def test_sse_stream_headers_own_and_added_by_a_layer() -> None:
+    from gateway.openai.sse import SSEStream
+
+    own = [
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+    ]
+    lean = await _asgi_messages(SSEStream(ready_frames(1)).asgi())
+    assert lean[0]["headers"] == own
+    # A plain iterator of frames brings its own [DONE] (this one has none).
+    assert b"".join(m.get("body", b"") for m in lean[1:]) == sse({"i": 0})
+    layered = await _asgi_messages(
+        SSEStream(ready_frames(1)).to_asgi_response(None, None, headers={"X-Layer": "1"})  # type: ignore[arg-type]
+    )
+    assert sorted(layered[0]["headers"]) == sorted([*own, (b"x-layer", b"1")])
