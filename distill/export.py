@@ -166,7 +166,7 @@ def greedy_runner(onnx_dir: Path, prompts: Sequence[list[int]], max_new: int) ->
     for ids in prompts:
         runner.release()
         token = int(np.argmax(runner.prefill(0, list(ids))))
-        length, toks = len(ids), []
+        length, toks = len(ids), list[int]()
         while token not in eos_ids and len(toks) < max_new:
             toks.append(token)
             logits = runner.decode(np.asarray([token]), np.asarray([length]))
