@@ -169,3 +169,70 @@ def test_export_stage_trims_and_the_registry_hashes_the_map(
     stored.write_text(json.dumps(data))
     with pytest.raises(StudentNotFoundError, match=r"vocab_map\.json does not match its sha256"):
         registry.get("trim-student", verify_hashes=True)
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_evaluates_the_trimmed_student(tmp_path: Path) -> None:
+    """``export.output_vocab: trimmed`` through the pipeline: the map is written from the
+    train split's answers, and the eval stage serves that same trimmed folder."""
+    import asyncio
+    import random
+
+    from adapters.synthetic import make_tiny_adapter, qa_pairs, style_answer
+    from distill.config import load_config
+    from distill.pipeline import run
+    from retort.db.store import PromptStore
+    from tests.tiny import make_tiny_base
+    from tests.unit.distill.conftest import record
+
+    home = tmp_path / "home"
+    base = make_tiny_base(tmp_path / "tiny-base", layers=2)
+    make_tiny_adapter(base, home / "adapters" / "bot", base_name="tiny-base")
+    url = f"sqlite+aiosqlite:///{home / 'retort.db'}"
+    pairs = qa_pairs(random.Random(0), 40)
+    recs = [record(i, q, style_answer(a), model="tiny-base") for i, (q, a) in enumerate(pairs)]
+
+    async def fill() -> None:
+        async with PromptStore(url) as store:
+            await store.insert_many(recs)
+
+    asyncio.run(fill())
+    cfg = load_config(
+        None,
+        {
+            "home": str(home),
+            "adapter": "bot",
+            "teacher": {"base_model": str(base), "base_model_name": "tiny-base"},
+            "student": {"layers": 1},
+            "train": {"max_steps": 2, "batch_size": 4},
+            "export": {
+                "precision": "int4",
+                "parity_prompts": 2,
+                "parity_tokens": 6,
+                "output_vocab": "trimmed",
+                "output_vocab_extra": 8,
+            },
+            "eval": {"max_examples": 2, "max_tokens": 6, "teacher_speed": "skip"},
+            "dataset": {"eval_fraction": 0.2},
+        },
+    )
+    report = run(cfg, tmp_path / "run", until="eval", record=False, progress=False)
+    assert report.export is not None
+    assert report.export.vocab is not None
+    onnx_dir = Path(report.export.onnx)
+    kept = json.loads((onnx_dir / VOCAB_MAP_FILE).read_text())["ids"]
+    assert report.export.vocab.kept == len(kept) < report.export.vocab.vocab_size
+    from transformers import AutoTokenizer
+
+    from distill.dataset import load_splits
+
+    tok: Any = AutoTokenizer.from_pretrained(str(base))
+    assert report.teacher is not None
+    train = load_splits(Path(report.teacher.labels))[0]
+    assert train
+    for example in train:
+        assert set(tok.encode(example["completion"])) <= set(kept)
+    # eval served this folder (OnnxEngine reads its map: tests/unit/gateway/test_onnx_vocab.py)
+    assert report.eval is not None
+    samples = (tmp_path / "run" / "eval" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == report.eval.examples == 2
