@@ -126,9 +126,16 @@ def greedy_ids(model: Any, prompts: Sequence[list[int]], max_new: int) -> list[l
 
 
 def greedy_onnx(onnx_dir: Path, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy continuations by the ONNX model (token ids, eos excluded)."""
+    """Greedy continuations by the ONNX model (token ids, eos excluded), with
+    onnxruntime-genai's generator: full-vocabulary models only (a trimmed one's logits
+    are not token ids; :func:`greedy_runner` decodes those)."""
     import numpy as np
     import onnxruntime_genai as og
+
+    from gateway.engines.onnx_batch import VOCAB_MAP_FILE
+
+    if (Path(onnx_dir) / VOCAB_MAP_FILE).is_file():
+        raise ValueError(f"{onnx_dir} has a trimmed output vocabulary: use greedy_runner")
 
     model = og.Model(str(onnx_dir))
     cfg = json.loads((Path(onnx_dir) / "genai_config.json").read_text())

@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> None:
                 for name, runner in runners.items():
                     ms[name][r].append(step_ms(runner, r, args.steps))
     load = os.getloadavg()
+    medians = {k: {r: statistics.median(v) for r, v in d.items()} for k, d in ms.items()}
     result = {
         "onnx": str(args.onnx),
         "vocab_size": size,
         "kept": kept,
         "load_avg": [round(x, 2) for x in load],
-        "ms_per_step": {k: {r: statistics.median(v) for r, v in d.items()} for k, d in ms.items()},
+        "ms_per_step": medians,
     }
     out = Path(".bench")
     out.mkdir(exist_ok=True)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| rows | full ms/step | trimmed ms/step | full tok/s | trimmed tok/s | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        f, t = result["ms_per_step"]["full"][r], result["ms_per_step"]["trimmed"][r]
+        f, t = medians["full"][r], medians["trimmed"][r]
         print(
             f"| {r} | {f:.1f} | {t:.1f} | {r * 1000 / f:.0f} | {r * 1000 / t:.0f} | {f / t:.2f}x |"
         )

@@ -201,6 +201,11 @@ class OrtRunner:
         """Token ids the model computes logits for, when its output vocabulary is trimmed."""
         return None if self._vocab_map is None else len(self._vocab_map[0])
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The full vocabulary its logits are scattered into, when trimmed."""
+        return None if self._vocab_map is None else self._vocab_map[1]
+
     def prefill(self, row: int, ids: list[int]) -> np.ndarray:
         """Run the prompt into ``row``'s cache; the next-token logits ``[vocab]``."""
         self.reserve(row + 1, len(ids) + 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.export import greedy_runner
+from distill.export import greedy_onnx, greedy_runner
 from distill.vocab import trim_lm_head
 from gateway.engines.base import EngineError, GenerateRequest, OutputConstraint, Sampling
 from gateway.engines.onnx import OnnxEngine
@@ -87,3 +87,15 @@ async def test_a_grammar_the_kept_tokens_cannot_spell_fails_clearly(engines: tup
     _, cut = engines
     with pytest.raises(EngineError, match="no token the grammar allows"):
         await _run(cut, temperature=0, constraint=OutputConstraint({"type": "integer"}))
+
+
+def test_a_map_for_another_vocabulary_is_refused(
+    trimmed: tuple[Path, list[int]], tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(trimmed[0], tmp_path / "onnx"))
+    size = json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"]
+    (out / "vocab_map.json").write_text(json.dumps({"vocab_size": size + 1, "ids": trimmed[1]}))
+    with pytest.raises(EngineError, match=f"map is for {size + 1} tokens"):
+        OnnxEngine(out, max_model_len=128)
+    with pytest.raises(ValueError, match="trimmed output vocabulary"):
+        greedy_onnx(out, [[5, 6]], 2)
