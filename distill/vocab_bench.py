@@ -1,4 +1,4 @@
-"""Decode step time, full against trimmed output vocabulary (``python -m loadtest.vocab_bench
+"""Decode step time, full against trimmed output vocabulary (``python -m distill.vocab_bench
 ONNX_DIR``): the exported student is copied, its LM head trimmed (:mod:`distill.vocab`: the
 special tokens and ids ``0 .. extra-1``), and both are decoded by the serving runner
 (:class:`~gateway.engines.onnx_batch.OrtRunner`, scatter back to the full vocabulary
