@@ -158,6 +158,13 @@ class ExportConfig(_Base):
     parity_prompts: int = 4
     """Sample prompts on which greedy tokens of ONNX and torch are compared."""
     parity_tokens: int = 16
+    output_vocab: Literal["full", "trimmed"] = "full"
+    """``trimmed``: the exported LM head keeps only the tokens of the teacher's train-split
+    answers, the special and end tokens, and ``output_vocab_extra`` more (:mod:`distill.vocab`);
+    the student can then produce no other token. Training stays full-vocabulary."""
+    output_vocab_extra: int = 2048
+    """``trimmed``: also keep token ids ``0 .. N-1`` (in a byte-level BPE tokenizer the single
+    bytes and the most frequent merges, so any text stays spellable)."""
 
 
 class EvalConfig(_Base):

@@ -3,6 +3,9 @@
 The builder runs in a subprocess (``python -m onnxruntime_genai.models.builder``): it
 prints a lot, keeps its caches in its own folder, and its memory goes when it exits. The
 result is checked against the torch student: greedy tokens of both on sample prompts.
+With ``output_vocab: trimmed`` the LM head is then sliced (:mod:`distill.vocab`) and the
+trimmed model's greedy tokens are checked against the full model's, both decoded by the
+serving runner (:func:`greedy_runner`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import ExportConfig
-from distill.results import ExportResult, Parity
+from distill.results import ExportResult, Parity, VocabTrim
 from distill.stages import stage_done, write_stage
 
 if TYPE_CHECKING:
@@ -29,6 +32,7 @@ __all__ = [
     "export_stage",
     "greedy_ids",
     "greedy_onnx",
+    "greedy_runner",
     "greedy_torch",
     "parity",
 ]
@@ -122,9 +126,16 @@ def greedy_ids(model: Any, prompts: Sequence[list[int]], max_new: int) -> list[l
 
 
 def greedy_onnx(onnx_dir: Path, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy continuations by the ONNX model (token ids, eos excluded)."""
+    """Greedy continuations by the ONNX model (token ids, eos excluded), with
+    onnxruntime-genai's generator: full-vocabulary models only (a trimmed one's logits
+    are not token ids; :func:`greedy_runner` decodes those)."""
     import numpy as np
     import onnxruntime_genai as og
+
+    from gateway.engines.onnx_batch import VOCAB_MAP_FILE
+
+    if (Path(onnx_dir) / VOCAB_MAP_FILE).is_file():
+        raise ValueError(f"{onnx_dir} has a trimmed output vocabulary: use greedy_runner")
 
     model = og.Model(str(onnx_dir))
     cfg = json.loads((Path(onnx_dir) / "genai_config.json").read_text())
@@ -147,6 +158,30 @@ def greedy_onnx(onnx_dir: Path, prompts: Sequence[list[int]], max_new: int) -> l
     return outs
 
 
+def greedy_runner(onnx_dir: Path, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy continuations decoded as the gateway serves them (:class:`OrtRunner`: a
+    trimmed output vocabulary is scattered back to the full one), eos excluded."""
+    import numpy as np
+
+    from gateway.engines.onnx_batch import OrtRunner
+
+    runner = OrtRunner(Path(onnx_dir))
+    cfg = json.loads((Path(onnx_dir) / "genai_config.json").read_text())
+    eos = cfg["model"].get("eos_token_id", [])
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    outs = []
+    for ids in prompts:
+        runner.release()
+        token = int(np.argmax(runner.prefill(0, list(ids))))
+        length, toks = len(ids), list[int]()
+        while token not in eos_ids and len(toks) < max_new:
+            toks.append(token)
+            logits = runner.decode(np.asarray([token]), np.asarray([length]))
+            token, length = int(np.argmax(logits[0])), length + 1
+        outs.append(toks)
+    return outs
+
+
 def parity(torch_out: list[list[int]], onnx_out: list[list[int]]) -> Parity:
     """Share of prompts whose greedy tokens match exactly, and mean matching-prefix share."""
     exact = sum(a == b for a, b in zip(torch_out, onnx_out, strict=True))
@@ -163,11 +198,23 @@ def parity(torch_out: list[list[int]], onnx_out: list[list[int]]) -> Parity:
 
 
 def export_stage(
-    model_dir: Path, run_dir: Path, config: ExportConfig, prompts: Sequence[list[dict[str, str]]]
+    model_dir: Path,
+    run_dir: Path,
+    config: ExportConfig,
+    prompts: Sequence[list[dict[str, str]]],
+    train: Sequence[dict[str, Any]] = (),
+    *,
+    train_fingerprint: str | None = None,
 ) -> ExportResult:
-    """Export ``model_dir`` into ``run_dir/export/onnx`` and check greedy parity."""
+    """Export ``model_dir`` into ``run_dir/export/onnx`` and check greedy parity; with
+    ``output_vocab: trimmed``, keep the tokens of ``train``'s completions (the teacher's
+    answers) in the LM head."""
+    if config.output_vocab == "trimmed" and not train:
+        raise ValueError("output_vocab: trimmed needs the train split's completions")
     stage = run_dir / "export"
-    inputs = {"model": str(model_dir), "config": config}
+    inputs: dict[str, Any] = {"model": str(model_dir), "config": config}
+    if config.output_vocab == "trimmed":
+        inputs["train"] = train_fingerprint
     done = stage_done(stage, inputs, ExportResult)
     if done is not None:
         return done
@@ -181,6 +228,9 @@ def export_stage(
     sample = [chat_ids(tokenizer, m) for m in prompts[: config.parity_prompts]]
     torch_out = greedy_torch(model_dir, sample, config.parity_tokens)
     onnx_out = greedy_onnx(onnx_dir, sample, config.parity_tokens)
+    trim = None
+    if config.output_vocab == "trimmed":
+        trim = _trim(onnx_dir, model_dir, tokenizer, train, config, sample)
     result = ExportResult(
         onnx=str(onnx_dir),
         precision=config.precision,
@@ -191,6 +241,31 @@ def export_stage(
             {"torch": str(tokenizer.decode(a)), "onnx": str(tokenizer.decode(b))}
             for a, b in zip(torch_out[:3], onnx_out[:3], strict=False)
         ],
+        vocab=trim,
     )
     write_stage(stage, inputs, result)
     return result
+
+
+def _trim(
+    onnx_dir: Path,
+    model_dir: Path,
+    tokenizer: Any,
+    train: Sequence[dict[str, Any]],
+    config: ExportConfig,
+    sample: Sequence[list[int]],
+) -> VocabTrim:
+    from distill.vocab import kept_ids, special_ids, trim_lm_head
+
+    size = int(json.loads((onnx_dir / "genai_config.json").read_text())["model"]["vocab_size"])
+    ids = kept_ids(
+        tokenizer,
+        train,
+        size,
+        extra=config.output_vocab_extra,
+        specials=special_ids(tokenizer, onnx_dir, model_dir),
+    )
+    before = greedy_runner(onnx_dir, sample, config.parity_tokens)
+    kept = trim_lm_head(onnx_dir, ids, size)
+    after = greedy_runner(onnx_dir, sample, config.parity_tokens)
+    return VocabTrim(kept=kept, vocab_size=size, parity=parity(before, after))

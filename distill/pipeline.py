@@ -369,7 +369,14 @@ def _export(r: _Run) -> bool:
 
     train_split, r.eval_split = load_splits(Path(r.teacher.labels))
     sample_prompts = [e["messages"] for e in (r.eval_split + train_split) if e.get("messages")]
-    exported = export_stage(Path(r.trained.model), r.out, r.config.export, sample_prompts)
+    exported = export_stage(
+        Path(r.trained.model),
+        r.out,
+        r.config.export,
+        sample_prompts,
+        train_split,
+        train_fingerprint=fingerprint(r.teacher),
+    )
     report = r.report
     report.export = exported
     report.precision = exported.precision

@@ -35,6 +35,7 @@ __all__ = [
     "TeacherResult",
     "TrainResult",
     "TrainSpec",
+    "VocabTrim",
     "Watermark",
     "summary",
 ]
@@ -197,6 +198,16 @@ class Parity(_Result):
     """Mean share of the matching prefix."""
 
 
+class VocabTrim(_Result):
+    """``export.output_vocab: trimmed``: what the LM head kept, and what that changed."""
+
+    kept: int
+    """Token ids the trimmed LM head computes (of ``vocab_size``)."""
+    vocab_size: int
+    parity: Parity
+    """Greedy tokens of the trimmed model against the full one (both served by the runner)."""
+
+
 class ExportResult(_Result):
     onnx: str
     precision: str
@@ -204,6 +215,8 @@ class ExportResult(_Result):
     size_bytes: int
     parity: Parity
     parity_samples: list[dict[str, str]]
+    vocab: VocabTrim | None = None
+    """Set when the output vocabulary was trimmed."""
 
 
 class MeasureChoice(_Result):

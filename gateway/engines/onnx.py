@@ -127,6 +127,11 @@ class OnnxEngine(ServedModel):
             runner = OrtRunner(self.path, threads=threads, batch_invariant=batch_invariant)
         except Exception as exc:
             raise EngineError(f"cannot load student {self.path}: {exc}") from exc
+        if runner.vocab_size is not None and runner.vocab_size != self._vocab:
+            raise EngineError(
+                f"cannot load student {self.path}: its vocabulary map is for "
+                f"{runner.vocab_size} tokens, genai_config.json says {self._vocab}"
+            )
         self._default_max = default_max_tokens
         self._batcher = Batcher(
             runner,

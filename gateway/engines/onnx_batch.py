@@ -25,6 +25,12 @@ static batch (a batch admits up to four requests and takes no new one until all 
 finished; per-request seeds and stop strings need its dynamic batching, which needs a
 PagedAttention export, CUDA only), and batched ``og.Generator`` calls pad on the left,
 which changed the greedy tokens of every row of a mixed-length batch of our students.
+
+A student exported with a trimmed output vocabulary (``export.output_vocab: trimmed``,
+:mod:`distill.vocab`) computes logits for only the token ids in :data:`VOCAB_MAP_FILE`
+next to its model; the runner scatters them into full-vocabulary rows filled with ``-inf``,
+so everything downstream (sampling, logprobs, ``logit_bias``, penalties, grammars, stop
+tokens) sees the tokenizer's vocabulary, and tokens outside the kept set have probability 0.
 """
 
 from __future__ import annotations
@@ -46,7 +52,16 @@ if TYPE_CHECKING:
 
     from gateway.engines.guide import Guide
 
-__all__ = ["Batcher", "OrtRunner", "QueueFullError", "Sequence", "sample_token", "token_logprobs"]
+__all__ = [
+    "VOCAB_MAP_FILE",
+    "Batcher",
+    "OrtRunner",
+    "QueueFullError",
+    "Sequence",
+    "load_vocab_map",
+    "sample_token",
+    "token_logprobs",
+]
 
 log = logging.getLogger("retort.students")
 
@@ -57,6 +72,27 @@ class QueueFullError(RuntimeError):
     def __init__(self, waiting: int, retry_after: int) -> None:
         super().__init__(f"{waiting} sequences are already waiting")
         self.retry_after = retry_after
+
+
+VOCAB_MAP_FILE = "vocab_map.json"
+"""``{"vocab_size": V, "ids": [kept ids, ascending]}``: the model's logits are for ``ids`` only."""
+
+
+def load_vocab_map(path: Path) -> tuple[np.ndarray, int] | None:
+    """The kept token ids and the full vocabulary size from ``path``'s :data:`VOCAB_MAP_FILE`
+    (``None`` when the folder has none); ``ValueError`` when it is malformed."""
+    file = Path(path) / VOCAB_MAP_FILE
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    if not isinstance(data, dict) or set(data) != {"vocab_size", "ids"}:
+        raise ValueError(f"{file}: expected exactly the keys vocab_size and ids")
+    size, ids = data["vocab_size"], np.asarray(data["ids"], np.int64)
+    if not isinstance(size, int) or ids.ndim != 1 or not len(ids):
+        raise ValueError(f"{file}: vocab_size must be an integer and ids a non-empty list")
+    if ids[0] < 0 or ids[-1] >= size or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
+        raise ValueError(f"{file}: ids must be ascending, unique and below vocab_size")
+    return ids, size
 
 
 class OrtRunner:
@@ -92,6 +128,14 @@ class OrtRunner:
         self._ids_name = ins.get("input_ids", "input_ids")
         self._mask_name = ins.get("attention_mask", "attention_mask")
         self._logits_name = outs.get("logits", "logits")
+        self._vocab_map = load_vocab_map(path)
+        if self._vocab_map is not None:
+            out = {o.name: o for o in self._session.get_outputs()}[self._logits_name]
+            if out.shape[-1] != len(self._vocab_map[0]):
+                raise ValueError(
+                    f"{path / VOCAB_MAP_FILE} keeps {len(self._vocab_map[0])} tokens but the "
+                    f"model's {self._logits_name} has {out.shape[-1]}"
+                )
         declared = {i.name: i for i in self._session.get_inputs()}
         unknown = set(declared) - {self._ids_name, self._mask_name, *self._past}
         if unknown:
@@ -144,7 +188,23 @@ class OrtRunner:
         io.bind_output(self._logits_name)
         self._session.run_with_iobinding(io)
         logits = np.asarray(io.get_outputs()[-1].numpy())
-        return logits[:, -1, :] if logits.ndim == 3 else logits
+        logits = logits[:, -1, :] if logits.ndim == 3 else logits
+        if self._vocab_map is None:
+            return logits
+        ids, size = self._vocab_map
+        full = np.full((logits.shape[0], size), -np.inf, logits.dtype)
+        full[:, ids] = logits
+        return full
+
+    @property
+    def output_vocab(self) -> int | None:
+        """Token ids the model computes logits for, when its output vocabulary is trimmed."""
+        return None if self._vocab_map is None else len(self._vocab_map[0])
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The full vocabulary its logits are scattered into, when trimmed."""
+        return None if self._vocab_map is None else self._vocab_map[1]
 
     def prefill(self, row: int, ids: list[int]) -> np.ndarray:
         """Run the prompt into ``row``'s cache; the next-token logits ``[vocab]``."""
@@ -461,6 +521,10 @@ class Batcher:
                 if seq.guide is not None and not np.isfinite(logits).any():
                     seq.emit(seq, None, "stop")  # the grammar is complete: only the end is left
                     return False
+            if seq.guide is not None and not np.isfinite(logits).any():
+                # a trimmed output vocabulary holds none of the tokens the grammar allows
+                seq.fail(seq, RuntimeError("the student can produce no token the grammar allows"))
+                return False
         token = sample_token(logits, seq.temperature, seq.top_p, seq.rng)
         if seq.guide is not None and token not in self._eos and not seq.guide.accept(token):
             seq.fail(seq, RuntimeError(f"token {token} breaks the output grammar"))
