@@ -120,7 +120,7 @@ class _Live:
         return live
 
 
-class FastPunicaWrapperCPU(PunicaWrapperCPU):  # type: ignore[misc]
+class FastPunicaWrapperCPU(PunicaWrapperCPU):
     """vLLM's ``PunicaWrapperCPU`` with the per-slot ops of :mod:`gateway.engines.lora_ops`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -200,7 +200,10 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):  # type: ignore[misc]
         plan = self._tokens
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
-        shapes = [(_slots_view(a), _slots_view(b)) for a, b in zip(lora_a_stacked, lora_b_stacked)]
+        shapes = [
+            (_slots_view(a), _slots_view(b))
+            for a, b in zip(lora_a_stacked, lora_b_stacked, strict=False)
+        ]
         if (
             buffer is not None
             or plan is None
@@ -214,7 +217,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):  # type: ignore[misc]
                 or a.size(1) != b.size(2)
                 or b.size(1) != size
                 or a.size(2) != x2.size(1)
-                for (a, b), size in zip(shapes, output_slices)
+                for (a, b), size in zip(shapes, output_slices, strict=False)
             )
         ):
             super().add_lora_linear(
@@ -231,8 +234,9 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):  # type: ignore[misc]
         if not plan.groups:
             return
         offset = 0
-        for (a, b), stacked_b, size in zip(shapes, lora_b_stacked, output_slices):
-            assert a is not None and b is not None
+        for (a, b), stacked_b, size in zip(shapes, lora_b_stacked, output_slices, strict=True):
+            assert a is not None
+            assert b is not None
             self._lora_slice(plan, y2, x2, a, b, stacked_b, scale, offset, size, torch.float32)
             offset += size
 

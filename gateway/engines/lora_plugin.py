@@ -33,14 +33,29 @@ APPLIED = "retort LoRA fast ops: applied"
 _EXPECTED: dict[str, tuple[str, ...]] = {
     "update_metadata": ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size"),
     "add_lora_linear": (
-        "self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "output_slices", "buffer"
+        "self",
+        "y",
+        "x",
+        "lora_a_stacked",
+        "lora_b_stacked",
+        "scale",
+        "output_slices",
+        "buffer",
     ),
     "add_lora_logits": ("self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "buffer"),
     "_shrink_prefill": ("self", "y", "x", "w_t_all", "scale"),
     "_shrink_decode": ("self", "y", "x", "w_t_all", "scale"),
     "_expand_prefill": ("self", "y", "x", "w_t_all", "add_inputs"),
     "_expand_decode": ("self", "y", "x", "w_t_all", "add_inputs"),
-    "_expand_slice_prefill": ("self", "y", "x", "w_t_all", "y_offset", "y_slice_size", "add_inputs"),
+    "_expand_slice_prefill": (
+        "self",
+        "y",
+        "x",
+        "w_t_all",
+        "y_offset",
+        "y_slice_size",
+        "add_inputs",
+    ),
     "_expand_slice_decode": ("self", "y", "x", "w_t_all", "y_offset", "y_slice_size", "add_inputs"),
 }
 
@@ -71,7 +86,7 @@ def check_vllm(platform: object) -> list[str]:
         return [*problems, f"vLLM's CPU punica wrapper does not import: {exc}"]
     for name, params in _EXPECTED.items():
         fn = getattr(PunicaWrapperCPU, name, None)
-        if fn is None:
+        if fn is None or getattr(fn, "__isabstractmethod__", False):
             problems.append(f"PunicaWrapperCPU.{name} is missing")
             continue
         got = tuple(
@@ -81,9 +96,11 @@ def check_vllm(platform: object) -> list[str]:
         )
         if got != params:
             problems.append(f"PunicaWrapperCPU.{name}{got} is not {params}")
-    for attr in ("token_lora_indices", "sampler_indices"):
-        if not isinstance(getattr(PunicaWrapperBase, attr, None), property):
-            problems.append(f"PunicaWrapperBase.{attr} is not a property")
+    problems.extend(
+        f"PunicaWrapperBase.{attr} is not a property"
+        for attr in ("token_lora_indices", "sampler_indices")
+        if not isinstance(getattr(PunicaWrapperBase, attr, None), property)
+    )
     return problems
 
 
@@ -111,6 +128,6 @@ def register() -> None:
             "; ".join(problems),
         )
         return
-    platform_cls = type(current_platform)
-    platform_cls.get_punica_wrapper = classmethod(lambda cls: QUALNAME)
+    # One assignment: vLLM's get_punica_wrapper() resolves this name when it builds the model.
+    setattr(type(current_platform), "get_punica_wrapper", classmethod(lambda cls: QUALNAME))  # noqa: B010
     log.info("%s (vLLM builds %s for LoRA)", APPLIED, QUALNAME)
