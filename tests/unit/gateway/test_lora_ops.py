@@ -126,20 +126,29 @@ def test_base_rows_get_no_delta_when_the_last_slot_holds_an_adapter() -> None:
     torch.testing.assert_close(got[[1, 2]], bad[[1, 2]])
 
 
-def test_slots_without_weights_are_skipped_until_written() -> None:
+@pytest.mark.parametrize(
+    "made_in", ["normal", "inference_mode"], ids=["normal", "inference-tensors"]
+)
+def test_slots_without_weights_are_skipped_until_written(made_in: str) -> None:
     """An all-zero B (a module the adapter does not target) adds nothing; writing the slot in
-    place (vLLM's set_lora) is seen at the next call."""
+    place (vLLM's set_lora, under inference mode) is seen at the next call. Stacks made under
+    inference mode have no version counter: nothing is skipped, the result is the same."""
     ids = [1, 2, 0, 1]
     vllm_w, fast_w = wrappers(ids, prefill=False)
     gen = torch.Generator().manual_seed(3)
-    a, b = stacked(gen, HIDDEN, (HIDDEN,), {0})
+    if made_in == "inference_mode":
+        with torch.inference_mode():
+            a, b = stacked(gen, HIDDEN, (HIDDEN,), {0})
+    else:
+        a, b = stacked(gen, HIDDEN, (HIDDEN,), {0})
     x = torch.randn(len(ids), HIDDEN, generator=gen)
     y0 = torch.randn(len(ids), HIDDEN, generator=gen)
     got = y0.clone()
     fast_w.add_lora_linear(got, x, a, b, 1.0, (HIDDEN,))
     torch.testing.assert_close(got, reference(y0, x, a, b, ids, [0]))
-    b[0][1, 0, : HIDDEN // 2].copy_(torch.randn(HIDDEN // 2, RANK, generator=gen))
-    a[0][1, 0].copy_(torch.randn(RANK, HIDDEN, generator=gen))
+    with torch.inference_mode():
+        b[0][1, 0, : HIDDEN // 2].copy_(torch.randn(HIDDEN // 2, RANK, generator=gen))
+        a[0][1, 0].copy_(torch.randn(RANK, HIDDEN, generator=gen))
     again, want = y0.clone(), y0.clone()
     fast_w.add_lora_linear(again, x, a, b, 1.0, (HIDDEN,))
     vllm_w.add_lora_linear(want, x, a, b, 1.0, (HIDDEN,))
