@@ -132,6 +132,7 @@ class OnnxEngine(ServedModel):
                 f"cannot load student {self.path}: its vocabulary map is for "
                 f"{runner.vocab_size} tokens, genai_config.json says {self._vocab}"
             )
+        self._kept = runner.kept_ids
         self._default_max = default_max_tokens
         self._batcher = Batcher(
             runner,
@@ -235,6 +236,18 @@ class OnnxEngine(ServedModel):
         if bad:
             raise InvalidInputError(
                 f"logit_bias token id {bad[0]} is outside the vocabulary ({vocab})",
+                param="logit_bias",
+            )
+        unreachable = [
+            t
+            for t, v in logit_bias.items()
+            if v > 0 and self._kept is not None and t not in self._kept
+        ]
+        if unreachable:
+            raise InvalidInputError(
+                f"logit_bias token id {unreachable[0]} can never be produced by {self._name}: "
+                "its output vocabulary is trimmed to the tokens of its task "
+                "(export.output_vocab: trimmed)",
                 param="logit_bias",
             )
         bias = np.zeros(vocab, np.float32)

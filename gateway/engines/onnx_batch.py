@@ -206,6 +206,11 @@ class OrtRunner:
         """The full vocabulary its logits are scattered into, when trimmed."""
         return None if self._vocab_map is None else self._vocab_map[1]
 
+    @property
+    def kept_ids(self) -> frozenset[int] | None:
+        """The token ids it can produce, when its output vocabulary is trimmed."""
+        return None if self._vocab_map is None else frozenset(self._vocab_map[0].tolist())
+
     def prefill(self, row: int, ids: list[int]) -> np.ndarray:
         """Run the prompt into ``row``'s cache; the next-token logits ``[vocab]``."""
         self.reserve(row + 1, len(ids) + 1)

@@ -14,7 +14,13 @@ import pytest
 
 from distill.export import greedy_onnx, greedy_runner
 from distill.vocab import trim_lm_head
-from gateway.engines.base import EngineError, GenerateRequest, OutputConstraint, Sampling
+from gateway.engines.base import (
+    EngineError,
+    GenerateRequest,
+    InvalidInputError,
+    OutputConstraint,
+    Sampling,
+)
 from gateway.engines.onnx import OnnxEngine
 
 pytest.importorskip("onnxruntime_genai")
@@ -73,12 +79,19 @@ async def test_tokens_outside_the_kept_set_have_probability_zero(
             assert {tok for tok, _ in finite} <= kept
             assert len(finite) <= len(ids)
             assert math.isclose(sum(math.exp(p) for _, p in finite), 1.0, rel_tol=1e-4)
-    # Sampling at a high temperature never leaves the kept set (the full model does).
+    # Sampling at a high temperature never leaves the kept set.
     outside = next(t for t in range(300) if t not in ids)
-    _, chunks = await _run(cut, temperature=5.0, seed=1, logit_bias={outside: 100}, logprobs=0)
+    _, chunks = await _run(cut, temperature=5.0, seed=1, logprobs=0)
     sampled = [lp.token for c in chunks for lp in c.logprobs or []]
     assert sampled
     assert set(sampled) <= kept
+    # A positive bias on a token it can never produce is refused, not silently dropped; a
+    # negative one already holds.
+    with pytest.raises(InvalidInputError, match=f"token id {outside} can never be produced"):
+        await _run(cut, temperature=5.0, seed=1, logit_bias={outside: 100}, logprobs=0)
+    _, chunks = await _run(cut, temperature=0, logit_bias={outside: -100})
+    assert "".join(c.text for c in chunks)
+    # The full model does produce it under that bias.
     _, chunks = await _run(full, temperature=5.0, seed=1, logit_bias={outside: 100}, logprobs=0)
     assert {lp.token for c in chunks for lp in c.logprobs or []} == {full._piece(outside)}
 
