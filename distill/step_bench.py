@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "seconds_per_step": steps,
-                "teacher_forwards": getattr(result, "teacher_forwards", None),
-                "teacher_cached": getattr(result, "teacher_cached", None),
+                "teacher_forwards": result.teacher_forwards,
+                "teacher_cached": result.teacher_cached,
             }
         )
     )
