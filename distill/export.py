@@ -100,28 +100,39 @@ def greedy_torch(model_dir: Path, prompts: Sequence[list[int]], max_new: int) ->
     return greedy_ids(model, prompts, max_new)
 
 
-def greedy_ids(model: Any, prompts: Sequence[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy continuations by a loaded torch model, one prompt at a time (eos excluded)."""
+def greedy_ids(
+    model: Any, prompts: Sequence[list[int]], max_new: int, *, batch_size: int = 1
+) -> list[list[int]]:
+    """Greedy continuations by a loaded torch model (eos excluded), ``batch_size`` prompts
+    per ``generate`` call. One at a time (the default) is what the export's checks compare
+    against; a batch (left-padded, masked) is for scoring many prompts quickly, where a
+    padded row's logits may differ from the lone prompt's in the last float bits."""
     import torch
     from transformers import GenerationConfig
 
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
+    pad = next(iter(eos_ids))
     gen = GenerationConfig(
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=list(eos_ids),
-        pad_token_id=next(iter(eos_ids)),
+        max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos_ids), pad_token_id=pad
     )
-    outs = []
+    outs: list[list[int]] = []
     with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids], device=model.device)
+        for start in range(0, len(prompts), max(1, batch_size)):
+            chunk = prompts[start : start + max(1, batch_size)]
+            width = max(len(ids) for ids in chunk)
+            x = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in chunk])
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
             y = model.generate(
-                x, attention_mask=torch.ones_like(x), generation_config=gen, use_cache=True
+                x.to(model.device),
+                attention_mask=mask.to(model.device),
+                generation_config=gen,
+                use_cache=True,
             )
-            toks = [int(t) for t in y[0, len(ids) :]]
-            outs.append([t for t in toks if t not in eos_ids])
+            for row in y[:, width:]:
+                toks = [int(t) for t in row]
+                cut = next((i for i, t in enumerate(toks) if t in eos_ids), len(toks))
+                outs.append(toks[:cut])
     return outs
 
 

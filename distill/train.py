@@ -145,7 +145,9 @@ class _HeldOut:
         was_training = model.training
         model.eval()
         try:
-            outs = greedy_ids(model, self.prompts, self.cfg.max_tokens)
+            outs = greedy_ids(
+                model, self.prompts, self.cfg.max_tokens, batch_size=len(self.prompts)
+            )
         finally:
             model.train(was_training)
         total = 0.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -145,28 +146,38 @@ def vllm_server_spec(
 ) -> ServerSpec:
     """vLLM's own OpenAI server with the engine arguments the gateway would pass.
 
-    Mirrors ``gateway.engines.vllm.engine_args`` (and its CPU rule: ``dtype: auto`` means
-    float32 on the CPU backend) plus ``VLLM_CPU_KVCACHE_SPACE``. Access logs are off in both.
+    Built from the gateway's own ``engine_args`` and ``engine_environ``
+    (:mod:`gateway.engines.vllm`), so LoRA (on by default), its slots and rank, the LoRA
+    fast-ops plugin's switch (the plugin loads in any vLLM process of this install) and the
+    KV-cache space are the same on both sides; plus the gateway's CPU rules: ``dtype: auto``
+    means float32 on the CPU backend, and without LoRA ``VLLM_USE_AOT_COMPILE=0``. Access
+    logs are off in both.
     """
-    dtype = engine.dtype
-    if dtype == "auto" and shutil.which("nvidia-smi") is None:
-        dtype = "float32"
+    from gateway.engines.vllm import engine_args, engine_environ
+
+    args = engine_args(engine, model, served_name)
+    on_cpu = shutil.which("nvidia-smi") is None
+    if args["dtype"] == "auto" and on_cpu:
+        args["dtype"] = "float32"
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    argv += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--dtype", dtype, "--seed", str(engine.seed)]
-    argv += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
-    argv += ["--pipeline-parallel-size", str(engine.pipeline_parallel_size)]
-    argv += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    for key, value in args.items():
+        if key == "model":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
     argv += ["--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
-    if engine.max_model_len is not None:
-        argv += ["--max-model-len", str(engine.max_model_len)]
-    if engine.max_num_seqs is not None:
-        argv += ["--max-num-seqs", str(engine.max_num_seqs)]
-    if engine.enforce_eager:
-        argv.append("--enforce-eager")
-    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-    if engine.cpu_kv_cache_space_gb is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(engine.cpu_kv_cache_space_gb)))
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", **engine_environ(engine)}
+    if on_cpu and not engine.enable_lora:
+        env["VLLM_USE_AOT_COMPILE"] = "0"
     return ServerSpec(name, argv, port, "/health", env)
 
 

@@ -289,3 +289,19 @@ def test_the_teacher_cache_skips_forwards_and_changes_no_loss(
     for a, b in zip(logs[2048], logs[0], strict=True):
         assert abs(a["kd"] - b["kd"]) <= 1e-4 * max(1.0, abs(b["kd"]))
         assert abs(a["ce"] - b["ce"]) <= 1e-4 * max(1.0, abs(b["ce"]))
+
+
+def test_batched_greedy_gives_the_one_at_a_time_answers(setup: dict[str, Path]) -> None:
+    """The early stop scores its slice in one left-padded batch: the same tokens as the
+    export's one-prompt-at-a-time greedy, for prompts of different lengths."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.export import greedy_ids
+
+    model = AutoModelForCausalLM.from_pretrained(setup["teacher"], dtype=torch.float32).eval()
+    prompts = [[5, 9, 23, 41], [7], [11, 3, 3, 8, 2, 19, 30, 4, 1], [2, 2]]
+    alone = greedy_ids(model, prompts, 12)
+    batched = greedy_ids(model, prompts, 12, batch_size=len(prompts))
+    assert batched == alone
+    assert [len(a) for a in alone] != [0, 0, 0, 0]

@@ -44,6 +44,17 @@ def test_vllm_server_mirrors_the_gateway_engine_args() -> None:
     assert "--served-model-name name" in argv
     assert spec.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert spec.ready_path == "/health"
+    # LoRA is on by default in the gateway: the same slots, rank and LoRA ops on both sides.
+    settings = EngineSettings()
+    assert settings.enable_lora
+    assert "--enable-lora" in spec.argv
+    assert f"--max-loras {settings.max_loras}" in argv
+    assert f"--max-lora-rank {settings.max_lora_rank}" in argv
+    assert spec.env["RETORT_LORA_FAST_OPS"] == "1"
+    off = vllm_server_spec("vllm", "/m", "name", 1, EngineSettings(enable_lora=False))
+    assert "--enable-lora" not in off.argv
+    assert "--max-loras" not in off.argv
+    assert off.env["VLLM_USE_AOT_COMPILE"] == "0" or shutil.which("nvidia-smi")
 
 
 def test_running_starts_measures_and_stops_a_real_gateway(tmp_path: Path) -> None:
