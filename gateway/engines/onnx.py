@@ -331,6 +331,8 @@ class OnnxEngine(ServedModel):
                 index, item, finish, lp = await queue.get()
                 if ended[index]:
                     continue  # stopped by a stop string; late tokens are dropped
+                if isinstance(item, InvalidInputError):
+                    raise item  # the request asks what this student cannot do: a 400
                 if isinstance(item, BaseException):
                     raise EngineError(f"student generation failed: {item}") from item
                 counts[index] += 1

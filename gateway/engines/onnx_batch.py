@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gateway.engines.base import InvalidInputError
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -527,8 +529,16 @@ class Batcher:
                     seq.emit(seq, None, "stop")  # the grammar is complete: only the end is left
                     return False
             if seq.guide is not None and not np.isfinite(logits).any():
-                # a trimmed output vocabulary holds none of the tokens the grammar allows
-                seq.fail(seq, RuntimeError("the student can produce no token the grammar allows"))
+                # a trimmed output vocabulary holds none of the tokens the grammar allows: the
+                # request asks for output this student cannot write (a 400, not a failure)
+                seq.fail(
+                    seq,
+                    InvalidInputError(
+                        "the student's output vocabulary is trimmed to the tokens of its task "
+                        "and holds none of the tokens the requested output format allows here "
+                        "(response_format or tools): send this request to the teacher"
+                    ),
+                )
                 return False
         token = sample_token(logits, seq.temperature, seq.top_p, seq.rng)
         if seq.guide is not None and token not in self._eos and not seq.guide.accept(token):

@@ -96,9 +96,11 @@ async def test_tokens_outside_the_kept_set_have_probability_zero(
     assert {lp.token for c in chunks for lp in c.logprobs or []} == {full._piece(outside)}
 
 
-async def test_a_grammar_the_kept_tokens_cannot_spell_fails_clearly(engines: tuple) -> None:
+async def test_a_grammar_the_kept_tokens_cannot_spell_is_a_clear_400(engines: tuple) -> None:
+    """The request asks for output the student cannot write: invalid input (HTTP 400 that
+    says to send it to the teacher), not an engine failure (500)."""
     _, cut = engines
-    with pytest.raises(EngineError, match="no token the grammar allows"):
+    with pytest.raises(InvalidInputError, match="holds none of the tokens the requested"):
         await _run(cut, temperature=0, constraint=OutputConstraint({"type": "integer"}))
 
 
