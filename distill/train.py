@@ -105,12 +105,19 @@ def should_stop(
     none of the last ``patience`` rose more than ``min_delta`` above the best before them.
     Agreement 1 on the slice is no exception: the sentiment student stopped at its first 1
     (16 prompts, step 30) agreed on only 86 % of the eval prompts; ``patience`` more
-    evaluations at 1 are what says it has settled."""
+    evaluations at 1 are what says it has settled. But at 1 no later evaluation can rise,
+    so waiting out the whole ``patience`` there only spends steps: two evaluations in a row
+    at 1 settle it (the 300-prompt sentiment run was at 1 at steps 30, 40 and 50: the third
+    evaluation cost 10 more steps, about 38 s, and could only confirm)."""
     if not history or max(history) <= 0.0:
         return False
     if step is not None and step < min_steps:
         return False
-    if patience < 1 or len(history) <= patience:
+    if patience < 1:
+        return False
+    if len(history) >= 2 and min(history[-2:]) >= 1.0:
+        return True
+    if len(history) <= patience:
         return False
     return max(history[-patience:]) <= max(history[:-patience]) + min_delta
 

@@ -152,6 +152,9 @@ def test_should_stop_rule() -> None:
     assert should_stop([0.2, 0.5, 0.52], patience=1, min_delta=0.05)  # too small a rise
     assert not should_stop([0.3, 1.0], patience=2)  # a first 1 on the slice is not settled
     assert should_stop([0.3, 1.0, 1.0, 1.0], patience=2)
+    # at 1 nothing can rise: a second 1 in a row settles it, whatever the patience
+    assert should_stop([0.3, 1.0, 1.0], patience=3)
+    assert not should_stop([1.0, 0.9, 1.0], patience=3)
     assert not should_stop([0.1, 0.1, 0.1], patience=0)  # patience 0: never
 
 
