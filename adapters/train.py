@@ -299,18 +299,45 @@ def train_result(config: TrainConfig, progress: bool = True) -> TrainResult:
     return TrainResult(registry.root / config.name, losses, seconds, log)
 
 
-def training_progress(enabled: bool) -> Any:
-    """The rich progress bar training shows (step M/N, loss, times); shared with distill."""
+def training_progress(enabled: bool, *, console: Any = None, every_s: float = 30.0) -> Any:
+    """The progress training shows (step M/N, loss, times); shared with distill. On a
+    terminal, rich's live bar; in a log (a Job, ``nohup``, CI), where rich draws nothing
+    until the end, a plain line every ``every_s`` seconds and at the last step."""
+    import time
+
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    return Progress(
+    class _Progress(Progress):
+        def update(self, task_id: TaskID, **kwargs: Any) -> None:
+            super().update(task_id, **kwargs)
+            if self.disable or self.console.is_terminal:
+                return
+            task = next(t for t in self.tasks if t.id == task_id)
+            now = time.monotonic()
+            if now - self._plain_at < every_s and not task.finished:
+                return
+            self._plain_at = now
+            left = task.time_remaining
+            self.console.print(
+                f"{task.description}: step {task.completed:.0f}/{task.total or 0:.0f}, "
+                f"loss {task.fields.get('loss', float('nan')):.4f}, "
+                f"{task.elapsed or 0:.0f} s"
+                + (f", about {left:.0f} s left" if left is not None and not task.finished else ""),
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        _plain_at = float("-inf")
+
+    return _Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -318,4 +345,5 @@ def training_progress(enabled: bool) -> Any:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         disable=not enabled,
+        console=console,
     )

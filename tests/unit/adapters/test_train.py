@@ -179,3 +179,28 @@ def test_train_writes_a_registry_ready_adapter(tiny_base: Path, tmp_path: Path) 
 
     with pytest.raises(AdapterExistsError):
         train_result(config, progress=False)
+
+
+def test_training_progress_prints_plain_lines_in_a_log() -> None:
+    """Under nohup, a Job or CI rich draws no live bar: training still says where it is."""
+    import io
+
+    from rich.console import Console
+
+    from adapters.train import training_progress
+
+    out = io.StringIO()
+    bar = training_progress(True, console=Console(file=out, force_terminal=False), every_s=0.0)
+    with bar:
+        task = bar.add_task("distilling s", total=3, loss=float("nan"))
+        for loss in (2.5, 1.25, 0.5):
+            bar.update(task, advance=1, loss=loss)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("distilling s: step")]
+    assert lines[0].startswith("distilling s: step 1/3, loss 2.5000")
+    assert lines[-1].startswith("distilling s: step 3/3, loss 0.5000")
+    assert "left" not in lines[-1]
+
+    quiet = io.StringIO()
+    with training_progress(False, console=Console(file=quiet, force_terminal=False)) as off:
+        off.update(off.add_task("x", total=1, loss=0.0), advance=1, loss=0.0)
+    assert "step" not in quiet.getvalue()
