@@ -183,7 +183,7 @@ def test_tallied_requests_export_what_one_observe_per_value_gives() -> None:
     assert tallied.batched
     # Every bucket bound exactly, just above it, zero, past the last bound, and NaN.
     latencies = [0.0, 1e-6, 200.0, float("nan")]
-    latencies += [b for b in (*REQUEST_DURATION_BUCKETS, *TTFT_BUCKETS)]
+    latencies += [*REQUEST_DURATION_BUCKETS, *TTFT_BUCKETS]
     latencies += [b * 1.0001 for b in REQUEST_DURATION_BUCKETS]
     for i, latency in enumerate(latencies):
         ttft = None if i % 5 == 0 else latency / (1 + i % 3)
