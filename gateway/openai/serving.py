@@ -311,13 +311,13 @@ class GenerationEvents:
                     yield frame
             return
         prompt_tokens = 0
-        completion = [0] * started.sampling.n
+        counts = [0] * started.sampling.n
         async for c in started.chunks():
             prompt_tokens = c.prompt_tokens
-            completion[c.index] = c.completion_tokens
+            counts[c.index] = c.completion_tokens
             if frame := render(c):
                 yield frame
-        yield self.usage_event(usage_of(prompt_tokens, completion))
+        yield self.usage_event(usage_of(prompt_tokens, counts))
 
     def failed(self, exc: Exception) -> None:
         self.started.failed = True
