@@ -680,8 +680,9 @@ class Metrics:
                 self._endpoint_counter(endpoint, status).inc(n)
             self._endpoint_tally.clear()
             for model, delta in self._inflight_tally.items():
+                gauge = self._inflight_gauge(model)  # the series exists from the first request
                 if delta:
-                    self._inflight_gauge(model).inc(delta)
+                    gauge.inc(delta)
             self._inflight_tally.clear()
 
     # -- adapters -------------------------------------------------------------------------

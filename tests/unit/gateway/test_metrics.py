@@ -204,6 +204,11 @@ def test_tallied_requests_export_what_one_observe_per_value_gives() -> None:
 
 def test_each_scrape_sees_every_request_finished_before_it(metrics: Metrics) -> None:
     labels = {"model": "m", "adapter": "none", "status": "ok"}
+    metrics.request_started("m")
+    metrics.request_finished("m")
+    assert value(metrics, "retort_inflight_requests", model="m") == 0  # exported, at 0
+    metrics.request_finished("m")
+    metrics.request_started("m")
     for n in (1, 2, 3):
         metrics.request_started("m")
         metrics.observe_request("m", None, "ok", 2, 3, 0.01, 0.02, 0.0, endpoint="chat")
