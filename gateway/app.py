@@ -32,10 +32,11 @@ from gateway.console import console_lifespan, console_router, template_config
 from gateway.engines.base import AdapterEngine, BoundedEngine, Engine
 from gateway.errors import exception_handler
 from gateway.feedback import feedback
-from gateway.guards import admin_guard, api_auth
+from gateway.guards import admin_guard, api_auth, check_api_key
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics, ReportsStats
 from gateway.openai.chat import chat_completions
 from gateway.openai.completions import completions
+from gateway.openai.lean import LeanApp
 from gateway.openai.models import list_models, retrieve_model
 from gateway.openai.responses import RESPONSE_HANDLERS
 from gateway.pricing import Pricer
@@ -371,7 +372,8 @@ def create_app(
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(started.engine.close(), timeout=30)
 
-    return Litestar(
+    return LeanApp(
+        lean_checks={api_auth: check_api_key},
         route_handlers=[
             # Access rules sit on the groups, never on single handlers.
             RouteGroup(

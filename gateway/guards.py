@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from gateway.state import Gateway
 
-__all__ = ["admin_guard", "api_auth"]
+__all__ = ["admin_guard", "api_auth", "check_api_key"]
 
 _AUTHORIZATION = b"authorization"
 
@@ -42,14 +42,20 @@ def api_auth(app: ASGIApp) -> ASGIApp:
     """
 
     async def authenticated(scope: Scope, receive: Receive, send: Send) -> None:
-        gw: Gateway = scope["litestar_app"].state.gateway
-        auth = gw.auth
-        if auth.enabled:
-            key = auth.authenticate(header(scope, _AUTHORIZATION))
-            scope.setdefault("state", {})[KEY_STATE] = key
+        check_api_key(scope)
         await app(scope, receive, send)
 
     return authenticated
+
+
+def check_api_key(scope: Scope) -> None:
+    """:func:`api_auth`'s check on its own (what :class:`gateway.openai.lean.LeanApp` runs
+    for it on the routes it dispatches before Litestar's router)."""
+    gw: Gateway = scope["litestar_app"].state.gateway
+    auth = gw.auth
+    if auth.enabled:
+        key = auth.authenticate(header(scope, _AUTHORIZATION))
+        scope.setdefault("state", {})[KEY_STATE] = key
 
 
 def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -15,9 +15,11 @@ every process's values with a ``MultiProcessCollector``. Gauges declare how they
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
+import threading
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import msgspec
@@ -30,9 +32,12 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client import values as _values
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
+
+    from prometheus_client.metrics_core import Metric
 
 __all__ = [
     "ADAPTER_LOAD_BUCKETS",
@@ -115,12 +120,103 @@ class _RequestChildren(NamedTuple):
     tpot: Histogram
 
 
+def _bucket(bounds: list[float], amount: float) -> int:
+    """The histogram bucket ``Histogram.observe`` adds ``amount`` to (the first upper bound
+    ``>=`` it); ``len(bounds)`` for NaN, which no bucket counts."""
+    i = bisect.bisect_left(bounds, amount)
+    return i if amount <= bounds[-1] else len(bounds)
+
+
+class _HistogramTally:
+    """Observations of one histogram child not yet added to it: their sum and per-bucket
+    counts (bounded memory, however many requests come between two scrapes)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot: NaN, counted by no bucket
+        self.total = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.total += amount
+        self.counts[_bucket(self.bounds, amount)] += 1
+
+    def flush(self, histogram: Histogram) -> None:
+        """Add the tally to ``histogram``'s child: what one ``observe`` per observation
+        would have added (prometheus_client's value objects, as ``observe`` uses them)."""
+        if not any(self.counts) and not self.total:
+            return
+        histogram._sum.inc(self.total)
+        buckets = histogram._buckets
+        for i, n in enumerate(self.counts[:-1]):
+            if n:
+                buckets[i].inc(n)
+        self.counts = [0] * len(self.counts)
+        self.total = 0.0
+
+
+class _RequestTally:
+    """The finished requests of one label set since the last scrape."""
+
+    __slots__ = ("children", "completion", "cost", "duration", "prompt", "requests", "tpot", "ttft")
+
+    def __init__(self, children: _RequestChildren) -> None:
+        self.children = children
+        self.requests = 0
+        self.prompt = 0
+        self.completion = 0
+        self.cost = 0.0
+        self.duration = _HistogramTally(children.duration._upper_bounds)
+        self.ttft = _HistogramTally(children.ttft._upper_bounds)
+        self.tpot = _HistogramTally(children.tpot._upper_bounds)
+
+    def flush(self) -> None:
+        c = self.children
+        if self.requests:
+            c.requests.inc(self.requests)
+            self.requests = 0
+        if self.prompt:
+            c.prompt_tokens.inc(self.prompt)
+            self.prompt = 0
+        if self.completion:
+            c.completion_tokens.inc(self.completion)
+            self.completion = 0
+        if self.cost:
+            c.cost.inc(self.cost)
+            self.cost = 0.0
+        self.duration.flush(c.duration)
+        self.ttft.flush(c.ttft)
+        self.tpot.flush(c.tpot)
+
+
+class _FlushFirst:
+    """A collector registered before every metric: each collection of the registry (a
+    scrape, ``get_sample_value``) first adds the tallied requests to the metrics."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def describe(self) -> list[Metric]:
+        return []  # no series of its own, so no name to collide with
+
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        return []
+
+
 class Metrics:
     """Every metric, registered in ``registry`` (a fresh one per test; the default otherwise).
 
     ``key_label`` adds a ``key_id`` label to the request, token and cost counters (never to
-    histograms). The hot path, :meth:`observe_request`, caches the labelled children per
-    label tuple, so a request costs a few lock-protected additions.
+    histograms). The hot path (:meth:`observe_request`, :meth:`request_started`,
+    :meth:`request_finished`) caches the labelled children per label tuple and, in a
+    single-process server, tallies each request in plain numbers under one lock (its
+    histogram observations as per-bucket counts); the tallies are added to the metrics
+    whenever the registry is collected (every scrape and ``get_sample_value``), so what is
+    exported is what one ``inc``/``observe`` per value would give, for a fraction of the
+    cost (~1 µs a request instead of ~13). With ``PROMETHEUS_MULTIPROC_DIR`` set, another
+    process may answer the scrape, so every value is written through at once.
     """
 
     def __init__(
@@ -138,6 +234,14 @@ class Metrics:
         """Called by :meth:`refresh_engine` (each scrape and each poll) to set the engine
         gauges; return ``None`` when the engine has nothing to report."""
         r = self.registry
+        self.batched = not getattr(_values.ValueClass, "_multiprocess", True)
+        """Tally the request metrics until the next collection (single process only)."""
+        self._lock = threading.Lock()
+        self._tallies: dict[tuple[str, str, str, str | None], _RequestTally] = {}
+        self._endpoint_tally: dict[tuple[str, str], int] = {}
+        self._inflight_tally: dict[str, int] = {}
+        if self.batched:
+            r.register(_FlushFirst(self.flush))  # first: collected before every metric
         by_key = ("key_id",) if key_label else ()
         self.requests_total = Counter(
             "requests",
@@ -481,15 +585,51 @@ class Metrics:
         skipped when ``None`` (nothing generated); the time per output token is
         ``(latency - ttft) / (completion_tokens - 1)`` when there are two tokens or more.
         """
+        if not self.batched:
+            self._observe_now(
+                model, adapter, status, prompt_tokens, completion_tokens, ttft_s, latency_s,
+                cost_usd, key_id, endpoint,
+            )  # fmt: skip
+            return
+        cache_key = (model, adapter or NO_ADAPTER, status, key_id)
+        with self._lock:
+            t = self._tallies.get(cache_key)
+            if t is None:
+                t = self._tallies[cache_key] = _RequestTally(self._request_children(*cache_key))
+            t.requests += 1
+            if endpoint is not None:
+                by_endpoint = self._endpoint_tally
+                by_endpoint[(endpoint, status)] = by_endpoint.get((endpoint, status), 0) + 1
+            t.duration.observe(latency_s)
+            if prompt_tokens:
+                t.prompt += prompt_tokens
+            if completion_tokens:
+                t.completion += completion_tokens
+            if cost_usd > 0:
+                t.cost += cost_usd
+            if ttft_s is not None:
+                t.ttft.observe(ttft_s)
+                if completion_tokens > 1 and latency_s >= ttft_s:
+                    t.tpot.observe((latency_s - ttft_s) / (completion_tokens - 1))
+
+    def _observe_now(
+        self,
+        model: str,
+        adapter: str | None,
+        status: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft_s: float | None,
+        latency_s: float,
+        cost_usd: float,
+        key_id: str | None,
+        endpoint: str | None,
+    ) -> None:
+        """:meth:`observe_request`, written through to the metrics at once."""
         c = self._request_children(model, adapter or NO_ADAPTER, status, key_id)
         c.requests.inc()
         if endpoint is not None:
-            by_endpoint = self._by_endpoint.get((endpoint, status))
-            if by_endpoint is None:
-                by_endpoint = self._by_endpoint[(endpoint, status)] = (
-                    self.endpoint_requests_total.labels(endpoint, status)
-                )
-            by_endpoint.inc()
+            self._endpoint_counter(endpoint, status).inc()
         c.duration.observe(latency_s)
         if prompt_tokens:
             c.prompt_tokens.inc(prompt_tokens)
@@ -502,18 +642,48 @@ class Metrics:
             if completion_tokens > 1 and latency_s >= ttft_s:
                 c.tpot.observe((latency_s - ttft_s) / (completion_tokens - 1))
 
+    def _endpoint_counter(self, endpoint: str, status: str) -> Counter:
+        counter = self._by_endpoint.get((endpoint, status))
+        if counter is None:
+            counter = self._by_endpoint[(endpoint, status)] = self.endpoint_requests_total.labels(
+                endpoint, status
+            )
+        return counter
+
+    def _inflight_gauge(self, model: str) -> Gauge:
+        gauge = self._inflight.get(model)
+        if gauge is None:
+            gauge = self._inflight[model] = self.inflight_requests.labels(model)
+        return gauge
+
     def request_started(self, model: str) -> None:
         """``retort_inflight_requests{model}`` + 1; pair with :meth:`request_finished`."""
-        gauge = self._inflight.get(model)
-        if gauge is None:
-            gauge = self._inflight[model] = self.inflight_requests.labels(model)
-        gauge.inc()
+        if not self.batched:
+            self._inflight_gauge(model).inc()
+            return
+        with self._lock:
+            self._inflight_tally[model] = self._inflight_tally.get(model, 0) + 1
 
     def request_finished(self, model: str) -> None:
-        gauge = self._inflight.get(model)
-        if gauge is None:
-            gauge = self._inflight[model] = self.inflight_requests.labels(model)
-        gauge.dec()
+        if not self.batched:
+            self._inflight_gauge(model).dec()
+            return
+        with self._lock:
+            self._inflight_tally[model] = self._inflight_tally.get(model, 0) - 1
+
+    def flush(self) -> None:
+        """Add the tallied requests to the metrics (called first by every collection)."""
+        with self._lock:
+            for t in self._tallies.values():
+                t.flush()
+            for (endpoint, status), n in self._endpoint_tally.items():
+                self._endpoint_counter(endpoint, status).inc(n)
+            self._endpoint_tally.clear()
+            for model, delta in self._inflight_tally.items():
+                gauge = self._inflight_gauge(model)  # the series exists from the first request
+                if delta:
+                    gauge.inc(delta)
+            self._inflight_tally.clear()
 
     # -- adapters -------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -16,15 +17,32 @@ _HEADER = b"x-request-id"
 _SAFE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
-_VERSION_MASK = ~((0xF000 << 64) | (0xC000 << 48))
-_VERSION_4 = (4 << 76) | (0x8000 << 48)
+_BATCH = 128
+"""Ids made from one ``os.urandom`` call (one system call instead of one per request)."""
+_ids: deque[str] = deque()
+
+
+def _refill() -> None:
+    raw = bytearray(os.urandom(16 * _BATCH))
+    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # RFC 4122 variant
+    text = raw.hex()
+    _ids.extend(text[i : i + 32] for i in range(0, len(text), 32))
 
 
 def new_request_id() -> str:
-    """A new random (version 4) UUID as 32 hex digits: ``uuid.uuid4().hex``, the same
-    bits set, without building a ``UUID`` object (a tenth of the time, on every request)."""
-    n = int.from_bytes(os.urandom(16), "big") & _VERSION_MASK | _VERSION_4
-    return f"{n:032x}"
+    """A new random (version 4) UUID as 32 hex digits: ``uuid.uuid4().hex``, the same bits
+    from the same source (``os.urandom``), read for many ids at once and handed out once
+    each (``deque.popleft`` is atomic, so threads never share one; a forked child drops
+    its parent's)."""
+    while True:
+        try:
+            return _ids.popleft()
+        except IndexError:
+            _refill()
+
+
+os.register_at_fork(after_in_child=_ids.clear)
 
 
 def header(scope: Scope, name: str | bytes) -> str | None:

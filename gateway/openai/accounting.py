@@ -232,11 +232,16 @@ class Started:
                 self._count(c)
                 yield c
         except Exception as exc:
-            self.failed = True
-            self.error = to_api_error(exc).message
+            self.fail(exc)
             raise
 
+    def fail(self, exc: Exception) -> None:
+        """The engine raised ``exc`` mid-generation."""
+        self.failed = True
+        self.error = to_api_error(exc).message
+
     def _count(self, c: Chunk) -> None:
+        # Inlined in the fused loops of gateway.openai.serving (aggregate, frames): the same.
         self.prompt_tokens = c.prompt_tokens
         self.completion[c.index] = c.completion_tokens
         if c.index == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from litestar import post
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from gateway.engines import base
     from gateway.openai.protocol import Usage
 
-__all__ = ["chat_completions"]
+__all__ = ["chat_completions", "chunk_head"]
 
 
 def _chat_logprobs(entries: list[base.TokenLogprob] | None) -> ChatLogprobs | None:
@@ -113,7 +114,11 @@ async def chat_completions(
         )
         return JSONBytes(encode(body), started.cost_headers())
 
+    head = chunk_head(started.id, started.created, data.model)
+
     def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> bytes:
+        if usage is None and head is not None:
+            return head + encode(choices) + b"}\n\n"
         return sse(
             ChatStreamChunk(
                 id=started.id,
@@ -124,12 +129,12 @@ async def chat_completions(
             )
         )
 
-    prologue = [
-        chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        for i in range(sampling.n)
-    ]
+    if head is not None:
+        prologue = [head + _role_choices(i) + b"}\n\n" for i in range(sampling.n)]
+    else:
+        prologue = [chunk(_role_choice(i)) for i in range(sampling.n)]
     if plan.mode == "text":
-        render = _plain_render(chunk, want_logprobs)
+        render = _plain_render(chunk, want_logprobs, head)
     else:
         render = _tool_render(chunk, plan, sampling.n, failed_output)
     events = stream_events(
@@ -141,8 +146,39 @@ async def chat_completions(
     return SSEStream(events)
 
 
+def chunk_head(response_id: str, created: int, model: str) -> bytes | None:
+    """``data: {...,"choices":`` of a stream's chunks, so that a chunk without usage is
+    this head, its encoded choices and ``}\n\n`` (the same bytes as encoding the whole
+    :class:`ChatStreamChunk`, a unit test holds them equal); ``None`` if the encoder ever
+    stops writing ``choices`` last."""
+    whole = encode(ChatStreamChunk(id=response_id, created=created, model=model, choices=[]))
+    if not whole.endswith(b'"choices":[]}'):
+        return None
+    return b"data: " + whole[:-3]
+
+
+def _role_choice(i: int) -> list[ChatStreamChoice]:
+    return [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
+
+
+@functools.cache
+def _role_choices(i: int) -> bytes:
+    """The encoded choices of choice ``i``'s first chunk (the same for every request)."""
+    return encode(_role_choice(i))
+
+
+@functools.cache
+def _text_choices() -> tuple[bytes, bytes] | None:
+    """Choice 0's encoded choices around a token's text (the same for every request)."""
+    return text_template(
+        lambda text: encode([ChatStreamChoice(index=0, delta=DeltaMessage(content=text))])
+    )
+
+
 def _plain_render(
-    chunk: Callable[[list[ChatStreamChoice]], bytes], want_logprobs: bool
+    chunk: Callable[[list[ChatStreamChoice]], bytes],
+    want_logprobs: bool,
+    head: bytes | None = None,
 ) -> Callable[[base.Chunk], bytes]:
     def render(c: base.Chunk) -> bytes:
         return chunk(
@@ -160,16 +196,19 @@ def _plain_render(
         return render
     # The common frame (choice 0, not the last, no logprobs) is a pre-encoded template
     # around the token's text: one string encoded per token instead of three structs.
-    template = text_template(
-        lambda text: chunk([ChatStreamChoice(index=0, delta=DeltaMessage(content=text))])
-    )
+    if head is not None and (choices := _text_choices()) is not None:
+        template: tuple[bytes, bytes] | None = (head + choices[0], choices[1] + b"}\n\n")
+    else:
+        template = text_template(
+            lambda text: chunk([ChatStreamChoice(index=0, delta=DeltaMessage(content=text))])
+        )
     if template is None:
         return render
-    head, tail = template
+    before, after = template
 
     def render_text(c: base.Chunk) -> bytes:
         if c.index == 0 and c.finish_reason is None:
-            return head + encode(c.text) + tail
+            return before + encode(c.text) + after
         return render(c)
 
     return render_text

@@ -12,6 +12,7 @@ are left out rather than sent as a null the schema does not allow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -575,7 +576,5 @@ class ErrorResponse(Struct, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 
-
-def encode(obj: Any) -> bytes:
-    """Encode a response struct to JSON bytes."""
-    return _encoder.encode(obj)
+encode: Callable[[Any], bytes] = _encoder.encode
+"""Encode a response struct to JSON bytes (the encoder's bound method: called per token)."""

@@ -24,7 +24,7 @@ from litestar.utils.scope.state import ScopeState
 
 from gateway.app import create_app
 from gateway.engines.fake import FakeEngine
-from gateway.openai.lean import lean_plan
+from gateway.openai.lean import LeanApp, LeanRoute, lean_plan
 from gateway.openai.protocol import ChatCompletionRequest
 from gateway.openai.sse import JSONBytes, SSEStream
 from gateway.settings import EngineSettings, ServerSettings, Settings
@@ -57,6 +57,26 @@ class Served:
     def lean(self) -> bool:
         return ScopeState.from_scope(self.scope).body is Empty  # type: ignore[arg-type]
 
+    @property
+    def early(self) -> bool:
+        """Dispatched before Litestar's router (:func:`_mark_routed`)."""
+        return not self.scope["state"].get("routed")
+
+
+def _mark_routed(app: Litestar) -> None:
+    """Mark in ``scope["state"]`` each request that Litestar's router sees."""
+    outer: Any = app.asgi_handler  # the app's exception middleware, around the router
+    router = outer.app
+    if getattr(router, "marks", False):
+        return
+
+    async def routed(scope: Any, receive: Any, send: Any) -> None:
+        scope["state"]["routed"] = True
+        await router(scope, receive, send)
+
+    routed.marks = True  # type: ignore[attr-defined]
+    outer.app = routed
+
 
 async def serve(
     app: Litestar,
@@ -66,13 +86,16 @@ async def serve(
     headers: list[tuple[bytes, bytes]] | None = None,
     send_wait: asyncio.Event | None = None,
     disconnect_after_body: bool = False,
+    root_path: str = "",
+    host: bytes = b"test",
 ) -> Served:
     """POST ``pieces`` (one ``http.request`` message each) to ``path``."""
+    _mark_routed(app)
     scope: dict[str, Any] = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80),
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+        "root_path": root_path, "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80),
+        "headers": [(b"host", host), (b"content-type", b"application/json"),
                     (b"x-request-id", b"lean-test"), *(headers or [])],
         "state": {},
     }  # fmt: skip
@@ -321,3 +344,145 @@ async def test_a_lean_stream_keeps_the_apps_stall_bound(tmp_path: Path) -> None:
     assert served.lean
     assert [m["type"] for m in served.messages] == ["http.response.start"]
     assert "retort_stream_stalls_total 1.0" in metrics
+
+
+# -- LeanApp: the hot routes dispatched before Litestar's router ------------------------------
+
+
+def test_the_hot_routes_and_only_they_are_dispatched_before_the_router(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    assert isinstance(app, LeanApp)
+    assert set(app.lean_routes()) == {"/v1/chat/completions", "/v1/completions"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 3}),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 3, "stream": True}),
+        ("/v1/completions", {"model": "fake-model", "prompt": "hi", "max_tokens": 3}),
+        # Errors raised by the handler: Litestar's exception handling answers them.
+        ("/v1/chat/completions", {**CHAT, "model": "nope"}),
+        ("/v1/chat/completions", {**CHAT, "logit_bias": {"1": 5}}),
+        ("/v1/completions", {"model": "fake-model", "prompt": "word " * 100}),
+    ],
+)
+async def test_an_early_dispatch_answers_what_the_router_answers(
+    app: Litestar, path: str, body: dict[str, Any]
+) -> None:
+    raw = json.dumps(body).encode()
+    early = await serve(app, path, [raw])
+    # The same route through Litestar's router (which strips the trailing slash).
+    routed = await serve(app, path + "/", [raw])
+    assert (early.early, early.lean, routed.early, routed.lean) == (True, True, False, True)
+    assert early.status == routed.status, (early.body, routed.body)
+    assert early.messages[0]["headers"] == routed.messages[0]["headers"]
+    assert (b"x-request-id", b"lean-test") in early.messages[0]["headers"]
+    assert _without_created(early.body) == _without_created(routed.body)
+    if early.status != 200:
+        assert_valid("ErrorResponse", early.json())
+
+
+async def test_a_bad_host_or_a_root_path_goes_through_the_router(app: Litestar) -> None:
+    raw = json.dumps({**CHAT, "max_tokens": 1}).encode()
+    bad_host = await serve(app, "/v1/chat/completions", [raw], host=b"bad host/")
+    assert (bad_host.status, bad_host.early) == (400, False)
+    assert_valid("ErrorResponse", bad_host.json())
+    mounted = await serve(app, "/api/v1/chat/completions", [raw], root_path="/api")
+    assert (mounted.status, mounted.early) == (200, False)
+
+
+def _lean_app(*handlers: Any, **kwargs: Any) -> LeanApp:
+    return LeanApp(
+        route_handlers=list(handlers),
+        dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
+        **kwargs,
+    )
+
+
+async def _ok_chat(data: ChatCompletionRequest, gateway: Gateway) -> JSONBytes:
+    return JSONBytes(b"{}")
+
+
+def test_a_route_with_other_middleware_or_an_app_with_cors_is_not_dispatched_early() -> None:
+    from litestar import Router
+    from litestar.config.cors import CORSConfig
+
+    def other(app: Any) -> Any:
+        return app
+
+    def known_mw(app: Any) -> Any:
+        return app
+
+    def check(scope: Any) -> None:
+        return None
+
+    known = post("/known", status_code=200, middleware=[LeanRoute])(_ok_chat)
+    unknown = post("/unknown", status_code=200, middleware=[LeanRoute])(_ok_chat)
+    groups = [Router("/a", middleware=[known_mw], route_handlers=[known]),
+              Router("/b", middleware=[other], route_handlers=[unknown])]  # fmt: skip
+    app = _lean_app(*groups, lean_checks={known_mw: check})
+    assert set(app.lean_routes()) == {"/a/known"}
+    cors = _lean_app(*groups, lean_checks={known_mw: check}, cors_config=CORSConfig())
+    assert cors.lean_routes() == {}
+
+
+async def test_an_early_route_runs_its_checks_and_the_apps_hooks(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def check(scope: Any) -> None:
+        seen.append("check")
+        if (b"x-no", b"1") in scope["headers"]:
+            raise PermissionError("no")
+
+    async def after_exception(exc: Exception, scope: Any) -> None:
+        seen.append(type(exc).__name__)
+
+    def middleware(app: Any) -> Any:
+        async def run(scope: Any, receive: Any, send: Any) -> None:
+            check(scope)
+            await app(scope, receive, send)
+
+        return run
+
+    handler = post("/chat", status_code=200, middleware=[LeanRoute])(_ok_chat)
+    from litestar import Router
+
+    app = _lean_app(
+        Router("/v", middleware=[middleware], route_handlers=[handler]),
+        lean_checks={middleware: check},
+        after_exception=[after_exception],
+    )
+    app.state.gateway = Gateway(Settings(home=str(tmp_path)), router=object())  # type: ignore[arg-type]
+    ok = await serve(app, "/v/chat", [json.dumps(CHAT).encode()])
+    assert (ok.status, ok.early, ok.body) == (200, True, b"{}")
+    assert seen == ["check"]
+    refused = await serve(app, "/v/chat", [b"{}"], headers=[])
+    assert refused.status == 400  # the strict decode refused it: Litestar's path, check again
+    assert seen == ["check", "check", "check", "ValidationException"]
+    seen.clear()
+    denied = await serve(app, "/v/chat", [json.dumps(CHAT).encode()], headers=[(b"x-no", b"1")])
+    assert denied.status == 500  # PermissionError: no handler maps it, Litestar's 500
+    assert seen == ["check", "PermissionError"]
+
+
+async def test_a_failure_after_the_response_started_is_litestars_error(tmp_path: Path) -> None:
+    from litestar.exceptions import LitestarException
+
+    handler = post("/chat", status_code=200, middleware=[LeanRoute])(_ok_chat)
+    app = _lean_app(handler)
+    app.state.gateway = Gateway(Settings(home=str(tmp_path)), router=object())  # type: ignore[arg-type]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": json.dumps(CHAT).encode(), "more_body": False}
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("connection lost")
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/chat", "headers": [], "state": {}}
+    with pytest.raises(LitestarException, match="after response started"):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    assert [m["type"] for m in sent] == ["http.response.start"]

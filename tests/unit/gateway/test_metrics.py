@@ -159,3 +159,85 @@ def test_settings_are_documented() -> None:
 
     assert undocumented_fields(MetricsSettings) == []
     assert not MetricsSettings().key_label
+
+
+def _samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in m.registry.collect()
+        for s in f.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def _direct() -> Metrics:
+    m = Metrics(CollectorRegistry())
+    m.batched = False  # every value written through, as in multi-process mode
+    return m
+
+
+def test_tallied_requests_export_what_one_observe_per_value_gives() -> None:
+    from gateway.metrics import REQUEST_DURATION_BUCKETS, TTFT_BUCKETS
+
+    tallied, direct = Metrics(CollectorRegistry()), _direct()
+    assert tallied.batched
+    # Every bucket bound exactly, just above it, zero, past the last bound, and NaN.
+    latencies = [0.0, 1e-6, 200.0, float("nan")]
+    latencies += [*REQUEST_DURATION_BUCKETS, *TTFT_BUCKETS]
+    latencies += [b * 1.0001 for b in REQUEST_DURATION_BUCKETS]
+    for i, latency in enumerate(latencies):
+        ttft = None if i % 5 == 0 else latency / (1 + i % 3)
+        args = ("m", "a" if i % 2 else None, "error" if i % 7 == 0 else "ok", i, i % 4)
+        call = (*args, ttft, latency, 0.001 * (i % 3), None, "chat" if i % 3 else "completions")
+        for m in (tallied, direct):
+            m.request_started("m")
+            if i % 4:
+                m.request_finished("m")
+            m.observe_request(*call)
+    got, want = _samples(tallied), _samples(direct)
+    assert got.keys() == want.keys()
+    assert any(name.endswith("_bucket") and v for (name, _), v in got.items())
+    for key, v in want.items():
+        assert got[key] == pytest.approx(v, nan_ok=True), key
+    assert got == pytest.approx(_samples(tallied), nan_ok=True)  # a second scrape adds nothing
+
+
+def test_each_scrape_sees_every_request_finished_before_it(metrics: Metrics) -> None:
+    labels = {"model": "m", "adapter": "none", "status": "ok"}
+    metrics.request_started("m")
+    metrics.request_finished("m")
+    assert value(metrics, "retort_inflight_requests", model="m") == 0  # exported, at 0
+    metrics.request_finished("m")
+    metrics.request_started("m")
+    for n in (1, 2, 3):
+        metrics.request_started("m")
+        metrics.observe_request("m", None, "ok", 2, 3, 0.01, 0.02, 0.0, endpoint="chat")
+        assert value(metrics, "retort_requests_total", **labels) == n
+        assert value(metrics, "retort_endpoint_requests_total", endpoint="chat", status="ok") == n
+        assert value(metrics, "retort_completion_tokens_total", model="m", adapter="none") == 3 * n
+        assert value(metrics, "retort_inflight_requests", model="m") == n
+    assert b'retort_requests_total{adapter="none",model="m",status="ok"} 3.0' in metrics.render()
+
+
+def test_requests_tallied_from_threads_while_scraped_are_all_counted(metrics: Metrics) -> None:
+    import threading
+
+    def worker() -> None:
+        for _ in range(2000):
+            metrics.request_started("m")
+            metrics.observe_request("m", None, "ok", 1, 2, 0.01, 0.02, 0.0)
+            metrics.request_finished("m")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        metrics.render()
+    for t in threads:
+        t.join()
+    assert value(metrics, "retort_requests_total", model="m", adapter="none", status="ok") == 8000
+    assert (
+        value(metrics, "retort_request_duration_seconds_count", model="m", adapter="none") == 8000
+    )
+    assert value(metrics, "retort_prompt_tokens_total", model="m", adapter="none") == 8000
+    assert value(metrics, "retort_inflight_requests", model="m") == 0

@@ -40,3 +40,37 @@ def test_request_id_reuses_a_sane_client_id_else_makes_one() -> None:
         assert uuid.UUID(hex=rid).version == 4
         assert scope["state"]["request_id_generated"] is True
         assert request_id(scope) == rid  # one id per request
+
+
+def test_ids_made_in_batches_are_never_handed_out_twice_across_threads() -> None:
+    import threading
+
+    got: list[list[str]] = [[] for _ in range(4)]
+
+    def take(out: list[str]) -> None:
+        out.extend(new_request_id() for _ in range(3000))
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [rid for out in got for rid in out]
+    assert len(set(ids)) == len(ids) == 12000
+
+
+def test_a_forked_child_makes_its_own_ids() -> None:
+    import os
+
+    new_request_id()  # the parent holds a batch
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, to the parent
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert uuid.UUID(hex=child).version == 4
+    assert child != new_request_id()  # the parent's next id was not the child's
