@@ -11,15 +11,24 @@ when a process starts, so vLLM's executor puts it in the environment of the work
 With one worker (no tensor, pipeline or data parallelism) and the engine core in its own
 process (vLLM's default), the same holds one process earlier: the gateway spawns the engine
 core inside that same environment, and the engine core runs the worker itself with vLLM's
-``UniProcExecutor``. Named by its qualified name, the executor is not the string ``"uni"``
-that the platform rewrites. The engine core then starts with the binding and the preloaded
-libgomp and tcmalloc the worker had, and a start imports torch and vLLM twice, not three
-times (BENCHMARKS.md 9b). ``engine.cpu_worker_in_engine_core: false`` keeps vLLM's layout.
+``UniProcExecutor`` (:class:`gateway.engines.vllm_cpu_executor.BoundUniProcExecutor`, named
+by a qualified name, not the string ``"uni"`` that the platform rewrites). The engine core
+then starts with the binding and the preloaded libgomp the worker had, and a start imports
+torch and vLLM twice, not three times (BENCHMARKS.md 9b).
+``engine.cpu_worker_in_engine_core: false`` keeps vLLM's layout.
+
+The OpenMP runtime binds a process's first thread as the process starts, so the worker
+imported torch and vLLM on its cores only (vLLM-CPU's auto binding: core 0 of 2 here, which
+every vLLM worker on the machine shares). The engine core instead imports on every CPU the
+gateway may use (:func:`unbind_imports`, run by ``gateway.cli`` as the spawned child
+re-imports it) and takes the runtime's binding back before it builds the model
+(:func:`rebind`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,10 +36,22 @@ if TYPE_CHECKING:
 
     from gateway.settings import EngineSettings
 
-__all__ = ["UNIPROC_EXECUTOR", "worker_binding", "worker_in_engine_core"]
+__all__ = [
+    "IMPORT_CPUS_ENV",
+    "UNIPROC_EXECUTOR",
+    "rebind",
+    "unbind_imports",
+    "worker_binding",
+    "worker_in_engine_core",
+]
 
-UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
+UNIPROC_EXECUTOR = "gateway.engines.vllm_cpu_executor.BoundUniProcExecutor"
 """vLLM's in-process executor, by qualified name (``"uni"`` would be rewritten to ``"mp"``)."""
+IMPORT_CPUS_ENV = "RETORT_ENGINE_CORE_IMPORT_CPUS"
+"""Set while the engine core is spawned: the CPUs it may import on before it binds."""
+
+_bound: set[int] | None = None
+"""In the engine core: the CPUs the OpenMP runtime bound its first thread to."""
 
 _PARALLEL_EXTRA = ("data_parallel_size", "data_parallel_size_local")
 
@@ -60,5 +81,42 @@ def worker_binding(vllm_config: Any) -> Iterator[None]:
     engine core is spawned, and restored after."""
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
-    with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    with (
+        OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0),
+        _environ(IMPORT_CPUS_ENV, cpus),
+    ):
         yield
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def unbind_imports() -> None:
+    """In the spawned engine core, before it imports torch and vLLM: let this thread run on
+    the CPUs :data:`IMPORT_CPUS_ENV` names, remembering the binding it started with. Does
+    nothing in any other process (the variable is unset)."""
+    global _bound
+    cpus = os.environ.pop(IMPORT_CPUS_ENV, None)
+    if not cpus:
+        return
+    _bound = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+def rebind() -> None:
+    """Bind this thread back to the CPUs it started with (after :func:`unbind_imports`)."""
+    global _bound
+    if _bound is not None:
+        os.sched_setaffinity(0, _bound)
+        _bound = None

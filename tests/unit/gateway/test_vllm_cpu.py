@@ -4,11 +4,19 @@ engine core is spawned in (vLLM's own binding for its worker, restored afterward
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import pytest
 
-from gateway.engines.vllm_cpu import UNIPROC_EXECUTOR, worker_binding, worker_in_engine_core
+from gateway.engines.vllm_cpu import (
+    IMPORT_CPUS_ENV,
+    UNIPROC_EXECUTOR,
+    rebind,
+    unbind_imports,
+    worker_binding,
+    worker_in_engine_core,
+)
 from gateway.settings import EngineSettings
 
 MP_ON: dict[str, str] = {}
@@ -52,7 +60,48 @@ def test_the_executor_is_vllms_in_process_one_by_a_name_the_platform_keeps() -> 
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
     assert UNIPROC_EXECUTOR != "uni"  # vLLM-CPU rewrites "uni" to "mp"
-    assert resolve_obj_by_qualname(UNIPROC_EXECUTOR) is UniProcExecutor
+    executor = resolve_obj_by_qualname(UNIPROC_EXECUTOR)
+    assert issubclass(executor, UniProcExecutor)
+    assert executor._init_executor is not UniProcExecutor._init_executor  # rebinds first
+
+
+def _in_a_thread(fn: Any) -> Any:
+    """Run ``fn`` in a fresh thread (CPU affinity is per thread) and return its result."""
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to bind to one")
+def test_imports_run_unbound_and_the_model_on_the_binding_it_started_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    allowed = os.sched_getaffinity(0)
+    first = {min(allowed)}
+
+    def engine_core() -> tuple[set[int], set[int]]:
+        os.sched_setaffinity(0, first)  # as the OpenMP runtime binds the first thread
+        unbind_imports()
+        importing = os.sched_getaffinity(0)
+        rebind()
+        return importing, os.sched_getaffinity(0)
+
+    monkeypatch.setenv(IMPORT_CPUS_ENV, ",".join(map(str, sorted(allowed))))
+    importing, running = _in_a_thread(engine_core)
+    assert importing == allowed
+    assert running == first
+    assert IMPORT_CPUS_ENV not in os.environ  # the child takes it for itself
+
+    # Anywhere else (the variable unset) neither call changes the binding.
+    def elsewhere() -> set[int]:
+        os.sched_setaffinity(0, first)
+        unbind_imports()
+        rebind()
+        return os.sched_getaffinity(0)
+
+    assert _in_a_thread(elsewhere) == first
 
 
 def test_the_binding_is_vllms_for_its_worker_and_is_restored(
@@ -66,7 +115,12 @@ def test_the_binding_is_vllms_for_its_worker_and_is_restored(
         pytest.skip("the OpenMP binding is vLLM-CPU's")
     # As vLLM-CPU's platform config leaves it: PyTorch's libgomp preloaded.
     monkeypatch.setenv("LD_PRELOAD", "/opt/torch/lib/libgomp-a34b3233.so.1")
-    for key in ("OMP_NUM_THREADS", "GOMP_CPU_AFFINITY", "VLLM_CPU_OMP_THREADS_BIND"):
+    for key in (
+        "OMP_NUM_THREADS",
+        "GOMP_CPU_AFFINITY",
+        "VLLM_CPU_OMP_THREADS_BIND",
+        IMPORT_CPUS_ENV,
+    ):
         monkeypatch.delenv(key, raising=False)
     config = VllmConfig()
     expected = OMPProcessManager(config).cpu_lists[0]  # the worker of rank 0
@@ -75,5 +129,6 @@ def test_the_binding_is_vllms_for_its_worker_and_is_restored(
     with worker_binding(config):
         assert os.environ["OMP_NUM_THREADS"] == str(len(expected))
         assert os.environ["GOMP_CPU_AFFINITY"] == " ".join(map(str, expected))
-    assert "OMP_NUM_THREADS" not in os.environ
-    assert "GOMP_CPU_AFFINITY" not in os.environ
+        assert os.environ[IMPORT_CPUS_ENV] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    for key in ("OMP_NUM_THREADS", "GOMP_CPU_AFFINITY", IMPORT_CPUS_ENV):
+        assert key not in os.environ
