@@ -50,8 +50,13 @@ UNIPROC_EXECUTOR = "gateway.engines.vllm_cpu_executor.BoundUniProcExecutor"
 IMPORT_CPUS_ENV = "RETORT_ENGINE_CORE_IMPORT_CPUS"
 """Set while the engine core is spawned: the CPUs it may import on before it binds."""
 
+_BINDING_ENV = ("GOMP_CPU_AFFINITY", "KMP_AFFINITY", "OMP_PLACES", "OMP_PROC_BIND")
+"""What OpenMP runtimes read for their binding as they load."""
+
 _bound: set[int] | None = None
 """In the engine core: the CPUs the OpenMP runtime bound its first thread to."""
+_binding_env: dict[str, str] = {}
+"""... and the binding variables, hidden while it imports."""
 
 _PARALLEL_EXTRA = ("data_parallel_size", "data_parallel_size_local")
 
@@ -111,12 +116,19 @@ def unbind_imports() -> None:
     if not cpus:
         return
     _bound = os.sched_getaffinity(0)
+    # A library that loads its own copy of the OpenMP runtime (sentencepiece's, imported
+    # by transformers) would bind this thread again as it loads: hide the binding until
+    # the imports are done (preloaded libgomp has read it already).
+    _binding_env.update({k: os.environ.pop(k) for k in _BINDING_ENV if k in os.environ})
     os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
 
 def rebind() -> None:
-    """Bind this thread back to the CPUs it started with (after :func:`unbind_imports`)."""
+    """Bind this thread back to the CPUs it started with, and the OpenMP binding variables
+    back into the environment (after :func:`unbind_imports`)."""
     global _bound
     if _bound is not None:
         os.sched_setaffinity(0, _bound)
         _bound = None
+    os.environ.update(_binding_env)
+    _binding_env.clear()

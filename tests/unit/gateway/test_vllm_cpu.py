@@ -81,17 +81,20 @@ def test_imports_run_unbound_and_the_model_on_the_binding_it_started_with(
     allowed = os.sched_getaffinity(0)
     first = {min(allowed)}
 
-    def engine_core() -> tuple[set[int], set[int]]:
+    def engine_core() -> tuple[set[int], str | None, set[int]]:
         os.sched_setaffinity(0, first)  # as the OpenMP runtime binds the first thread
         unbind_imports()
-        importing = os.sched_getaffinity(0)
+        importing = os.sched_getaffinity(0), os.environ.get("GOMP_CPU_AFFINITY")
         rebind()
-        return importing, os.sched_getaffinity(0)
+        return *importing, os.sched_getaffinity(0)
 
     monkeypatch.setenv(IMPORT_CPUS_ENV, ",".join(map(str, sorted(allowed))))
-    importing, running = _in_a_thread(engine_core)
+    monkeypatch.setenv("GOMP_CPU_AFFINITY", str(min(allowed)))
+    importing, hidden, running = _in_a_thread(engine_core)
     assert importing == allowed
+    assert hidden is None  # no OpenMP runtime loaded while importing binds the thread again
     assert running == first
+    assert os.environ["GOMP_CPU_AFFINITY"] == str(min(allowed))
     assert IMPORT_CPUS_ENV not in os.environ  # the child takes it for itself
 
     # Anywhere else (the variable unset) neither call changes the binding.
