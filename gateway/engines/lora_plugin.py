@@ -222,6 +222,8 @@ def register() -> None:
         return
     if not current_platform.is_cpu():
         return
+    if current_platform.get_punica_wrapper() == QUALNAME:  # registered already
+        return
     problems = check_vllm(current_platform)
     if not problems:
         try:
