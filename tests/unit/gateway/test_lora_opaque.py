@@ -189,6 +189,15 @@ def test_compiled_once_it_follows_every_later_slot_mix(backend: str) -> None:
         want = model(x)
         got = compiled(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {ids}")
+    # A slot rewritten in place (vLLM's set_lora loading another adapter) counts at once.
+    point(w, MIXED_8)
+    x = torch.randn(len(MIXED_8), HIDDEN, generator=gen)
+    before = compiled(x)
+    for _, a, b, _ in model.layers:
+        for t in (*a, *b):
+            t[1].copy_(torch.randn(t[1].shape, generator=gen) * 0.1)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(compiled(x), before)
     assert compiled.counter.frame_count == 1
     assert compiled.graphs[0].count("torch.ops.retort.lora_linear") == len(LINEARS)
 
