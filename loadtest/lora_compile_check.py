@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         mode: run_mode(
             mode, args.adapters, work, cache, model_dir, DEFAULT_MODEL_NAME, args.max_tokens
         )
-        for mode in (False, True)
+        for mode in (True, False)  # compiled first: it fails first if it fails
     }
     eager, compiled = runs[False], runs[True]
     diffs = {

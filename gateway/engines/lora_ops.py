@@ -356,7 +356,9 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         **kwargs: Any,
     ) -> None:
         if torch.compiler.is_compiling():
-            if kwargs:
+            # vLLM's embedding layer passes ``add_input=True``, which vLLM's CPU wrapper takes
+            # in ``**kwargs`` and ignores (``add_inputs`` defaults to True): so do the ops.
+            if set(kwargs) - {"add_input"}:
                 _untraceable("add_lora_embedding with extra arguments")
             torch.ops.retort.lora_embedding(y, x, lora_b_stacked, bool(add_inputs), self._key)
             return

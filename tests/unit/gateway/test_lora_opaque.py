@@ -238,3 +238,27 @@ def test_untraceable_ops_stop_the_trace() -> None:
     fn = torch.compile(f, backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="lora_compile"):
         fn(torch.randn(2, HIDDEN))
+
+
+def test_the_embedding_layers_call_compiles_and_follows_the_mix() -> None:
+    """What vLLM's ``VocabParallelEmbeddingWithLoRA.forward`` does under compile: its
+    ``add_lora_embedding(..., add_input=True)`` (a keyword vLLM's CPU wrapper ignores) traces
+    as the opaque op and follows later steps."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(8)
+    w = fast([0] * 4)
+    eb = torch.randn(SLOTS, 1, HIDDEN, RANK, generator=gen)
+
+    def embed(h: Any, base: Any) -> Any:
+        y = base * 2
+        w.add_lora_embedding(y, h, eb, add_input=True)
+        return y
+
+    compiled = trace_once("aot_eager")(embed)
+    for ids in ([0] * 4, MIXED_8, ONE):
+        point(w, ids)
+        h = torch.randn(len(ids), RANK, generator=gen)
+        base = torch.randn(len(ids), HIDDEN, generator=gen)
+        torch.testing.assert_close(compiled(h, base), embed(h, base))
+    assert compiled.counter.frame_count == 1
+    assert "torch.ops.retort.lora_embedding" in compiled.graphs[0]
