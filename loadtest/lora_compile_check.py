@@ -90,7 +90,10 @@ def run_mode(
             }
         )
     )
-    env = {"VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "ind")}
+    env = {
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+    }
     spec = gateway_spec(name, cfg, free_port(), env=env)
     with running([spec], work / "logs", 1800) as (server,):
         out = asyncio.run(_answers(server.url, [served, *names], max_tokens))
