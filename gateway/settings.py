@@ -93,6 +93,12 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """vLLM-CPU: apply LoRA with Retort's per-slot ops (:mod:`gateway.engines.lora_ops`, a
     vLLM plugin) instead of vLLM's per-token ones; same results, cheaper. The engine processes
     get it as ``RETORT_LORA_FAST_OPS``. No effect on other platforms."""
+    lora_compile: bool = True
+    """vLLM-CPU with LoRA enabled: keep the backend's torch.compile (``DYNAMO_TRACE_ONCE``,
+    which vLLM-CPU turns off whenever LoRA is configured), with the fast ops' LoRA math as
+    opaque custom ops (:mod:`gateway.engines.lora_opaque`). Faster steps for a compile at
+    start (cached across restarts). Needs ``lora_fast_ops``; ``enforce_eager`` wins. The
+    engine processes get it as ``RETORT_LORA_COMPILE``. No effect on other platforms."""
     enforce_eager: bool = False
     cpu_worker_in_engine_core: bool = True
     """vLLM-CPU with one worker: run the model in the engine-core process (vLLM's
@@ -109,6 +115,11 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("engine.adapter_group_max and adapter_group_wait_s must be >= 0")
         if self.adapter_group_max and self.adapter_group_wait_s >= self.max_queue_wait_s:
             raise ValueError("engine.adapter_group_wait_s must be below max_queue_wait_s")
+        if self.lora_compile and not self.lora_fast_ops:
+            raise ValueError(
+                "engine.lora_compile needs engine.lora_fast_ops (vLLM's own LoRA ops cannot be "
+                "compiled); set lora_compile: false as well"
+            )
 
 
 class AdaptersSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

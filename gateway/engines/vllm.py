@@ -30,6 +30,7 @@ from gateway.engines.base import (
     TokenLogprob,
     render_chat,
 )
+from gateway.engines.lora_plugin import COMPILE_ENV as LORA_COMPILE_ENV
 from gateway.engines.lora_plugin import ENV as LORA_FAST_OPS_ENV
 from gateway.engines.vllm_cpu import UNIPROC_EXECUTOR, worker_binding, worker_in_engine_core
 from gateway.metrics import EngineStats
@@ -113,7 +114,10 @@ def engine_args(settings: EngineSettings, model: str, served_name: str) -> dict[
 def engine_environ(settings: EngineSettings) -> dict[str, str]:
     """Environment the engine's processes read: the CPU backend's KV-cache space, and
     whether the LoRA fast-ops plugin applies (:mod:`gateway.engines.lora_plugin`)."""
-    env = {LORA_FAST_OPS_ENV: "1" if settings.lora_fast_ops else "0"}
+    env = {
+        LORA_FAST_OPS_ENV: "1" if settings.lora_fast_ops else "0",
+        LORA_COMPILE_ENV: "1" if settings.lora_compile else "0",
+    }
     if settings.cpu_kv_cache_space_gb is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_space_gb)))
     return env
@@ -165,14 +169,15 @@ class VLLMEngine(ServedModel):
             # vLLM-CPU's bf16 kernels gave wrong tokens for SmolLM2 here (AVX512-BF16 EPYC),
             # while float32 matches transformers; it is also no slower at this size.
             kwargs["dtype"] = "float32"
-        if on_cpu and not settings.enable_lora:
+        if on_cpu and (not settings.enable_lora or settings.lora_compile):
             # Without LoRA, vLLM-CPU 0.32 compiles the model (CompilationMode.DYNAMO_TRACE_ONCE,
             # inductor) and saves an AOT artifact that it cannot load back: the loader calls
             # `finalize_loading` on what it expects to be vLLM's own serializable function,
             # but this path saved inductor's plain function ("'function' object has no
             # attribute 'finalize_loading'"), so every start compiled again. Without AOT,
             # torch.compile reuses inductor's on-disk caches instead. (With LoRA, the CPU
-            # backend does not compile at all: CompilationMode.NONE.) The environment wins.
+            # backend does not compile at all, CompilationMode.NONE, unless
+            # engine.lora_compile keeps it: lora_plugin.py.) The environment wins.
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if "structured_outputs_config" not in kwargs:
             from vllm.config import StructuredOutputsConfig

@@ -93,6 +93,10 @@ def test_vllm_applies_lora_with_the_fast_ops_plugin(server: Server) -> None:
     assert "retort LoRA fast ops: applied" in log, log[-3000:]
     assert "Using FastPunicaWrapperCPU" in log, log[-3000:]
     assert "LoRA fast ops: NOT applied" not in log
+    # engine.lora_compile (default on): the CPU backend compiles the model with LoRA too,
+    # the LoRA math as opaque custom ops (gateway/engines/lora_opaque.py).
+    assert "retort LoRA compile: compilation mode NONE (forced by LoRA) -> DYNAMO_TRACE_ONCE" in log
+    assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log, log[-3000:]
 
 
 def test_unknown_adapter_is_404(server: Server) -> None:

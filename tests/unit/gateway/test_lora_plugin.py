@@ -8,12 +8,14 @@ import tomllib
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
 
+from vllm.config import CompilationMode
 from vllm.lora.punica_wrapper import punica_cpu
 from vllm.lora.punica_wrapper.punica_selector import get_punica_wrapper
 from vllm.platforms import current_platform
@@ -31,13 +33,15 @@ pytestmark = pytest.mark.skipif(not current_platform.is_cpu(), reason="vLLM-CPU 
 
 @pytest.fixture
 def platform_restored() -> Iterator[type[Any]]:
-    """The CPU platform class, its get_punica_wrapper put back afterwards."""
+    """The CPU platform class, its get_punica_wrapper and check_and_update_config put back
+    afterwards."""
     cls = type(current_platform)
-    original = cls.__dict__["get_punica_wrapper"]
+    saved = {n: cls.__dict__[n] for n in ("get_punica_wrapper", "check_and_update_config")}
     try:
         yield cls
     finally:
-        setattr(cls, "get_punica_wrapper", original)  # noqa: B010
+        for name, value in saved.items():
+            setattr(cls, name, value)
 
 
 def test_vllm_loads_it_from_the_general_plugins_group() -> None:
@@ -109,8 +113,127 @@ def test_other_vllm_internals_leave_vllm_unchanged(
 def test_the_setting_reaches_the_engine_processes_environment() -> None:
     assert load_settings(environ={}).engine.lora_fast_ops is True
     assert engine_environ(EngineSettings())[lora_plugin.ENV] == "1"
-    off = load_settings(environ={"RETORT_ENGINE__LORA_FAST_OPS": "false"})
+    off = load_settings(
+        environ={"RETORT_ENGINE__LORA_FAST_OPS": "false", "RETORT_ENGINE__LORA_COMPILE": "false"}
+    )
     assert engine_environ(off.engine)[lora_plugin.ENV] == "0"
+    assert engine_environ(off.engine)[lora_plugin.COMPILE_ENV] == "0"
     assert (
         engine_environ(EngineSettings(cpu_kv_cache_space_gb=3.4))["VLLM_CPU_KVCACHE_SPACE"] == "3"
     )
+
+
+def test_lora_compile_is_on_by_default_and_needs_the_fast_ops() -> None:
+    assert load_settings(environ={}).engine.lora_compile is True
+    assert engine_environ(EngineSettings())[lora_plugin.COMPILE_ENV] == "1"
+    with pytest.raises(ValueError, match=r"lora_compile needs engine\.lora_fast_ops"):
+        EngineSettings(lora_fast_ops=False)
+    assert EngineSettings(lora_fast_ops=False, lora_compile=False).lora_compile is False
+
+
+class _Config:
+    """The parts of a VllmConfig the compile switch reads, after vLLM's __post_init__ set
+    the mode (VLLM_COMPILE unless enforce_eager) and before the platform's hook."""
+
+    def __init__(self, mode: Any, lora: Any) -> None:
+        self.compilation_config = SimpleNamespace(mode=mode)
+        self.lora_config = lora
+
+
+def _hooked(cls: type[Any], monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Replace what the CPU platform's hook does with the two lines the switch undoes (the
+    real hook needs a whole VllmConfig); returns the configs it saw."""
+    seen: list[Any] = []
+
+    def hook(klass: type[Any], vllm_config: Any) -> None:
+        seen.append(vllm_config)
+        cc = vllm_config.compilation_config
+        if cc.mode == CompilationMode.VLLM_COMPILE:
+            cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
+        if vllm_config.lora_config is not None:
+            cc.mode = CompilationMode.NONE
+
+    monkeypatch.setattr(cls, "check_and_update_config", classmethod(hook))
+    assert lora_plugin.check_compile(cls) != []  # the stand-in's source is not vLLM's
+    monkeypatch.setattr(lora_plugin, "check_compile", lambda c: [])
+    return seen
+
+
+def ids_fully_sharded(lora: Any) -> bool:
+    return bool(getattr(lora, "fully_sharded_loras", False))
+
+
+def test_the_switch_fits_this_vllm() -> None:
+    assert lora_plugin.check_compile(type(current_platform)) == []
+
+
+@pytest.mark.parametrize(
+    ("before", "lora", "after"),
+    [
+        ("VLLM_COMPILE", SimpleNamespace(fully_sharded_loras=False), "DYNAMO_TRACE_ONCE"),
+        ("VLLM_COMPILE", None, "DYNAMO_TRACE_ONCE"),  # no LoRA: vLLM's own choice
+        ("NONE", SimpleNamespace(fully_sharded_loras=False), "NONE"),  # enforce_eager
+        ("VLLM_COMPILE", SimpleNamespace(fully_sharded_loras=True), "NONE"),
+    ],
+    ids=["lora", "no-lora", "enforce-eager", "fully-sharded"],
+)
+def test_register_keeps_the_compile_mode_with_lora(
+    platform_restored: type[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: Any,
+    before: str,
+    lora: Any,
+    after: str,
+) -> None:
+    seen = _hooked(platform_restored, monkeypatch)
+    monkeypatch.delenv(lora_plugin.ENV, raising=False)
+    monkeypatch.setenv(lora_plugin.COMPILE_ENV, "1")
+    with caplog.at_level(logging.INFO, logger="vllm.retort_lora_fast_ops"):
+        lora_plugin.register()
+        lora_plugin.register()  # a second load changes nothing
+        config = _Config(getattr(CompilationMode, before), lora)
+        current_platform.check_and_update_config(config)
+    assert "fast ops: NOT applied" not in caplog.text
+    assert ("fully sharded LoRA is not supported" in caplog.text) is (ids_fully_sharded(lora))
+    assert seen == [config]
+    assert config.compilation_config.mode == getattr(CompilationMode, after)
+    applied = lora_plugin.COMPILE_APPLIED + "DYNAMO_TRACE_ONCE"
+    assert (applied in caplog.text) is (lora is not None and after == "DYNAMO_TRACE_ONCE")
+
+
+@pytest.mark.parametrize("fast_ops", ["1", "0"])
+def test_without_the_setting_or_the_fast_ops_lora_stays_eager(
+    platform_restored: type[Any], monkeypatch: pytest.MonkeyPatch, caplog: Any, fast_ops: str
+) -> None:
+    _hooked(platform_restored, monkeypatch)
+    monkeypatch.setenv(lora_plugin.ENV, fast_ops)
+    monkeypatch.setenv(lora_plugin.COMPILE_ENV, "0" if fast_ops == "1" else "1")
+    with caplog.at_level(logging.INFO, logger="vllm.retort_lora_fast_ops"):
+        lora_plugin.register()
+        config = _Config(CompilationMode.VLLM_COMPILE, SimpleNamespace(fully_sharded_loras=False))
+        current_platform.check_and_update_config(config)
+    assert config.compilation_config.mode == CompilationMode.NONE
+    assert lora_plugin.COMPILE_APPLIED not in caplog.text
+    if fast_ops == "0":
+        assert "NOT applied, it needs the LoRA fast ops" in caplog.text
+
+
+def test_another_platform_hook_leaves_it_eager(
+    platform_restored: type[Any], monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A vLLM whose CPU hook no longer has the expected lines: a warning, vLLM's mode."""
+
+    def hook(klass: type[Any], vllm_config: Any) -> None:
+        vllm_config.compilation_config.mode = CompilationMode.NONE
+
+    monkeypatch.setattr(platform_restored, "check_and_update_config", classmethod(hook))
+    monkeypatch.delenv(lora_plugin.ENV, raising=False)
+    monkeypatch.setenv(lora_plugin.COMPILE_ENV, "1")
+    with caplog.at_level(logging.WARNING, logger="vllm.retort_lora_fast_ops"):
+        lora_plugin.register()
+    assert "retort LoRA compile: NOT applied" in caplog.text
+    assert "no longer picks DYNAMO_TRACE_ONCE" in caplog.text
+    assert platform_restored.__dict__["check_and_update_config"].__func__ is hook
+    config = _Config(CompilationMode.VLLM_COMPILE, SimpleNamespace(fully_sharded_loras=False))
+    current_platform.check_and_update_config(config)
+    assert config.compilation_config.mode == CompilationMode.NONE
