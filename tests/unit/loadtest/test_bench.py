@@ -51,6 +51,7 @@ def test_vllm_server_mirrors_the_gateway_engine_args() -> None:
     assert f"--max-loras {settings.max_loras}" in argv
     assert f"--max-lora-rank {settings.max_lora_rank}" in argv
     assert spec.env["RETORT_LORA_FAST_OPS"] == "1"
+    assert spec.env["RETORT_LORA_COMPILE"] == "1"
     off = vllm_server_spec("vllm", "/m", "name", 1, EngineSettings(enable_lora=False))
     assert "--enable-lora" not in off.argv
     assert "--max-loras" not in off.argv
