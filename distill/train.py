@@ -442,7 +442,8 @@ def train_kd(spec: TrainSpec, *, progress: bool = True) -> TrainResult:
                 if best[2] is None or agreement >= best[1]:  # a tie: the later, trained more
                     state = {k: v.detach().clone() for k, v in model_now.state_dict().items()}
                     best = (step, agreement, state)
-                stop = should_stop(
+                # at max_steps training ends anyway: stopped_at says the rule ended it early
+                stop = step < cfg.max_steps and should_stop(
                     [a for _, a in history],
                     es.patience,
                     es.min_delta,
