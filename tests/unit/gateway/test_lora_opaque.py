@@ -20,7 +20,7 @@ from vllm.lora.layers import LoRAMapping  # noqa: E402
 
 from gateway.engines import lora_opaque  # noqa: E402
 from gateway.engines.lora_ops import FastPunicaWrapperCPU  # noqa: E402
-from tests.unit.gateway.test_lora_ops import (  # noqa: E402
+from tests.unit.gateway.lora_tensors import (  # noqa: E402
     HIDDEN,
     LINEARS,
     MIXED_8,
