@@ -92,7 +92,16 @@ def test_student_is_listed_and_served(client: TestClient[Any], home: Path) -> No
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_student_returns_logprobs(client: TestClient[Any], stream: bool) -> None:
-    body = {"model": "fake-student", **CHAT, "max_tokens": 4, "ignore_eos": True, "stream": stream}
+    # Greedy: a sampled random model may draw four tokens that spell nothing (the end of
+    # text, which ignore_eos lets through, or bytes that end inside a UTF-8 character).
+    body = {
+        "model": "fake-student",
+        **CHAT,
+        "max_tokens": 4,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": stream,
+    }
     r = client.post("/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 3})
     assert r.status_code == 200, r.text
     if stream:
