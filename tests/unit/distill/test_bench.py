@@ -46,8 +46,8 @@ def test_bench_config_gates_on_the_issue_targets() -> None:
     cfg = load_config(bench.DEFAULT_CONFIG)
     assert cfg.gate.min_agreement == 0.9
     assert cfg.gate.min_speedup == 5.0
-    assert cfg.gate.max_param_ratio == 0.5
-    assert (cfg.student.layers, cfg.train.max_steps, cfg.export.precision) == (10, 150, "int4")
+    assert cfg.gate.max_param_ratio == 0.35
+    assert (cfg.student.layers, cfg.train.max_steps, cfg.export.precision) == (5, 150, "int4")
 
 
 def test_extractions_are_deterministic_json_of_the_sentence() -> None:
