@@ -43,9 +43,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "L4-int4": {"student": {"layers": 4}, "train": _SMALL},
     "L3-int4": {"student": {"layers": 3}, "train": _SMALL},
     "L8-I768-int4": {"student": {"layers": 8, "intermediate_size": 768}, "train": _SMALL},
-    "L10-H384-int4": {"student": {"layers": 10, "hidden_size": 384}, "train": _SMALL},
-    "L6-I768-H384-int4": {
-        "student": {"layers": 6, "intermediate_size": 768, "hidden_size": 384},
+    "L10-H396-int4": {"student": {"layers": 10, "hidden_size": 396}, "train": _SMALL},
+    "L6-I768-H396-int4": {
+        "student": {"layers": 6, "intermediate_size": 768, "hidden_size": 396},
         "train": _SMALL,
     },
     "L5-int4-long": {

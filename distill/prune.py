@@ -113,6 +113,16 @@ def prune_width(
         )
     if hidden_size is not None and not 1 <= hidden_size <= cfg.hidden_size:
         raise PruneError(f"hidden_size must be in 1..{cfg.hidden_size} (got {hidden_size})")
+    heads = cfg.num_attention_heads
+    if hidden_size is not None and hidden_size % heads:
+        # The heads keep their width (head_dim goes into the config), but transformers
+        # refuses to save a config whose hidden size is not a multiple of the heads.
+        below, above = hidden_size // heads * heads, -(-hidden_size // heads) * heads
+        near = " or ".join(str(n) for n in (below, above) if 1 <= n <= cfg.hidden_size)
+        raise PruneError(
+            f"hidden_size must be a multiple of the {heads} attention heads "
+            f"(got {hidden_size}; nearest: {near})"
+        )
     inter_scores, hidden_scores = channel_importance(model, calibration)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     layers = model.model.layers

@@ -76,6 +76,9 @@ def test_bad_widths_refused(tmp_path: Path) -> None:
         prune_width(model, _CALIB, intermediate_size=129)
     with pytest.raises(PruneError, match="hidden_size"):
         prune_width(model, _CALIB, hidden_size=0)
+    # A width transformers could not save (it checks hidden % heads), refused before work.
+    with pytest.raises(PruneError, match=r"multiple of the 4 attention heads .*48 or 52"):
+        prune_width(model, _CALIB, hidden_size=50)
     with pytest.raises(PruneError, match="calibration"):
         prune_width(model, [], intermediate_size=8)
 
