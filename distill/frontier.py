@@ -104,17 +104,18 @@ def chart(path: Path, points: list[dict[str, Any]], *, target: tuple[float, floa
     ax.axvspan(0, max_ratio, ymin=0, ymax=1, color="tab:green", alpha=0.06)
     ax.axvline(max_ratio, color="tab:green", linestyle="--", linewidth=1)
     ax.axhline(min_agree, color="tab:green", linestyle="--", linewidth=1)
+    placed: list[tuple[float, float]] = []
     for p in points:
         if p["param_ratio"] is None or p["agreement"] is None:
             continue
+        xy = (p["param_ratio"], p["agreement"])
         color = "tab:blue" if p["precision"] == "int4" else "tab:orange"
-        ax.scatter(p["param_ratio"], p["agreement"], color=color)
+        ax.scatter(*xy, color=color)
+        # Labels of points close together are stacked instead of drawn over each other.
+        near = sum(abs(x - xy[0]) < 0.06 and abs(y - xy[1]) < 0.01 for x, y in placed)
+        placed.append(xy)
         ax.annotate(
-            p["name"],
-            (p["param_ratio"], p["agreement"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
+            p["name"], xy, fontsize=7, xytext=(3, 3 - 10 * near), textcoords="offset points"
         )
     ax.set_xlabel("student / teacher parameters")
     ax.set_ylabel("agreement with the teacher (held-out)")
