@@ -99,6 +99,14 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     opaque custom ops (:mod:`gateway.engines.lora_opaque`). Faster steps for a compile at
     start (cached across restarts). Needs ``lora_fast_ops``; ``enforce_eager`` wins. The
     engine processes get it as ``RETORT_LORA_COMPILE``. No effect on other platforms."""
+    aot_cache: bool = True
+    """vLLM-CPU, wherever it compiles: keep vLLM's AOT compile cache, so that a warm restart
+    loads the compiled model instead of tracing it again. vLLM-CPU 0.32 saves an artifact on
+    that path that its own loader cannot load (it calls a ``finalize_loading`` that only
+    vLLM's own compiled functions have); Retort's vLLM plugin gives inductor's function a
+    no-op one (:mod:`gateway.engines.lora_plugin`). ``false``, or a vLLM whose loader differs:
+    ``VLLM_USE_AOT_COMPILE=0``, and a restart reuses inductor's caches only. The engine
+    processes get it as ``RETORT_AOT_LOAD``."""
     enforce_eager: bool = False
     cpu_worker_in_engine_core: bool = True
     """vLLM-CPU with one worker: run the model in the engine-core process (vLLM's

@@ -1,12 +1,13 @@
 """Do compiled LoRA steps give the tokens eager ones give? (``python -m
 loadtest.lora_compile_check``, ``engine.lora_compile``, BENCHMARKS.md section 11c)
 
-Starts the gateway on the real engine twice, with ``engine.lora_compile: false`` and ``true``
-(one at a time, the same inductor cache), each with the given trained adapters preloaded.
-Each asks every model (the base and each adapter) the same prompts greedily, first one request
-at a time and then all at once (steps that mix adapters and the base model), and compares:
-the two modes' texts, and each mode's mixed texts against its solo ones. Prints one JSON
-object and exits 1 on any difference.
+Starts the gateway on the real engine three times, one at a time with the same caches, each
+with the given trained adapters preloaded: ``engine.lora_compile: true``, the same again (a
+warm restart that loads the first start's AOT artifact, ``engine.aot_cache``), then
+``lora_compile: false``. Each asks every model (the base and each adapter) the same prompts
+greedily, first one request at a time and then all at once (steps that mix adapters and the
+base model), and compares: each compiled start's texts against the eager ones, and mixed
+texts against solo ones. Prints one JSON object and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def run_mode(
     model_dir: Path,
     served: str,
     max_tokens: int,
+    label: str | None = None,
 ) -> dict[str, Any]:
     home = work / "home"
     names = []
@@ -77,7 +79,7 @@ def run_mode(
         if not dst.is_dir():
             shutil.copytree(src, dst)
         names.append(src.name)
-    name = "compile" if compile_on else "no-compile"
+    name = label or ("compile" if compile_on else "no-compile")
     cfg = work / f"{name}.yaml"
     cfg.write_text(
         json.dumps(
@@ -99,6 +101,7 @@ def run_mode(
         out = asyncio.run(_answers(server.url, [served, *names], max_tokens))
         log = server.log_path.read_text(errors="replace")
     out["compiled"] = "retort LoRA compile: compilation mode NONE" in log
+    out["aot_loaded"] = "Directly load AOT compilation" in log
     out["log"] = str(server.log_path)
     return out
 
@@ -115,15 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = pull_default(default_home())
     work = Path(tempfile.mkdtemp(prefix="retort-lora-compile-"))
     cache = args.cache or work / "cache"
+    # Compiled first (it fails first if it fails), then compiled again: that start loads the
+    # first one's AOT artifact (engine.aot_cache) instead of compiling; then eager.
     runs = {
-        mode: run_mode(
-            mode, args.adapters, work, cache, model_dir, DEFAULT_MODEL_NAME, args.max_tokens
+        label: run_mode(
+            mode, args.adapters, work, cache, model_dir, DEFAULT_MODEL_NAME, args.max_tokens, label
         )
-        for mode in (True, False)  # compiled first: it fails first if it fails
+        for label, mode in (("compile", True), ("compile-again", True), ("no-compile", False))
     }
-    eager, compiled = runs[False], runs[True]
+    eager, compiled, again = runs["no-compile"], runs["compile"], runs["compile-again"]
     diffs = {
         "compile_vs_eager": [k for k in eager["solo"] if eager["solo"][k] != compiled["solo"][k]],
+        "aot_loaded_vs_eager": [k for k in eager["solo"] if eager["solo"][k] != again["solo"][k]],
+        "mixed_vs_solo_aot_loaded": [
+            k for k in again["solo"] if again["mixed"][k] != again["solo"][k]
+        ],
         "mixed_vs_solo_eager": [k for k in eager["solo"] if eager["mixed"][k] != eager["solo"][k]],
         "mixed_vs_solo_compiled": [
             k for k in compiled["solo"] if compiled["mixed"][k] != compiled["solo"][k]
@@ -133,12 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         "requests_per_mode": 2 * len(eager["solo"]),
         "compiled_log_line": compiled["compiled"],
         "eager_log_line": eager["compiled"],
+        "second_start_loaded_aot": again["aot_loaded"],
         "differences": diffs,
         "examples": {k: (eager["solo"][k], compiled["solo"][k]) for k in list(eager["solo"])[:8]},
-        "logs": [eager["log"], compiled["log"]],
+        "logs": [eager["log"], compiled["log"], again["log"]],
     }
     print(json.dumps(report, indent=2))
-    ok = compiled["compiled"] and not eager["compiled"] and not any(diffs.values())
+    ok = (
+        compiled["compiled"]
+        and again["aot_loaded"]
+        and not eager["compiled"]
+        and not any(diffs.values())
+    )
     return 0 if ok else 1
 
 

@@ -150,10 +150,10 @@ def vllm_server_spec(
     (:mod:`gateway.engines.vllm`), so LoRA (on by default), its slots and rank, the LoRA
     fast-ops plugin's switch (the plugin loads in any vLLM process of this install) and the
     KV-cache space are the same on both sides; plus the gateway's CPU rules: ``dtype: auto``
-    means float32 on the CPU backend, and ``VLLM_USE_AOT_COMPILE=0`` wherever it compiles. Access
+    means float32 on the CPU backend, and the same AOT compile switch (``aot_environ``). Access
     logs are off in both.
     """
-    from gateway.engines.vllm import engine_args, engine_environ
+    from gateway.engines.vllm import aot_environ, engine_args, engine_environ
 
     args = engine_args(engine, model, served_name)
     on_cpu = shutil.which("nvidia-smi") is None
@@ -175,9 +175,11 @@ def vllm_server_spec(
         else:
             argv += [flag, str(value)]
     argv += ["--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
-    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", **engine_environ(engine)}
-    if on_cpu and (not engine.enable_lora or engine.lora_compile):
-        env["VLLM_USE_AOT_COMPILE"] = "0"  # wherever the gateway's engine compiles
+    env = {
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        **engine_environ(engine),
+        **aot_environ(engine, on_cpu=on_cpu),
+    }
     return ServerSpec(name, argv, port, "/health", env)
 
 

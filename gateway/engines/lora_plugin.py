@@ -24,6 +24,20 @@ to ``DYNAMO_TRACE_ONCE``; it logs :data:`COMPILE_APPLIED` with the mode when it 
 changes nothing (and says why) when ``enforce_eager`` or another setting already chose the
 mode, for fully sharded LoRA, when the fast ops are not applied, or when vLLM's method is not
 the one it was written against (:func:`check_compile`).
+
+**Loading the AOT compile cache** (``RETORT_AOT_LOAD=1``, from ``engine.aot_cache``; unset
+means off). Where vLLM-CPU compiles (``DYNAMO_TRACE_ONCE``), vLLM saves an AOT artifact
+holding inductor's compiled function, and its loader
+(``vllm.compilation.decorators._try_load_aot_compiled_fn``) then calls
+``compiled_fn.finalize_loading(vllm_config)``, which only vLLM's own
+``VllmSerializableFunction`` (the ``VLLM_COMPILE`` path) has: every load failed ("'function'
+object has no attribute 'finalize_loading'") and every start traced and compiled again. A
+function torch has deserialized is complete; only vLLM's own kind builds its backend
+lazily. So the plugin wraps ``torch.compiler.load_compiled_function`` to give a loaded
+compiled function that lacks ``finalize_loading`` a no-op one (logged once,
+:data:`AOT_APPLIED`); vLLM then logs ``Directly load AOT compilation``. It changes nothing
+(and says why) when vLLM's loader is not the one it was written against
+(:func:`check_aot_load`); vLLM then compiles again, as shipped.
 """
 
 from __future__ import annotations
@@ -35,11 +49,16 @@ import re
 from typing import Any
 
 __all__ = [
+    "AOT_APPLIED",
+    "AOT_ENV",
     "APPLIED",
     "COMPILE_APPLIED",
     "COMPILE_ENV",
     "ENV",
     "QUALNAME",
+    "aot_load_enabled",
+    "apply_aot_load",
+    "check_aot_load",
     "check_compile",
     "check_vllm",
     "compile_enabled",
@@ -94,6 +113,15 @@ _EXPECTED: dict[str, tuple[str, ...]] = {
 }
 
 
+AOT_ENV = "RETORT_AOT_LOAD"
+"""``1``/``true``/``on``: make vLLM-CPU's AOT compile artifact loadable (unset: off)."""
+AOT_APPLIED = "retort AOT load: applied"
+_AOT_PATCHED = "_retort_aot_load"
+# What vLLM 0.32's loader does that the AOT fix answers.
+_AOT_LOAD = "torch.compiler.load_compiled_function("
+_AOT_FINALIZE = "loaded_fn._artifacts.compiled_fn.finalize_loading("
+
+
 def _log() -> logging.Logger:
     # Under vLLM's logger tree, which vLLM configures in its own processes too.
     return logging.getLogger("vllm.retort_lora_fast_ops")
@@ -107,6 +135,78 @@ def enabled() -> bool:
 def compile_enabled() -> bool:
     """Whether ``RETORT_LORA_COMPILE`` asks to compile with LoRA (unset: no)."""
     return os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def aot_load_enabled() -> bool:
+    """Whether ``RETORT_AOT_LOAD`` asks to load vLLM's AOT artifacts (unset: no)."""
+    return os.environ.get(AOT_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_aot_load() -> list[str]:
+    """What differs between this vLLM's AOT loader and what the AOT fix expects."""
+    try:
+        import torch.compiler
+        from vllm.compilation import decorators
+    except ImportError as exc:
+        return [f"vLLM's compilation decorators do not import: {exc}"]
+    problems: list[str] = []
+    if not callable(getattr(torch.compiler, "load_compiled_function", None)):
+        problems.append("torch.compiler.load_compiled_function is missing")
+    loader = getattr(decorators, "_try_load_aot_compiled_fn", None)
+    if loader is None:
+        return [*problems, "vllm.compilation.decorators._try_load_aot_compiled_fn is missing"]
+    try:
+        source = inspect.getsource(loader)
+    except (OSError, TypeError) as exc:
+        return [*problems, f"_try_load_aot_compiled_fn's source is not readable: {exc!r}"]
+    if _AOT_LOAD not in source:
+        problems.append("_try_load_aot_compiled_fn no longer loads with " + _AOT_LOAD + ")")
+    if _AOT_FINALIZE not in source:
+        problems.append("_try_load_aot_compiled_fn no longer calls compiled_fn.finalize_loading")
+    return problems
+
+
+def _loaded_already(vllm_config: Any) -> None:
+    """``finalize_loading`` of a compiled function torch has deserialized whole."""
+
+
+def _fix_aot_load() -> None:
+    """Wrap ``torch.compiler.load_compiled_function`` (see the module's docstring)."""
+    import torch.compiler
+
+    original = torch.compiler.load_compiled_function
+    if getattr(original, _AOT_PATCHED, False):
+        return
+    log = _log()
+
+    def load_compiled_function(*args: Any, **kwargs: Any) -> Any:
+        loaded = original(*args, **kwargs)
+        compiled = getattr(getattr(loaded, "_artifacts", None), "compiled_fn", None)
+        if compiled is not None and not hasattr(compiled, "finalize_loading"):
+            try:
+                compiled.finalize_loading = _loaded_already
+            except (AttributeError, TypeError):  # vLLM's loader then fails, as shipped
+                log.warning("retort AOT load: %r takes no attribute", type(compiled))
+            else:
+                log.info("%s (%s needs no finalizing)", AOT_APPLIED, type(compiled).__name__)
+        return loaded
+
+    setattr(load_compiled_function, _AOT_PATCHED, True)
+    load_compiled_function.__wrapped__ = original  # type: ignore[attr-defined]
+    torch.compiler.load_compiled_function = load_compiled_function
+
+
+def apply_aot_load() -> None:
+    """The AOT fix when ``RETORT_AOT_LOAD`` asks for it and vLLM's loader is the expected one."""
+    if not aot_load_enabled():
+        return
+    problems = check_aot_load()
+    if problems:
+        _log().warning(
+            "retort AOT load: NOT applied, a restart compiles again: %s", "; ".join(problems)
+        )
+        return
+    _fix_aot_load()
 
 
 def check_compile(platform_cls: type) -> list[str]:
@@ -211,6 +311,7 @@ def check_vllm(platform: object) -> list[str]:
 def register() -> None:
     """The ``vllm.general_plugins`` entry point."""
     log = _log()
+    apply_aot_load()
     if not enabled():
         log.info("retort LoRA fast ops: off (%s=%s)", ENV, os.environ.get(ENV))
         if compile_enabled():

@@ -30,6 +30,7 @@ from gateway.engines.base import (
     TokenLogprob,
     render_chat,
 )
+from gateway.engines.lora_plugin import AOT_ENV, check_aot_load
 from gateway.engines.lora_plugin import COMPILE_ENV as LORA_COMPILE_ENV
 from gateway.engines.lora_plugin import ENV as LORA_FAST_OPS_ENV
 from gateway.engines.vllm_cpu import UNIPROC_EXECUTOR, worker_binding, worker_in_engine_core
@@ -117,10 +118,24 @@ def engine_environ(settings: EngineSettings) -> dict[str, str]:
     env = {
         LORA_FAST_OPS_ENV: "1" if settings.lora_fast_ops else "0",
         LORA_COMPILE_ENV: "1" if settings.lora_compile else "0",
+        AOT_ENV: "1" if settings.aot_cache else "0",
     }
     if settings.cpu_kv_cache_space_gb is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_space_gb)))
     return env
+
+
+def aot_environ(settings: EngineSettings, *, on_cpu: bool) -> dict[str, str]:
+    """vLLM's AOT compile switch for this engine: ``VLLM_USE_AOT_COMPILE=0`` where vLLM-CPU
+    compiles (LoRA off, or on with ``lora_compile``) unless ``engine.aot_cache`` holds and
+    the plugin's AOT fix fits this vLLM (:func:`~gateway.engines.lora_plugin.check_aot_load`):
+    vLLM-CPU 0.32's own loader cannot load what it saves there, so without the fix every
+    start compiled again; without AOT, torch.compile reuses inductor's on-disk caches."""
+    if not on_cpu or (settings.enable_lora and not settings.lora_compile):
+        return {}
+    if settings.aot_cache and not check_aot_load():
+        return {}
+    return {"VLLM_USE_AOT_COMPILE": "0"}
 
 
 def _structured(c: OutputConstraint | None) -> Any:
@@ -169,16 +184,10 @@ class VLLMEngine(ServedModel):
             # vLLM-CPU's bf16 kernels gave wrong tokens for SmolLM2 here (AVX512-BF16 EPYC),
             # while float32 matches transformers; it is also no slower at this size.
             kwargs["dtype"] = "float32"
-        if on_cpu and (not settings.enable_lora or settings.lora_compile):
-            # Without LoRA, vLLM-CPU 0.32 compiles the model (CompilationMode.DYNAMO_TRACE_ONCE,
-            # inductor) and saves an AOT artifact that it cannot load back: the loader calls
-            # `finalize_loading` on what it expects to be vLLM's own serializable function,
-            # but this path saved inductor's plain function ("'function' object has no
-            # attribute 'finalize_loading'"), so every start compiled again. Without AOT,
-            # torch.compile reuses inductor's on-disk caches instead. (With LoRA, the CPU
-            # backend does not compile at all, CompilationMode.NONE, unless
-            # engine.lora_compile keeps it: lora_plugin.py.) The environment wins.
-            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        # Where vLLM-CPU compiles, a warm restart loads vLLM's AOT artifact (with the
+        # plugin's fix), or reuses inductor's caches (aot_environ). The environment wins.
+        for key, value in aot_environ(settings, on_cpu=on_cpu).items():
+            os.environ.setdefault(key, value)
         if "structured_outputs_config" not in kwargs:
             from vllm.config import StructuredOutputsConfig
 

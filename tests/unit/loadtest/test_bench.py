@@ -55,7 +55,12 @@ def test_vllm_server_mirrors_the_gateway_engine_args() -> None:
     off = vllm_server_spec("vllm", "/m", "name", 1, EngineSettings(enable_lora=False))
     assert "--enable-lora" not in off.argv
     assert "--max-loras" not in off.argv
-    assert off.env["VLLM_USE_AOT_COMPILE"] == "0" or shutil.which("nvidia-smi")
+    # The same AOT compile switch as the gateway's engine: vLLM's default (on) where the
+    # plugin makes its artifact loadable, off with engine.aot_cache: false.
+    assert "VLLM_USE_AOT_COMPILE" not in off.env
+    assert off.env["RETORT_AOT_LOAD"] == "1"
+    no_aot = vllm_server_spec("vllm", "/m", "name", 1, EngineSettings(aot_cache=False))
+    assert no_aot.env["VLLM_USE_AOT_COMPILE"] == "0" or shutil.which("nvidia-smi")
 
 
 def test_running_starts_measures_and_stops_a_real_gateway(tmp_path: Path) -> None:
