@@ -585,12 +585,6 @@ class Metrics:
         skipped when ``None`` (nothing generated); the time per output token is
         ``(latency - ttft) / (completion_tokens - 1)`` when there are two tokens or more.
         """
-        if not self.batched:
-            self._observe_now(
-                model, adapter, status, prompt_tokens, completion_tokens, ttft_s, latency_s,
-                cost_usd, key_id, endpoint,
-            )  # fmt: skip
-            return
         cache_key = (model, adapter or NO_ADAPTER, status, key_id)
         with self._lock:
             t = self._tallies.get(cache_key)
@@ -611,36 +605,8 @@ class Metrics:
                 t.ttft.observe(ttft_s)
                 if completion_tokens > 1 and latency_s >= ttft_s:
                     t.tpot.observe((latency_s - ttft_s) / (completion_tokens - 1))
-
-    def _observe_now(
-        self,
-        model: str,
-        adapter: str | None,
-        status: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        ttft_s: float | None,
-        latency_s: float,
-        cost_usd: float,
-        key_id: str | None,
-        endpoint: str | None,
-    ) -> None:
-        """:meth:`observe_request`, written through to the metrics at once."""
-        c = self._request_children(model, adapter or NO_ADAPTER, status, key_id)
-        c.requests.inc()
-        if endpoint is not None:
-            self._endpoint_counter(endpoint, status).inc()
-        c.duration.observe(latency_s)
-        if prompt_tokens:
-            c.prompt_tokens.inc(prompt_tokens)
-        if completion_tokens:
-            c.completion_tokens.inc(completion_tokens)
-        if cost_usd > 0:
-            c.cost.inc(cost_usd)
-        if ttft_s is not None:
-            c.ttft.observe(ttft_s)
-            if completion_tokens > 1 and latency_s >= ttft_s:
-                c.tpot.observe((latency_s - ttft_s) / (completion_tokens - 1))
+        if not self.batched:
+            self.flush()  # several processes share the values: write them through now
 
     def _endpoint_counter(self, endpoint: str, status: str) -> Counter:
         counter = self._by_endpoint.get((endpoint, status))
@@ -658,18 +624,17 @@ class Metrics:
 
     def request_started(self, model: str) -> None:
         """``retort_inflight_requests{model}`` + 1; pair with :meth:`request_finished`."""
-        if not self.batched:
-            self._inflight_gauge(model).inc()
-            return
-        with self._lock:
-            self._inflight_tally[model] = self._inflight_tally.get(model, 0) + 1
+        self._inflight_add(model, 1)
 
     def request_finished(self, model: str) -> None:
+        self._inflight_add(model, -1)
+
+    def _inflight_add(self, model: str, delta: int) -> None:
         if not self.batched:
-            self._inflight_gauge(model).dec()
+            self._inflight_gauge(model).inc(delta)
             return
         with self._lock:
-            self._inflight_tally[model] = self._inflight_tally.get(model, 0) - 1
+            self._inflight_tally[model] = self._inflight_tally.get(model, 0) + delta
 
     def flush(self) -> None:
         """Add the tallied requests to the metrics (called first by every collection)."""
