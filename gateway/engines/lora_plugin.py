@@ -51,6 +51,8 @@ from typing import Any
 __all__ = [
     "AOT_APPLIED",
     "AOT_ENV",
+    "AOT_WARMUP_APPLIED",
+    "AOT_WARMUP_TOKENS",
     "APPLIED",
     "COMPILE_APPLIED",
     "COMPILE_ENV",
@@ -58,7 +60,9 @@ __all__ = [
     "QUALNAME",
     "aot_load_enabled",
     "apply_aot_load",
+    "apply_aot_warmup",
     "check_aot_load",
+    "check_aot_warmup",
     "check_compile",
     "check_vllm",
     "compile_enabled",
@@ -207,6 +211,115 @@ def apply_aot_load() -> None:
         )
         return
     _fix_aot_load()
+
+
+AOT_WARMUP_APPLIED = "retort AOT warm-up: loaded the compiled model and ran it on"
+"""Logged by the engine core when a warm restart skipped vLLM's full-size warm-up."""
+AOT_WARMUP_TOKENS = 32
+"""Tokens of the dummy batch that loads the AOT artifact and runs it once."""
+_AOT_WARMUP_PATCHED = "_retort_aot_warmup"
+_WARMUP_PROFILE = "self.profile_run()"
+
+
+class _NothingCachedError(Exception):
+    """Raised in place of vLLM's compile when no AOT artifact loaded (the probe stops)."""
+
+
+def check_aot_warmup() -> list[str]:
+    """What differs between this vLLM's CPU warm-up and what the AOT warm-up expects."""
+    try:
+        from vllm.compilation import decorators
+        from vllm.v1.worker import cpu_model_runner
+    except ImportError as exc:
+        return [f"vLLM's CPU model runner does not import: {exc}"]
+    problems = check_aot_load()
+    runner = getattr(cpu_model_runner, "CPUModelRunner", None)
+    warm = getattr(runner, "warming_up_model", None)
+    try:
+        source = inspect.getsource(warm) if warm is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    if _WARMUP_PROFILE not in source:
+        problems.append("CPUModelRunner.warming_up_model no longer runs " + _WARMUP_PROFILE)
+    if not callable(getattr(runner, "_dummy_run", None)):
+        problems.append("CPUModelRunner._dummy_run is missing")
+    if not callable(getattr(cpu_model_runner, "_set_global_compilation_settings", None)):
+        problems.append("cpu_model_runner._set_global_compilation_settings is missing")
+    if not callable(getattr(decorators, "_try_load_aot_compiled_fn", None)):
+        problems.append("decorators._try_load_aot_compiled_fn is missing")
+    return problems
+
+
+def apply_aot_warmup() -> None:
+    """In the process that runs the model, once its modules are imported: where the AOT fix
+    applies, a warm restart warms up by loading the AOT artifact and running it on
+    :data:`AOT_WARMUP_TOKENS` tokens, instead of vLLM's warm-up, which runs the model (and 8
+    dummy adapters) on ``max_num_batched_tokens`` tokens to compile it at the generic
+    shape. With nothing to load, vLLM's warm-up runs and compiles as shipped: the probe
+    stops where vLLM would compile (:class:`_NothingCachedError`), before anything is traced."""
+    import torch.compiler
+
+    if not getattr(torch.compiler.load_compiled_function, _AOT_PATCHED, False):
+        return  # the AOT fix is off or does not fit this vLLM: nothing loads
+    problems = check_aot_warmup()
+    if problems:
+        _log().warning("retort AOT warm-up: NOT applied: %s", "; ".join(problems))
+        return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    original = CPUModelRunner.warming_up_model
+    if getattr(original, _AOT_WARMUP_PATCHED, False):
+        return
+
+    def warming_up_model(self: Any) -> None:
+        if not _load_and_run(self):
+            original(self)
+
+    setattr(warming_up_model, _AOT_WARMUP_PATCHED, True)
+    warming_up_model.__wrapped__ = original  # type: ignore[attr-defined]
+    CPUModelRunner.warming_up_model = warming_up_model  # type: ignore[method-assign]
+
+
+def _load_and_run(runner: Any) -> bool:
+    """Load the model's AOT artifact and run it once on a small batch; False (nothing
+    traced or run) where vLLM would compile instead."""
+    from vllm import envs
+    from vllm.compilation import decorators
+    from vllm.config import CompilationMode
+    from vllm.v1.worker.cpu_model_runner import _set_global_compilation_settings
+
+    config = runner.vllm_config
+    # vLLM tries its AOT artifact first only with these (decorators: __call__).
+    if (
+        config.compilation_config.mode == CompilationMode.NONE
+        or not envs.VLLM_USE_AOT_COMPILE
+        or envs.VLLM_DISABLE_COMPILE_CACHE
+    ):
+        return False
+    try_load = decorators._try_load_aot_compiled_fn
+
+    def load_or_stop(model: Any, aot_compilation_path: str) -> Any:
+        loaded = try_load(model, aot_compilation_path)
+        if loaded is None:
+            raise _NothingCachedError
+        return loaded
+
+    decorators._try_load_aot_compiled_fn = load_or_stop
+    tokens = min(AOT_WARMUP_TOKENS, runner.max_num_tokens)
+    try:
+        with _set_global_compilation_settings(config):
+            runner._dummy_run(tokens)
+    except _NothingCachedError:
+        return False
+    finally:
+        decorators._try_load_aot_compiled_fn = try_load
+    _log().info(
+        "%s %d tokens (vLLM's warm-up compiles on %d)",
+        AOT_WARMUP_APPLIED,
+        tokens,
+        runner.max_num_tokens,
+    )
+    return True
 
 
 def check_compile(platform_cls: type) -> list[str]:

@@ -34,6 +34,7 @@ from gateway.engines.lora_plugin import AOT_ENV, check_aot_load
 from gateway.engines.lora_plugin import COMPILE_ENV as LORA_COMPILE_ENV
 from gateway.engines.lora_plugin import ENV as LORA_FAST_OPS_ENV
 from gateway.engines.vllm_cpu import UNIPROC_EXECUTOR, worker_binding, worker_in_engine_core
+from gateway.engines.vllm_prestart import engine_core_process
 from gateway.metrics import EngineStats
 
 if TYPE_CHECKING:
@@ -214,7 +215,10 @@ class VLLMEngine(ServedModel):
         # OpenMP binding when it runs the model itself.
         usage = UsageContext.ENGINE_CONTEXT
         vllm_config = args.create_engine_config(usage)
-        with worker_binding(vllm_config) if in_core else contextlib.nullcontext():
+        with (
+            worker_binding(vllm_config) if in_core else contextlib.nullcontext(),
+            engine_core_process(vllm_config, in_core=in_core),
+        ):
             llm = AsyncLLM(
                 vllm_config=vllm_config,
                 executor_class=Executor.get_class(vllm_config),

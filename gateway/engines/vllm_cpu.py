@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IMPORT_CPUS_ENV",
     "UNIPROC_EXECUTOR",
+    "adopt_environ",
     "rebind",
     "unbind_imports",
     "worker_binding",
@@ -121,6 +122,18 @@ def unbind_imports() -> None:
     # the imports are done (preloaded libgomp has read it already).
     _binding_env.update({k: os.environ.pop(k) for k in _BINDING_ENV if k in os.environ})
     os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+def adopt_environ(environ: Mapping[str, str]) -> None:
+    """In an engine core started before the gateway spawned it
+    (:mod:`gateway.engines.vllm_prestart`): take the gateway's environment as a spawned one
+    would have found it, with the binding still hidden while imports run unbound."""
+    for key in [k for k in os.environ if k not in environ]:
+        del os.environ[key]
+    os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+    os.environ.pop(IMPORT_CPUS_ENV, None)
+    if _bound is not None:
+        _binding_env.update({k: os.environ.pop(k) for k in _BINDING_ENV if k in os.environ})
 
 
 def rebind() -> None:

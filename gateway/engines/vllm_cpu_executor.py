@@ -8,6 +8,7 @@ from __future__ import annotations
 from vllm.utils.import_utils import resolve_obj_by_qualname
 from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
+from gateway.engines.lora_plugin import apply_aot_warmup
 from gateway.engines.vllm_cpu import rebind
 
 __all__ = ["BoundUniProcExecutor"]
@@ -15,7 +16,8 @@ __all__ = ["BoundUniProcExecutor"]
 
 class BoundUniProcExecutor(UniProcExecutor):
     """vLLM's ``UniProcExecutor``, run on the OpenMP binding the process started with
-    (:func:`gateway.engines.vllm_cpu.rebind`) before it builds the worker and the model."""
+    (:func:`gateway.engines.vllm_cpu.rebind`) before it builds the worker and the model,
+    with the AOT warm-up (:func:`gateway.engines.lora_plugin.apply_aot_warmup`)."""
 
     def _init_executor(self) -> None:
         # The worker's modules (its model runner: most of what is left to import) still on
@@ -23,5 +25,6 @@ class BoundUniProcExecutor(UniProcExecutor):
         worker_cls = self.vllm_config.parallel_config.worker_cls
         if isinstance(worker_cls, str) and worker_cls != "auto":
             resolve_obj_by_qualname(worker_cls)
+        apply_aot_warmup()  # needs the model runner imported
         rebind()
         super()._init_executor()

@@ -1,7 +1,8 @@
 """Restarts with a warm compile cache load vLLM's AOT artifact and do not compile the model
 again (read in vLLM's log, never timed here: start-up times are measured by ``python -m
 loadtest.startup_bench``), and a start spawns one vLLM process, not two (the model runs in
-the engine core, bound as vLLM binds its worker: ``gateway.engines.vllm_cpu``)."""
+the engine core, bound as vLLM binds its worker: ``gateway.engines.vllm_cpu``), which a
+restart starts while the gateway imports vLLM (``gateway.engines.vllm_prestart``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
-from gateway.engines.lora_plugin import AOT_APPLIED
+from gateway.engines.lora_plugin import AOT_APPLIED, AOT_WARMUP_APPLIED
+from gateway.engines.vllm_prestart import PRESTARTED
 from loadtest.startup_bench import RECOMPILE_MARKERS
 from tests.integration.conftest import start_server, stop_server
 
@@ -37,7 +39,17 @@ def _start_and_read_log(tmp: Path, model_dir: Path, name: str, env: dict[str, st
 
 def test_default_restart_compiles_nothing(server: Server, model_dir: Path, tmp_path: Path) -> None:
     # `server` has started with the same settings: this start is a restart.
-    log = _start_and_read_log(tmp_path, model_dir, "restart", {})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    srv = start_server(tmp_path, model_dir, name="restart")
+    try:
+        log = srv.log_text()
+        # The engine core was started with `retort serve` and imported torch and vLLM while
+        # the gateway did (gateway.engines.vllm_prestart): the environment the last start
+        # spawned it with was recorded. It runs the model bound as a spawned one would be.
+        assert PRESTARTED in log
+        _assert_bound_as_vllm_binds_its_worker(srv)
+    finally:
+        stop_server(srv)
     # LoRA on with engine.lora_compile (the default): the model is compiled, and a warm
     # restart loads vLLM's AOT artifact (engine.aot_cache: the plugin's fix) instead of
     # failing to load it and compiling again.
@@ -45,6 +57,9 @@ def test_default_restart_compiles_nothing(server: Server, model_dir: Path, tmp_p
     assert "retort LoRA compile: compilation mode NONE (forced by LoRA) -> " in log
     assert AOT_APPLIED in log
     assert AOT_LOADED in log
+    # ... and warms it up on a small batch, not vLLM's compile-sized one (the first start
+    # of a session, with nothing cached, compiles with vLLM's warm-up as shipped).
+    assert AOT_WARMUP_APPLIED in log
     for marker in RECOMPILE_MARKERS:
         assert marker not in log, marker
 
@@ -58,6 +73,10 @@ def _vllm_processes(gateway_pid: int) -> list[psutil.Process]:
 
 
 def test_the_model_runs_in_the_engine_core_with_the_workers_binding(server: Server) -> None:
+    _assert_bound_as_vllm_binds_its_worker(server)
+
+
+def _assert_bound_as_vllm_binds_its_worker(server: Server) -> None:
     (core,) = _vllm_processes(server.proc.pid)  # no worker process of its own
     assert "VLLM::EngineCore" in " ".join(core.cmdline())
     log = server.log_text()
