@@ -139,7 +139,7 @@ def test_only_the_engine_core_takes_the_prestarted_process(tmp_path: Path) -> No
     context = _Context(multiprocessing.get_context("spawn"), waiting, dict(os.environ))
     other = context.Process(target=report, name="DPCoordinator", kwargs={"out": "-"})
     assert other.pid is None  # an ordinary unstarted process of vLLM's context
-    proc, seen = _run(tmp_path, context)
+    _, seen = _run(tmp_path, context)
     assert seen["pid"] == waiting.proc.pid
 
 
