@@ -3,7 +3,8 @@ loadtest.lora_compile_check``, ``engine.lora_compile``, BENCHMARKS.md section 11
 
 Starts the gateway on the real engine three times, one at a time with the same caches, each
 with the given trained adapters preloaded: ``engine.lora_compile: true``, the same again (a
-warm restart that loads the first start's AOT artifact, ``engine.aot_cache``), then
+warm restart that loads the first start's AOT artifact, ``engine.aot_cache``, and warms it
+up on a small batch), then
 ``lora_compile: false``. Each asks every model (the base and each adapter) the same prompts
 greedily, first one request at a time and then all at once (steps that mix adapters and the
 base model), and compares: each compiled start's texts against the eager ones, and mixed
@@ -23,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from gateway.engines.lora_plugin import AOT_WARMUP_APPLIED
+from gateway.engines.vllm_prestart import PRESTARTED
 from loadtest.servers import free_port, gateway_spec, running
 
 __all__ = ["PROMPTS", "main"]
@@ -102,6 +105,8 @@ def run_mode(
         log = server.log_path.read_text(errors="replace")
     out["compiled"] = "retort LoRA compile: compilation mode NONE" in log
     out["aot_loaded"] = "Directly load AOT compilation" in log
+    out["aot_warmup"] = AOT_WARMUP_APPLIED in log
+    out["prestarted"] = PRESTARTED in log
     out["log"] = str(server.log_path)
     return out
 
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "compiled_log_line": compiled["compiled"],
         "eager_log_line": eager["compiled"],
         "second_start_loaded_aot": again["aot_loaded"],
+        "second_start_small_warmup": again["aot_warmup"],
+        "prestarted": {label: r["prestarted"] for label, r in runs.items()},
         "differences": diffs,
         "examples": {k: (eager["solo"][k], compiled["solo"][k]) for k in list(eager["solo"])[:8]},
         "logs": [eager["log"], compiled["log"], again["log"]],
