@@ -320,3 +320,73 @@ def test_without_the_setting_or_with_another_loader_torch_is_left_alone(
     assert torch.compiler.load_compiled_function is original
     assert "retort AOT load: NOT applied" in caplog.text
     assert "no longer calls compiled_fn.finalize_loading" in caplog.text
+
+
+# --- a warm restart's warm-up: load the AOT artifact and run it small ------------------------
+
+
+def test_the_aot_warmup_fits_this_vllm() -> None:
+    assert lora_plugin.check_aot_warmup() == []
+
+
+class _Runner:
+    """vLLM's CPU model runner as the warm-up sees it: ``_dummy_run`` calls the model, whose
+    ``__call__`` first tries vLLM's AOT loader and compiles where it returns nothing."""
+
+    def __init__(self, mode: Any) -> None:
+        self.vllm_config = SimpleNamespace(
+            compilation_config=SimpleNamespace(mode=mode, inductor_compile_config={})
+        )
+        self.max_num_tokens = 2048
+        self.ran: list[int] = []
+        self.compiled: list[int] = []
+
+    def _dummy_run(self, num_tokens: int) -> None:
+        from vllm.compilation import decorators
+
+        if decorators._try_load_aot_compiled_fn(self, "/cache/model") is None:
+            self.compiled.append(num_tokens)  # vLLM would trace and compile here
+        self.ran.append(num_tokens)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_the_small_warmup_runs_only_a_loaded_model(
+    monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    from vllm.compilation import decorators
+    from vllm.config import CompilationMode
+
+    loaded = object()
+    monkeypatch.setattr(
+        decorators, "_try_load_aot_compiled_fn", lambda model, path: loaded if cached else None
+    )
+    shipped = decorators._try_load_aot_compiled_fn
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    monkeypatch.delenv("VLLM_DISABLE_COMPILE_CACHE", raising=False)
+    runner = _Runner(CompilationMode.DYNAMO_TRACE_ONCE)
+    assert lora_plugin._load_and_run(runner) is cached
+    # Loaded: one run on the small batch. Nothing cached: stopped before anything was
+    # traced, so that vLLM's own warm-up compiles on its generic shape.
+    assert runner.ran == ([lora_plugin.AOT_WARMUP_TOKENS] if cached else [])
+    assert runner.compiled == []
+    assert decorators._try_load_aot_compiled_fn is shipped  # put back
+
+
+@pytest.mark.parametrize(
+    ("mode", "env"),
+    [
+        ("NONE", {}),  # eager: nothing to load, vLLM's warm-up returns at once anyway
+        ("DYNAMO_TRACE_ONCE", {"VLLM_USE_AOT_COMPILE": "0"}),  # no AOT load is tried
+        ("DYNAMO_TRACE_ONCE", {"VLLM_DISABLE_COMPILE_CACHE": "1"}),
+    ],
+)
+def test_the_small_warmup_stays_out_where_vllm_loads_nothing(
+    monkeypatch: pytest.MonkeyPatch, mode: str, env: dict[str, str]
+) -> None:
+    from vllm.config import CompilationMode
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    runner = _Runner(getattr(CompilationMode, mode))
+    assert lora_plugin._load_and_run(runner) is False
+    assert runner.ran == []
