@@ -24,8 +24,6 @@ from typing import Any
 
 import httpx
 
-from gateway.engines.lora_plugin import AOT_WARMUP_APPLIED
-from gateway.engines.vllm_prestart import PRESTARTED
 from loadtest.servers import free_port, gateway_spec, running
 
 __all__ = ["PROMPTS", "main"]
@@ -75,6 +73,9 @@ def run_mode(
     max_tokens: int,
     label: str | None = None,
 ) -> dict[str, Any]:
+    from gateway.engines.lora_plugin import AOT_WARMUP_APPLIED
+    from gateway.engines.vllm_prestart import PRESTARTED
+
     home = work / "home"
     names = []
     for src in adapters:

@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 
-from gateway.engines.vllm_prestart import PRESTARTED
 from loadtest.runner import LoadTestConfig, run
 from loadtest.servers import free_port, gateway_spec, running
 
@@ -108,6 +107,8 @@ def measure(
     served: str,
     start: int = 0,
 ) -> dict[str, Any]:
+    from gateway.engines.vllm_prestart import PRESTARTED
+
     engine, env = VARIANTS[variant]
     names = _adapters(work / "home" / "adapters", MIXED_ADAPTERS.get(variant, 0), model_dir, served)
     cfg = work / f"{variant}.yaml"

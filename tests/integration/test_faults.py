@@ -85,7 +85,14 @@ def test_a_client_that_reads_nothing_is_cut_and_its_engine_request_aborted(
     assert result.rss_growth_bytes < 32 * 2**20, result
     metrics = httpx.get(gw.url + "/metrics", timeout=10).text
     assert "retort_stream_stalls_total 1.0" in metrics
-    stalled = [r for r in rows(home, status="error") if "stopped reading" in (r["error"] or "")]
+    # The record is written by the prompt log's writer, a moment after the cut.
+    deadline = time.monotonic() + 30
+    while True:
+        errors = rows(home, status="error")
+        stalled = [r for r in errors if "stopped reading" in (r["error"] or "")]
+        if stalled or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(stalled) == 1, rows(home)
     assert stalled[0]["completion_tokens"] > 0
 
