@@ -232,7 +232,7 @@ def check_aot_warmup() -> list[str]:
         from vllm.v1.worker import cpu_model_runner
     except ImportError as exc:
         return [f"vLLM's CPU model runner does not import: {exc}"]
-    problems = check_aot_load()
+    problems: list[str] = []  # the loader itself: check_aot_load, run before the AOT fix
     runner = getattr(cpu_model_runner, "CPUModelRunner", None)
     warm = getattr(runner, "warming_up_model", None)
     try:

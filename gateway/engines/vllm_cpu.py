@@ -40,6 +40,7 @@ __all__ = [
     "IMPORT_CPUS_ENV",
     "UNIPROC_EXECUTOR",
     "adopt_environ",
+    "environ_applied",
     "rebind",
     "unbind_imports",
     "worker_binding",
@@ -90,22 +91,33 @@ def worker_binding(vllm_config: Any) -> Iterator[None]:
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     with (
         OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0),
-        _environ(IMPORT_CPUS_ENV, cpus),
+        environ_applied({IMPORT_CPUS_ENV: cpus}),
     ):
         yield
 
 
 @contextlib.contextmanager
-def _environ(key: str, value: str) -> Iterator[None]:
-    old = os.environ.get(key)
-    os.environ[key] = value
+def environ_applied(changes: Mapping[str, str | None]) -> Iterator[None]:
+    """Set these variables (``None``: unset) in this process, and restore them after."""
+    saved = {k: os.environ.get(k) for k in changes}
+    _apply(changes)
     try:
         yield
     finally:
-        if old is None:
+        _apply(saved)
+
+
+def _apply(changes: Mapping[str, str | None]) -> None:
+    for key, value in changes.items():
+        if value is None:
             os.environ.pop(key, None)
         else:
-            os.environ[key] = old
+            os.environ[key] = value
+
+
+def _hide_binding() -> None:
+    """Keep the OpenMP binding variables aside until :func:`rebind` (see below)."""
+    _binding_env.update({k: os.environ.pop(k) for k in _BINDING_ENV if k in os.environ})
 
 
 def unbind_imports() -> None:
@@ -120,7 +132,7 @@ def unbind_imports() -> None:
     # A library that loads its own copy of the OpenMP runtime (sentencepiece's, imported
     # by transformers) would bind this thread again as it loads: hide the binding until
     # the imports are done (preloaded libgomp has read it already).
-    _binding_env.update({k: os.environ.pop(k) for k in _BINDING_ENV if k in os.environ})
+    _hide_binding()
     os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
 
@@ -133,7 +145,7 @@ def adopt_environ(environ: Mapping[str, str]) -> None:
     os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
     os.environ.pop(IMPORT_CPUS_ENV, None)
     if _bound is not None:
-        _binding_env.update({k: os.environ.pop(k) for k in _BINDING_ENV if k in os.environ})
+        _hide_binding()
 
 
 def rebind() -> None:

@@ -36,7 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.engines.vllm_cpu import adopt_environ, unbind_imports, worker_in_engine_core
+from gateway.engines.vllm_cpu import (
+    adopt_environ,
+    environ_applied,
+    unbind_imports,
+    worker_in_engine_core,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -127,24 +132,6 @@ def _record(path: Path, delta: Delta) -> None:
         log.warning("engine core: could not record its environment in %s: %s", path, exc)
 
 
-@contextlib.contextmanager
-def _applied(delta: Delta) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in delta}
-    _apply(delta)
-    try:
-        yield
-    finally:
-        _apply(saved)
-
-
-def _apply(delta: Mapping[str, str | None]) -> None:
-    for key, value in delta.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def _vllm_cpu() -> bool:
     try:
         importlib.metadata.version("vllm-cpu")
@@ -180,7 +167,7 @@ def _spawn_waiting(delta: Delta, modules: tuple[str, ...]) -> _Waiting:
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_wait_and_run, args=(receive, modules), name="EngineCore")
-    with _applied(delta):
+    with environ_applied(delta):
         proc.start()
     receive.close()
     return _Waiting(proc, send, delta)
