@@ -107,6 +107,14 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     no-op one (:mod:`gateway.engines.lora_plugin`). ``false``, or a vLLM whose loader differs:
     ``VLLM_USE_AOT_COMPILE=0``, and a restart reuses inductor's caches only. The engine
     processes get it as ``RETORT_AOT_LOAD``."""
+    kv_cache_commit: Literal["background", "start"] = "background"
+    """vLLM-CPU: ``background`` maps the KV cache as zero pages the kernel provides and
+    commits them in a low-priority thread after the allocation (``MADV_POPULATE_WRITE``,
+    which writes nothing), instead of vLLM zeroing every page before ``/ready`` (``start``:
+    about 2.5 s per GiB of ``cpu_kv_cache_space_gb`` on this machine). Needs
+    ``cpu_worker_in_engine_core`` and Linux 5.14; otherwise vLLM zeroes, and the log says
+    why. The engine core gets it as ``RETORT_KV_COMMIT``. See
+    :mod:`gateway.engines.kv_commit`."""
     enforce_eager: bool = False
     cpu_worker_in_engine_core: bool = True
     """vLLM-CPU with one worker: run the model in the engine-core process (vLLM's

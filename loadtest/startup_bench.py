@@ -8,7 +8,8 @@ Variants are engine settings on top of the defaults (``lora-on`` is ``make serve
 ``*-compile`` / ``*-no-compile`` set ``engine.lora_compile`` (vLLM-CPU's torch.compile kept
 with LoRA, or LoRA's eager mode) whatever its default, and ``lora-on-mp`` runs the model in
 a worker process of its own (vLLM-CPU's layout before 9b), and ``lora-on-no-prestart`` spawns
-the engine core only once the gateway has imported vLLM (before 9d).
+the engine core only once the gateway has imported vLLM (before 9d), and ``lora-on-kv-start``
+has vLLM zero the KV cache before ``/ready`` (``engine.kv_cache_commit: start``, before 9e).
 Writes ``.bench/startup.json``.
 """
 
@@ -43,6 +44,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "lora-8-adapters-no-compile": ({"lora_compile": False}, {}),
     "lora-on-mp": ({"cpu_worker_in_engine_core": False}, {}),
     "lora-on-no-prestart": ({"prestart_engine_core": False}, {}),
+    "lora-on-kv-start": ({"kv_cache_commit": "start"}, {}),
 }
 """name -> (engine settings, extra environment)."""
 MIXED_ADAPTERS: dict[str, int] = {
@@ -107,6 +109,7 @@ def measure(
     served: str,
     start: int = 0,
 ) -> dict[str, Any]:
+    from gateway.engines.kv_commit import APPLIED as KV_MAPPED
     from gateway.engines.vllm_prestart import PRESTARTED
 
     engine, env = VARIANTS[variant]
@@ -155,6 +158,7 @@ def measure(
     out["compile"] = compile_events(log_text)
     out["lora_ops"] = lora_ops(log_text)
     out["prestarted"] = PRESTARTED in log_text
+    out["kv_mapped"] = KV_MAPPED in log_text
     out["log"] = str(server.log_path)
     return out
 

@@ -30,6 +30,7 @@ from gateway.engines.base import (
     TokenLogprob,
     render_chat,
 )
+from gateway.engines.kv_commit import ENV as KV_COMMIT_ENV
 from gateway.engines.lora_plugin import AOT_ENV, check_aot_load
 from gateway.engines.lora_plugin import COMPILE_ENV as LORA_COMPILE_ENV
 from gateway.engines.lora_plugin import ENV as LORA_FAST_OPS_ENV
@@ -114,12 +115,14 @@ def engine_args(settings: EngineSettings, model: str, served_name: str) -> dict[
 
 
 def engine_environ(settings: EngineSettings) -> dict[str, str]:
-    """Environment the engine's processes read: the CPU backend's KV-cache space, and
-    whether the LoRA fast-ops plugin applies (:mod:`gateway.engines.lora_plugin`)."""
+    """Environment the engine's processes read: the CPU backend's KV-cache space and how
+    its memory is committed (:mod:`gateway.engines.kv_commit`), and what the vLLM plugin
+    applies (:mod:`gateway.engines.lora_plugin`)."""
     env = {
         LORA_FAST_OPS_ENV: "1" if settings.lora_fast_ops else "0",
         LORA_COMPILE_ENV: "1" if settings.lora_compile else "0",
         AOT_ENV: "1" if settings.aot_cache else "0",
+        KV_COMMIT_ENV: settings.kv_cache_commit,
     }
     if settings.cpu_kv_cache_space_gb is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_space_gb)))
@@ -203,6 +206,11 @@ class VLLMEngine(ServedModel):
         if in_core:
             # One process fewer to start: see gateway.engines.vllm_cpu.
             kwargs["distributed_executor_backend"] = UNIPROC_EXECUTOR
+        elif on_cpu and settings.kv_cache_commit == "background":
+            log.warning(
+                "engine.kv_cache_commit: background applies where the engine core runs the "
+                "model (engine.cpu_worker_in_engine_core); vLLM zeroes the KV cache at start"
+            )
         args = AsyncEngineArgs(**kwargs)
         holder: list[Any] = []
 
