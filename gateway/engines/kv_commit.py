@@ -7,14 +7,14 @@ backs a VM's memory on first touch (BENCHMARKS.md 9e).
 
 Memory the kernel maps anonymously is zero already. With ``engine.kv_cache_commit:
 background`` (the default; the engine core gets ``RETORT_KV_COMMIT``), the model runner's
-KV allocation runs inside vLLM's own ``kv_cache_allocation_context`` hook with
-:class:`MappedZeros`, which answers that one ``torch.zeros`` with a private anonymous
-mapping: the same zero bytes, none of them touched. A low-priority thread then commits the
-pages with ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14), which faults them in writable
-without writing them, so it is safe while the engine already writes the cache. The cache is
-resident a few seconds after ``/ready``, as it was before it, so a memory limit too small
-for it still fails right after a start, not later under load. The log says
-:data:`APPLIED` at the allocation and :data:`COMMITTED` once the pages are in.
+call of ``allocate_kv_cache`` runs inside :class:`MappedZeros`, a torch dispatch mode that
+answers that one ``torch.zeros`` with a private anonymous mapping: the same zero bytes, none
+of them touched; vLLM lays its per-layer views over it as over its own buffer. A low-
+priority thread then commits the pages with ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14),
+which faults them in writable without writing them, so it is safe while the engine already
+writes the cache. The cache is resident a few seconds after ``/ready``, as it was before it,
+so a memory limit too small for it still fails right after a start, not later under load.
+The log says :data:`APPLIED` at the allocation and :data:`COMMITTED` once the pages are in.
 
 It changes nothing (vLLM zeroes as shipped, and the log says why) with ``start``, where the
 kernel cannot populate that way, or where vLLM's allocation is not the one this was written
@@ -60,7 +60,7 @@ _MIN_BYTES = 1 << 20
 _PATCHED = "_retort_kv_commit"
 # What vLLM 0.32's allocation does that the mapping answers.
 _ZEROS = "torch.zeros(buf_size, dtype=torch.int8, device=device)"
-_PARAMS = ("self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context")
+_CALL = "kv_caches = allocate_kv_cache("
 
 _libc: Any = None
 
@@ -170,23 +170,30 @@ def _commit_in_background(buf: torch.Tensor) -> None:
 def check() -> list[str]:
     """What differs between this vLLM's CPU KV allocation and what the mapping expects."""
     try:
-        from vllm.v1.worker import utils
+        from vllm.v1.worker import gpu_model_runner, utils
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     except ImportError as exc:
         return [f"vLLM's CPU model runner does not import: {exc}"]
     problems: list[str] = []
-    try:
-        params = tuple(inspect.signature(CPUModelRunner.initialize_kv_cache).parameters)
-    except (TypeError, ValueError):
-        params = ()
-    if params != _PARAMS:
-        problems.append(f"CPUModelRunner.initialize_kv_cache takes {params}, not {_PARAMS}")
-    try:
-        source = inspect.getsource(utils.allocate_kv_cache)
-    except (AttributeError, OSError, TypeError):
-        source = ""
-    if _ZEROS not in source:
-        problems.append("vllm.v1.worker.utils.allocate_kv_cache no longer calls " + _ZEROS)
+    allocate = getattr(utils, "allocate_kv_cache", None)
+    if getattr(gpu_model_runner, "allocate_kv_cache", None) is not allocate:
+        if getattr(gpu_model_runner.allocate_kv_cache, _PATCHED, False):
+            return []  # applied already
+        problems.append("the model runner no longer allocates with utils.allocate_kv_cache")
+    for what, fn, needle in (
+        ("utils.allocate_kv_cache", allocate, _ZEROS),
+        (
+            "CPUModelRunner.initialize_kv_cache_tensors",
+            getattr(CPUModelRunner, "initialize_kv_cache_tensors", None),
+            _CALL,
+        ),
+    ):
+        try:
+            source = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if needle not in source:
+            problems.append(f"{what} no longer runs {needle}")
     return problems
 
 
@@ -206,29 +213,27 @@ def apply() -> None:
             "; ".join(problems) or why_not,
         )
         return
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker import gpu_model_runner
 
-    original = CPUModelRunner.initialize_kv_cache
+    original = gpu_model_runner.allocate_kv_cache
     if getattr(original, _PATCHED, False):
         return
 
-    def initialize_kv_cache(
-        self: Any,
-        kv_cache_config: Any,
-        is_profiling: bool = False,
-        kv_cache_allocation_context: Any = None,
-    ) -> None:
-        if kv_cache_allocation_context is not None or is_profiling:
-            original(self, kv_cache_config, is_profiling, kv_cache_allocation_context)
-            return
+    def allocate_kv_cache(
+        kv_cache_config: Any, device: Any, *args: Any, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        if torch.device(device).type != "cpu":
+            return original(kv_cache_config, device, *args, **kwargs)
         mode = MappedZeros()
-        original(self, kv_cache_config, is_profiling, kv_cache_allocation_context=mode)
-        if not mode.mapped:
+        with mode:
+            caches = original(kv_cache_config, device, *args, **kwargs)
+        if caches and not mode.mapped:
             log.warning("retort KV cache: not mapped, vLLM allocated no int8 buffer to map")
         for buf in mode.mapped:
             log.info("%s (%.2f GiB, zero and untouched)", APPLIED, buf.numel() / (1 << 30))
             _commit_in_background(buf)
+        return caches
 
-    setattr(initialize_kv_cache, _PATCHED, True)
-    initialize_kv_cache.__wrapped__ = original  # type: ignore[attr-defined]
-    CPUModelRunner.initialize_kv_cache = initialize_kv_cache  # type: ignore[method-assign]
+    setattr(allocate_kv_cache, _PATCHED, True)
+    allocate_kv_cache.__wrapped__ = original  # type: ignore[attr-defined]
+    gpu_model_runner.allocate_kv_cache = allocate_kv_cache

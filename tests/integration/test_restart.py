@@ -7,11 +7,14 @@ restart starts while the gateway imports vLLM (``gateway.engines.vllm_prestart``
 from __future__ import annotations
 
 import re
+import time
 from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 
+from gateway.engines.kv_commit import APPLIED as KV_MAPPED
+from gateway.engines.kv_commit import COMMITTED as KV_COMMITTED
 from gateway.engines.lora_plugin import AOT_APPLIED, AOT_WARMUP_APPLIED
 from gateway.engines.vllm_prestart import PRESTARTED
 from loadtest.startup_bench import RECOMPILE_MARKERS
@@ -88,6 +91,23 @@ def _assert_bound_as_vllm_binds_its_worker(server: Server) -> None:
     assert "VllmWorker" not in log
 
 
+def test_the_kv_cache_is_mapped_then_committed_in_the_background(server: Server) -> None:
+    # engine.kv_cache_commit: background (the default; gateway.engines.kv_commit): vLLM's
+    # zeroing of the KV cache became the kernel's zero pages, committed after the start.
+    log = server.log_text()
+    assert KV_MAPPED in log
+    space = re.search(r"Explicitly set \(([\d.]+)/[\d.]+\) GiB for KV cache", log)
+    assert space is not None, "vLLM-CPU logs the KV cache space it allocates"
+    deadline = time.monotonic() + 120
+    while KV_COMMITTED not in log:
+        assert time.monotonic() < deadline, "the KV cache was never committed"
+        time.sleep(0.5)
+        log = server.log_text()
+    # The whole cache is resident in the engine core, as vLLM's zeroing left it.
+    (core,) = _vllm_processes(server.proc.pid)
+    assert core.memory_info().rss >= float(space.group(1)) * (1 << 30)
+
+
 def test_vllms_own_layout_stays_available(model_dir: Path, tmp_path: Path) -> None:
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = {"RETORT_ENGINE__CPU_WORKER_IN_ENGINE_CORE": "false"}
@@ -97,6 +117,11 @@ def test_vllms_own_layout_stays_available(model_dir: Path, tmp_path: Path) -> No
         assert len(titles) == 2, titles
         assert "VLLM::EngineCore" in titles[0], titles
         assert "VLLM::Worker" in titles[1], titles
+        # The KV cache's background commit needs the model in the engine core: said, not
+        # dropped silently.
+        log = srv.log_text()
+        assert "engine.kv_cache_commit: background applies where" in log
+        assert KV_MAPPED not in log
     finally:
         stop_server(srv)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import time
 
 import msgspec
 import pytest
@@ -16,7 +17,7 @@ from vllm.v1.kv_cache_interface import (
     KVCacheTensor,
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.utils import allocate_kv_cache
 
 from gateway.engines import kv_commit
@@ -126,25 +127,42 @@ def test_commit_makes_the_pages_resident_and_keeps_what_was_written() -> None:
     assert int(buf.count_nonzero()) == len(marks)
 
 
-def test_apply_wraps_the_model_runners_allocation_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = CPUModelRunner.initialize_kv_cache
-    monkeypatch.setattr(CPUModelRunner, "initialize_kv_cache", original)
+def test_apply_maps_the_model_runners_allocation_and_commits_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = gpu_model_runner.allocate_kv_cache
+    assert original is allocate_kv_cache
+    monkeypatch.setattr(gpu_model_runner, "allocate_kv_cache", original)
     monkeypatch.delenv(kv_commit.ENV, raising=False)
-    kv_commit.apply()
-    wrapped = CPUModelRunner.initialize_kv_cache
-    assert wrapped is not original
-    assert wrapped.__wrapped__ is original  # type: ignore[attr-defined]
-    kv_commit.apply()
-    assert CPUModelRunner.initialize_kv_cache is wrapped
+    with caplog.at_level(logging.INFO, logger="vllm.retort_kv_commit"):
+        kv_commit.apply()
+        wrapped = gpu_model_runner.allocate_kv_cache
+        assert wrapped is not original
+        assert wrapped.__wrapped__ is original  # type: ignore[attr-defined]
+        assert kv_commit.check() == []
+        kv_commit.apply()  # once
+        assert gpu_model_runner.allocate_kv_cache is wrapped
+        # What CPUModelRunner.initialize_kv_cache_tensors calls, as it calls it.
+        config = _config(["layer.0", "layer.1"], 1024)
+        size = config.kv_cache_tensors[0].size
+        before = _resident_bytes()
+        caches = wrapped(config, torch.device("cpu"), KVCacheLayout.LBHNC, [16])
+        assert kv_commit.APPLIED in caplog.text
+        assert not bool(caches["layer.1"].any())
+        deadline = time.monotonic() + 60
+        while kv_commit.COMMITTED not in caplog.text:
+            assert time.monotonic() < deadline, "never committed"
+            time.sleep(0.05)
+    assert _resident_bytes() - before > size * 9 // 10
 
 
 def test_start_leaves_vllms_zeroing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    original = CPUModelRunner.initialize_kv_cache
-    monkeypatch.setattr(CPUModelRunner, "initialize_kv_cache", original)
+    original = gpu_model_runner.allocate_kv_cache
+    monkeypatch.setattr(gpu_model_runner, "allocate_kv_cache", original)
     monkeypatch.setenv(kv_commit.ENV, "start")
     with caplog.at_level(logging.INFO, logger="vllm.retort_kv_commit"):
         kv_commit.apply()
-    assert CPUModelRunner.initialize_kv_cache is original
+    assert gpu_model_runner.allocate_kv_cache is original
     assert "zeroed at start" in caplog.text
