@@ -1,8 +1,9 @@
-"""PNG charts (matplotlib's Agg canvas, no pyplot state): latency, throughput, comparison."""
+"""PNG charts (matplotlib's Agg canvas, no pyplot state): latency, throughput, comparison,
+start-up times."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from loadtest.runner import LoadTestResult
     from loadtest.stats import LevelMetrics
 
-__all__ = ["plot_comparison", "plot_latency", "plot_throughput"]
+__all__ = ["plot_comparison", "plot_latency", "plot_starts", "plot_throughput"]
 
 _PERCENTILES = (("p50", "-"), ("p90", "--"), ("p99", ":"))
 _LATENCY = (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E latency", "e2e_ms"))
@@ -116,3 +117,31 @@ def plot_comparison(result: LoadTestResult, out: Path) -> Path:
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].legend(fontsize="small")
     return _save(fig, out / "comparison.png")
+
+
+def plot_starts(results: list[dict[str, Any]], out: Path) -> Path:
+    """Start-up benchmark (``loadtest.startup_bench``): seconds to ``/ready`` of each start,
+    one row per variant, prestarted starts filled, spawned ones hollow, cold ones as x."""
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    fig = Figure(figsize=(8, 1.2 + 0.6 * len(variants)))
+    ax = fig.add_subplot()
+    for row, variant in enumerate(variants):
+        for r in (r for r in results if r["variant"] == variant):
+            if r.get("start") == "cold":
+                ax.plot(r["ready_s"], row, "x", color="tab:red", ms=8)
+            elif r.get("prestarted"):
+                ax.plot(r["ready_s"], row, "o", color="tab:blue", ms=7)
+            else:
+                ax.plot(r["ready_s"], row, "o", mfc="none", color="tab:gray", ms=7)
+        warm = [
+            r["ready_s"] for r in results if r["variant"] == variant and r.get("start") != "cold"
+        ]
+        if warm:
+            ax.plot([float(np.median(warm))] * 2, [row - 0.3, row + 0.3], "-", color="black")
+    ax.set_yticks(range(len(variants)), variants)
+    ax.set_ylim(-0.6, len(variants) - 0.4)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("seconds from `retort serve` to 200 on /ready (bar: median of warm starts)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title("start-up: filled = engine core prestarted, hollow = spawned, x = cold")
+    return _save(fig, out)

