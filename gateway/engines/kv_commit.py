@@ -32,15 +32,19 @@ import mmap
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "APPLIED",
     "COMMITTED",
     "ENV",
+    "RUNNER_ALLOCATE",
     "MappedZeros",
     "apply",
     "check",
@@ -61,6 +65,9 @@ _PATCHED = "_retort_kv_commit"
 # What vLLM 0.32's allocation does that the mapping answers.
 _ZEROS = "torch.zeros(buf_size, dtype=torch.int8, device=device)"
 _CALL = "kv_caches = allocate_kv_cache("
+RUNNER_ALLOCATE = "allocate_kv_cache"
+"""The name ``vllm.v1.worker.gpu_model_runner`` calls vLLM's allocation by (imported from
+``vllm.v1.worker.utils``), which CPUModelRunner inherits: what :func:`apply` wraps."""
 
 _libc: Any = None
 
@@ -95,13 +102,13 @@ def _populate_supported() -> str | None:
     return f"madvise(MADV_POPULATE_WRITE): {os.strerror(err)}" if err else None
 
 
-class MappedZeros(TorchDispatchMode):
+class MappedZeros(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """A dispatch mode that answers a ``torch.zeros`` of a 1-d int8 CPU buffer (at least
     1 MiB) with a private anonymous mapping, zero by the kernel's guarantee and untouched;
     every other operation runs as it would. :attr:`mapped` holds each buffer it made."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.mapped: list[torch.Tensor] = []
 
     def __torch_dispatch__(
@@ -175,9 +182,10 @@ def check() -> list[str]:
     except ImportError as exc:
         return [f"vLLM's CPU model runner does not import: {exc}"]
     problems: list[str] = []
-    allocate = getattr(utils, "allocate_kv_cache", None)
-    if getattr(gpu_model_runner, "allocate_kv_cache", None) is not allocate:
-        if getattr(gpu_model_runner.allocate_kv_cache, _PATCHED, False):
+    allocate = getattr(utils, RUNNER_ALLOCATE, None)
+    current = getattr(gpu_model_runner, RUNNER_ALLOCATE, None)
+    if current is not allocate:
+        if getattr(current, _PATCHED, False):
             return []  # applied already
         problems.append("the model runner no longer allocates with utils.allocate_kv_cache")
     for what, fn, needle in (
@@ -215,7 +223,7 @@ def apply() -> None:
         return
     from vllm.v1.worker import gpu_model_runner
 
-    original = gpu_model_runner.allocate_kv_cache
+    original: Callable[..., dict[str, torch.Tensor]] = getattr(gpu_model_runner, RUNNER_ALLOCATE)
     if getattr(original, _PATCHED, False):
         return
 
@@ -236,4 +244,4 @@ def apply() -> None:
 
     setattr(allocate_kv_cache, _PATCHED, True)
     allocate_kv_cache.__wrapped__ = original  # type: ignore[attr-defined]
-    gpu_model_runner.allocate_kv_cache = allocate_kv_cache
+    setattr(gpu_model_runner, RUNNER_ALLOCATE, allocate_kv_cache)

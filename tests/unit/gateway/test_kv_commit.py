@@ -130,18 +130,18 @@ def test_commit_makes_the_pages_resident_and_keeps_what_was_written() -> None:
 def test_apply_maps_the_model_runners_allocation_and_commits_it(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    original = gpu_model_runner.allocate_kv_cache
+    original = getattr(gpu_model_runner, kv_commit.RUNNER_ALLOCATE)
     assert original is allocate_kv_cache
-    monkeypatch.setattr(gpu_model_runner, "allocate_kv_cache", original)
+    monkeypatch.setattr(gpu_model_runner, kv_commit.RUNNER_ALLOCATE, original)
     monkeypatch.delenv(kv_commit.ENV, raising=False)
     with caplog.at_level(logging.INFO, logger="vllm.retort_kv_commit"):
         kv_commit.apply()
-        wrapped = gpu_model_runner.allocate_kv_cache
+        wrapped = getattr(gpu_model_runner, kv_commit.RUNNER_ALLOCATE)
         assert wrapped is not original
         assert wrapped.__wrapped__ is original  # type: ignore[attr-defined]
         assert kv_commit.check() == []
         kv_commit.apply()  # once
-        assert gpu_model_runner.allocate_kv_cache is wrapped
+        assert getattr(gpu_model_runner, kv_commit.RUNNER_ALLOCATE) is wrapped
         # What CPUModelRunner.initialize_kv_cache_tensors calls, as it calls it.
         config = _config(["layer.0", "layer.1"], 1024)
         size = config.kv_cache_tensors[0].size
@@ -159,10 +159,10 @@ def test_apply_maps_the_model_runners_allocation_and_commits_it(
 def test_start_leaves_vllms_zeroing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    original = gpu_model_runner.allocate_kv_cache
-    monkeypatch.setattr(gpu_model_runner, "allocate_kv_cache", original)
+    original = getattr(gpu_model_runner, kv_commit.RUNNER_ALLOCATE)
+    monkeypatch.setattr(gpu_model_runner, kv_commit.RUNNER_ALLOCATE, original)
     monkeypatch.setenv(kv_commit.ENV, "start")
     with caplog.at_level(logging.INFO, logger="vllm.retort_kv_commit"):
         kv_commit.apply()
-    assert gpu_model_runner.allocate_kv_cache is original
+    assert getattr(gpu_model_runner, kv_commit.RUNNER_ALLOCATE) is original
     assert "zeroed at start" in caplog.text
