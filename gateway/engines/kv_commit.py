@@ -57,8 +57,9 @@ ENV = "RETORT_KV_COMMIT"
 APPLIED = "retort KV cache: mapped"
 COMMITTED = "retort KV cache: committed"
 _MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module names it from 3.13
-_CHUNK = 64 << 20
-"""Pages committed per madvise call."""
+_CHUNK = 16 << 20
+"""Pages committed per madvise call (about 40 ms here): the most an exit waits for it."""
+_EXITING = "the process exits"
 _MIN_BYTES = 1 << 20
 """Smaller int8 zeros stay torch's own (the cache of a real model is far larger)."""
 _PATCHED = "_retort_kv_commit"
@@ -149,7 +150,10 @@ def commit(buf: torch.Tensor) -> tuple[float, str | None]:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     started = time.monotonic()
     address, size = buf.data_ptr(), buf.numel() * buf.element_size()
+    main = threading.main_thread()
     for offset in range(0, size, _CHUNK):
+        if not main.is_alive():  # the process is exiting: stop between two calls
+            return time.monotonic() - started, _EXITING
         err = _madvise(address + offset, min(_CHUNK, size - offset), _MADV_POPULATE_WRITE)
         if err:
             return time.monotonic() - started, os.strerror(err)
@@ -160,6 +164,8 @@ def _commit_in_background(buf: torch.Tensor) -> None:
     def run() -> None:
         seconds, error = commit(buf)
         gib = buf.numel() / (1 << 30)
+        if error == _EXITING:
+            return
         if error:
             _log().warning(
                 "retort KV cache: commit stopped after %.1f s (%s); the rest of its %.2f GiB "
@@ -171,7 +177,10 @@ def _commit_in_background(buf: torch.Tensor) -> None:
         else:
             _log().info("%s %.2f GiB in %.1f s, in the background", COMMITTED, gib, seconds)
 
-    threading.Thread(target=run, name="retort-kv-commit", daemon=True).start()
+    # Not a daemon: one that is still inside a ctypes call as the interpreter finalizes
+    # aborts the process ("PyEval_SaveThread: ... the GIL is released"). The process's exit
+    # stops the main thread before it joins the others, and commit() stops at its next chunk.
+    threading.Thread(target=run, name="retort-kv-commit", daemon=False).start()
 
 
 def check() -> list[str]:

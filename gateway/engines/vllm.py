@@ -407,4 +407,13 @@ class VLLMEngine(ServedModel):
 
     async def close(self) -> None:
         self._closed = True
+        # vLLM's output handler (a task on this loop) sees the engine core exit during the
+        # shutdown below and logged EngineDeadError as an ERROR with its traceback on every
+        # normal stop (vLLM's own server shuts down on the loop's thread, so its handler never
+        # runs then). With nothing in flight there is nothing for it to tell anyone: stop it
+        # first. Requests still in flight after the drain keep it, and get engine_dead.
+        handler = getattr(self._llm, "output_handler", None)
+        if handler is not None and self._llm.get_num_unfinished_requests() == 0:
+            handler.cancel()
+            await asyncio.wait([handler])
         await asyncio.to_thread(self._llm.shutdown)

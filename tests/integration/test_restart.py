@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+from openai import OpenAI
 
 from gateway.engines.kv_commit import APPLIED as KV_MAPPED
 from gateway.engines.kv_commit import COMMITTED as KV_COMMITTED
 from gateway.engines.lora_plugin import AOT_APPLIED, AOT_WARMUP_APPLIED
 from gateway.engines.vllm_prestart import PRESTARTED
 from loadtest.startup_bench import RECOMPILE_MARKERS
+from retort.models import DEFAULT_MODEL_NAME
 from tests.integration.conftest import start_server, stop_server
 
 if TYPE_CHECKING:
@@ -124,6 +127,35 @@ def test_vllms_own_layout_stays_available(model_dir: Path, tmp_path: Path) -> No
         assert KV_MAPPED not in log
     finally:
         stop_server(srv)
+
+
+def test_a_normal_stop_logs_no_error(model_dir: Path, tmp_path: Path) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    srv = start_server(tmp_path, model_dir, name="stop")
+    with OpenAI(base_url=f"{srv.url}/v1", api_key="x") as client:
+
+        def ask(i: int) -> int:
+            stream = client.chat.completions.create(
+                model=DEFAULT_MODEL_NAME,
+                messages=[{"role": "user", "content": f"Count to {i}."}],
+                max_tokens=16,
+                stream=True,
+            )
+            return sum(1 for _ in stream)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(n > 0 for n in pool.map(ask, range(16)))
+    stop_server(srv)
+    log = srv.log_text()
+    assert "Application shutdown complete" in log
+    # A thread still running as the engine core's interpreter finalized aborted it.
+    assert "Fatal Python error" not in log
+    # vLLM's output handler saw the engine core exit and logged EngineDeadError, with its
+    # traceback, on every stop: an operator reading a rolling deploy's logs saw a fault.
+    assert "output_handler failed" not in log
+    assert "EngineDeadError" not in log
+    errors = re.findall(r"(?m)^(?:\(\S+ pid=\d+\) )?ERROR\b.*$", log)
+    assert errors == []
 
 
 def test_lora_off_restart_reuses_the_compile_cache(model_dir: Path, tmp_path: Path) -> None:

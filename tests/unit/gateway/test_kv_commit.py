@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import mmap
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -125,6 +127,35 @@ def test_commit_makes_the_pages_resident_and_keeps_what_was_written() -> None:
     assert _resident_bytes() - before > size * 9 // 10
     assert [int(buf[at]) for at in marks] == [1, 2, 3, 4]
     assert int(buf.count_nonzero()) == len(marks)
+
+
+_EXIT_WHILE_COMMITTING = """
+import logging, sys, torch
+from gateway.engines import kv_commit
+logging.basicConfig(level=logging.INFO)
+with kv_commit.MappedZeros() as mode:
+    torch.zeros(1 << 30, dtype=torch.int8)
+kv_commit._commit_in_background(mode.mapped[0])
+print("exiting", flush=True)
+sys.exit(3)
+"""
+
+
+def test_a_process_that_exits_while_committing_exits_cleanly() -> None:
+    # The engine core stops while its cache is still being committed (a stop right after a
+    # start): a daemon thread inside a ctypes call then aborted the interpreter's
+    # finalization ("Fatal Python error: PyEval_SaveThread").
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WHILE_COMMITTING],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.stdout == "exiting\n"
+    assert "Fatal Python error" not in done.stderr, done.stderr
+    assert done.returncode == 3, done.stderr
+    assert kv_commit.COMMITTED not in done.stderr  # it stopped, and said nothing
 
 
 def test_apply_maps_the_model_runners_allocation_and_commits_it(
