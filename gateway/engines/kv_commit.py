@@ -222,6 +222,11 @@ def apply() -> None:
     if not enabled():
         log.info("retort KV cache: zeroed at start (%s=%s)", ENV, os.environ.get(ENV))
         return
+    from vllm.v1.worker import gpu_model_runner
+
+    original: Callable[..., dict[str, torch.Tensor]] = getattr(gpu_model_runner, RUNNER_ALLOCATE)
+    if getattr(original, _PATCHED, False):
+        return  # applied already: no second check or kernel probe
     problems = check()
     why_not = None if problems else _populate_supported()
     if problems or why_not:
@@ -229,11 +234,6 @@ def apply() -> None:
             "retort KV cache: NOT mapped, vLLM zeroes it at start: %s",
             "; ".join(problems) or why_not,
         )
-        return
-    from vllm.v1.worker import gpu_model_runner
-
-    original: Callable[..., dict[str, torch.Tensor]] = getattr(gpu_model_runner, RUNNER_ALLOCATE)
-    if getattr(original, _PATCHED, False):
         return
 
     def allocate_kv_cache(
